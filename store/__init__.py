@@ -1,0 +1,40 @@
+"""Persistence for keepstream: durable streams and generation rows on SQLite.
+
+No policy lives here: the store appends, reads, wakes readers after commits, and keeps rows.
+"""
+
+from __future__ import annotations
+
+from ._exceptions import GenerationNotFound as GenerationNotFound
+from ._exceptions import StoreError as StoreError
+from ._exceptions import StoreUnavailable as StoreUnavailable
+from ._exceptions import StreamClosed as StreamClosed
+from ._exceptions import StreamExists as StreamExists
+from ._exceptions import StreamNotFound as StreamNotFound
+from ._store import DEFAULT_FLUSH_INTERVAL as DEFAULT_FLUSH_INTERVAL
+from ._store import StreamStore as StreamStore
+from ._writer import AppendSource as AppendSource
+from .types import TERMINAL_STATUSES as TERMINAL_STATUSES
+from .types import AppendBatch as AppendBatch
+from .types import AppendResult as AppendResult
+from .types import GenerationRecord as GenerationRecord
+from .types import ReadResult as ReadResult
+from .types import WorkerRecord as WorkerRecord
+
+__all__ = [
+    "DEFAULT_FLUSH_INTERVAL",
+    "TERMINAL_STATUSES",
+    "AppendBatch",
+    "AppendResult",
+    "AppendSource",
+    "GenerationNotFound",
+    "GenerationRecord",
+    "ReadResult",
+    "StoreError",
+    "StoreUnavailable",
+    "StreamClosed",
+    "StreamExists",
+    "StreamNotFound",
+    "StreamStore",
+    "WorkerRecord",
+]

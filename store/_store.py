@@ -1,0 +1,570 @@
+"""StreamStore: durable streams and generation rows on SQLite, as seen from the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from types import TracebackType
+from typing import Any, TypeVar
+
+import anyio
+import anyio.to_thread
+
+from ._exceptions import (
+    GenerationNotFound,
+    StoreError,
+    StoreUnavailable,
+    StreamExists,
+    StreamNotFound,
+)
+from ._schema import connect, initialise
+from ._writer import AppendSource, Op, Outcome, Writer, WriterContext
+from .types import (
+    AppendBatch,
+    AppendResult,
+    GenerationRecord,
+    JSONDict,
+    ReadResult,
+    Synchronous,
+    WorkerRecord,
+    encode_field,
+)
+
+T = TypeVar("T")
+
+DEFAULT_FLUSH_INTERVAL = 0.01
+DEFAULT_MAX_BATCH = 8192
+DEFAULT_READ_LIMIT = 4096
+DEFAULT_TAIL_MESSAGES = 8192
+DEFAULT_READERS = 4
+DEFAULT_CHECKPOINT_EVERY = 64
+CLOSED_STATES_KEPT = 1024
+
+_GENERATION_COLUMNS = tuple(GenerationRecord("", "", "", "").to_row())
+_INSERT_GENERATION = "INSERT INTO generations ({}) VALUES ({})".format(
+    ", ".join(_GENERATION_COLUMNS), ", ".join("?" for _ in _GENERATION_COLUMNS)
+)
+
+
+class _Completion:
+    """A one-shot result set on the event loop by the writer's publish step."""
+
+    __slots__ = ("_error", "_event", "_value")
+
+    def __init__(self) -> None:
+        self._event = anyio.Event()
+        self._value: Any = None
+        self._error: BaseException | None = None
+
+    def set(self, value: Any, error: BaseException | None) -> None:
+        self._value, self._error = value, error
+        self._event.set()
+
+    async def wait(self) -> Any:
+        await self._event.wait()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+class _OneShotAppend:
+    """An append source holding one batch: how plain ``append()`` calls reach the writer."""
+
+    __slots__ = ("_batch", "done", "stream_id")
+
+    def __init__(self, stream_id: str, batch: AppendBatch) -> None:
+        self.stream_id = stream_id
+        self._batch: AppendBatch | None = batch
+        self.done = _Completion()
+
+    def take(self) -> AppendBatch | None:
+        batch, self._batch = self._batch, None
+        return batch
+
+    def committed(self, result: AppendResult) -> None:
+        self.done.set(result, None)
+
+    def failed(self, error: StoreError) -> None:
+        self.done.set(None, error)
+
+
+class _StreamState:
+    """What this process knows of a stream it writes: recent messages and a wake-up event.
+
+    Only streams this process appended to have a state; their committed length is known
+    exactly. The event is *replaced* on every commit: a reader takes the current one before
+    it reads, so a commit between its read and its wait still wakes it.
+    """
+
+    __slots__ = ("closed", "event", "tail", "tail_start")
+
+    def __init__(self, tail_start: int) -> None:
+        self.tail: list[bytes] = []
+        self.tail_start = tail_start
+        self.closed = False
+        self.event = anyio.Event()
+
+    @property
+    def next_offset(self) -> int:
+        return self.tail_start + len(self.tail)
+
+    def wake(self) -> None:
+        self.event.set()
+        self.event = anyio.Event()
+
+
+class _Readers:
+    """A small pool of read-only connections used from worker threads."""
+
+    def __init__(self, path: str, size: int) -> None:
+        self._idle = [connect(path, readonly=True) for _ in range(size)]
+        self._limiter = anyio.CapacityLimiter(size)
+
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        def call() -> T:
+            conn = self._idle.pop()
+            try:
+                return fn(conn)
+            finally:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                self._idle.append(conn)
+
+        try:
+            return await anyio.to_thread.run_sync(call, limiter=self._limiter)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"read failed: {exc}") from exc
+
+    def close(self) -> None:
+        for conn in self._idle:
+            conn.close()
+        self._idle.clear()
+
+
+class StreamStore:
+    """Durable streams and generation snapshots in one SQLite file.
+
+    * Writes go through one writer thread with group commit (see ``_writer``); an append
+      returns once its transaction committed.
+    * Readers are woken only after a commit (``change_event``), and read from an in-memory
+      tail of the streams this process writes, or from SQLite off the event loop.
+    * Another process on the same file is noticed through ``PRAGMA data_version``: its
+      commits wake readers of streams this process does not write.
+
+    One process writes a given stream at a time; any number may read it.
+    Use as ``async with StreamStore(path) as store:``.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        synchronous: Synchronous = "NORMAL",
+        flush_interval: float = DEFAULT_FLUSH_INTERVAL,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        tail_messages: int = DEFAULT_TAIL_MESSAGES,
+        readers: int = DEFAULT_READERS,
+        checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+    ) -> None:
+        if synchronous not in ("NORMAL", "FULL"):
+            raise ValueError(f"synchronous must be NORMAL or FULL, not {synchronous!r}")
+        if flush_interval < 0:
+            raise ValueError("flush_interval must be >= 0")
+        self.path = path
+        self._synchronous: Synchronous = synchronous
+        self._flush_interval = flush_interval
+        self._max_batch = max_batch
+        self._tail_messages = max(16, tail_messages)
+        self._reader_count = readers
+        self._checkpoint_every = checkpoint_every
+        self._states: dict[str, _StreamState] = {}
+        self._closed_states: OrderedDict[str, None] = OrderedDict()
+        self._external_event = anyio.Event()
+        self._writer: Writer | None = None
+        self._readers: _Readers | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Create or migrate the database and start the writer."""
+        self._loop = asyncio.get_running_loop()
+        try:
+            await anyio.to_thread.run_sync(initialise, self.path)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"cannot open {self.path}: {exc}") from exc
+        self._writer = Writer(
+            self.path,
+            publish=self._publish_threadsafe,
+            synchronous=self._synchronous,
+            flush_interval=self._flush_interval,
+            max_batch=self._max_batch,
+            poll_interval=max(self._flush_interval, 0.005),
+            checkpoint_every=self._checkpoint_every,
+        )
+        await anyio.to_thread.run_sync(self._writer.start)
+        self._readers = await anyio.to_thread.run_sync(_Readers, self.path, self._reader_count)
+
+    async def aclose(self) -> None:
+        """Write what is pending, then close every connection."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(writer.stop)
+                # Deliver the final commits' callbacks queued by the writer before it ended.
+                await anyio.sleep(0)
+        readers, self._readers = self._readers, None
+        if readers is not None:
+            readers.close()
+
+    async def __aenter__(self) -> StreamStore:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counters: commits and message rows written since open."""
+        writer = self._writer
+        return {
+            "commits": writer.commits if writer else 0,
+            "rows_written": writer.rows_written if writer else 0,
+            "live_streams": len(self._states) - len(self._closed_states),
+        }
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def _require_writer(self) -> Writer:
+        if self._writer is None:
+            raise StoreUnavailable("the store is not open")
+        return self._writer
+
+    async def execute(self, fn: Op) -> Any:
+        """Run ``fn(ctx)`` on the writer thread in the next transaction; return its result."""
+        completion = _Completion()
+        self._require_writer().submit(fn, completion.set)
+        return await completion.wait()
+
+    def mark_dirty(self, source: AppendSource) -> None:
+        """Have the writer take ``source``'s buffered messages at its next flush."""
+        self._require_writer().mark_dirty(source)
+
+    async def create_stream(
+        self, stream_id: str, *, content_type: str = "application/json"
+    ) -> None:
+        """Create an empty, open stream. Raises ``StreamExists`` if the id is taken."""
+
+        def op(ctx: WriterContext) -> None:
+            _insert_stream(ctx, stream_id, content_type)
+
+        await self.execute(op)
+
+    async def append(
+        self, stream_id: str, payloads: list[bytes], *, close: bool = False
+    ) -> AppendResult:
+        """Append messages (and optionally close the stream) atomically; return their offsets."""
+        source = _OneShotAppend(stream_id, AppendBatch(list(payloads), close=close))
+        self.mark_dirty(source)
+        result: AppendResult = await source.done.wait()
+        return result
+
+    async def close_stream(self, stream_id: str) -> None:
+        """Close a stream. Closing a closed stream is a no-op."""
+
+        def op(ctx: WriterContext) -> None:
+            cursor = ctx.conn.execute("UPDATE streams SET closed = 1 WHERE id = ?", (stream_id,))
+            if cursor.rowcount == 0:
+                raise StreamNotFound(stream_id)
+            ctx.mark_closed(stream_id)
+
+        await self.execute(op)
+
+    async def delete_stream(self, stream_id: str) -> None:
+        """Delete a stream and its messages; its readers see ``StreamNotFound``."""
+
+        def op(ctx: WriterContext) -> None:
+            _delete_stream(ctx, stream_id)
+
+        await self.execute(op)
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def change_event(self, stream_id: str) -> anyio.Event:
+        """The event set by the next commit that touches ``stream_id``.
+
+        Take it *before* reading; after a read that returned nothing new, wait on it.
+        """
+        state = self._states.get(stream_id)
+        return state.event if state is not None else self._external_event
+
+    async def read(
+        self, stream_id: str, offset: int, *, limit: int = DEFAULT_READ_LIMIT
+    ) -> ReadResult:
+        """Committed messages from ``offset`` on (at most ``limit``).
+
+        Raises ``StreamNotFound``. An offset past the end returns no messages.
+        """
+        if offset < 0:
+            raise ValueError("offset must be >= 0")
+        state = self._states.get(stream_id)
+        if state is not None and offset >= state.tail_start:
+            start = offset - state.tail_start
+            messages = state.tail[start : start + limit]
+            at_end = state.closed and offset + len(messages) >= state.next_offset
+            return ReadResult(offset, messages, at_end)
+        return await self._run_read(_read_messages, stream_id, offset, limit)
+
+    async def stream_length(self, stream_id: str) -> tuple[int, bool]:
+        """``(next_offset, closed)`` of a stream as committed. Raises ``StreamNotFound``."""
+        state = self._states.get(stream_id)
+        if state is not None:
+            return state.next_offset, state.closed
+        return await self._run_read(_stream_length, stream_id)
+
+    async def _run_read(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._readers is None:
+            raise StoreUnavailable("the store is not open")
+        return await self._readers.run(lambda conn: fn(conn, *args))
+
+    # -- generations --------------------------------------------------------------------------
+
+    async def create_generation(
+        self, record: GenerationRecord, *, content_type: str = "application/json"
+    ) -> None:
+        """Insert a generation and create its (empty) stream in one transaction."""
+
+        def op(ctx: WriterContext) -> None:
+            _insert_stream(ctx, record.stream_id, content_type, mark=False)
+            row = record.to_row()
+            ctx.conn.execute(_INSERT_GENERATION, [row[c] for c in _GENERATION_COLUMNS])
+            ctx.mark_created(record.stream_id)
+
+        await self.execute(op)
+
+    async def update_generation(self, generation_id: str, fields: JSONDict) -> None:
+        """Set columns of a generation row. Raises ``GenerationNotFound``."""
+        names = sorted(fields)
+        unknown = set(names) - set(_GENERATION_COLUMNS)
+        if unknown or "id" in fields:
+            raise ValueError(f"cannot set generation fields {sorted(unknown | ({'id'} & set(names)))}")
+        sql = "UPDATE generations SET {} WHERE id = ?".format(", ".join(f"{n} = ?" for n in names))
+        values = [encode_field(n, fields[n]) for n in names]
+
+        def op(ctx: WriterContext) -> None:
+            if ctx.conn.execute(sql, (*values, generation_id)).rowcount == 0:
+                raise GenerationNotFound(generation_id)
+
+        await self.execute(op)
+
+    async def get_generation(self, generation_id: str) -> GenerationRecord:
+        """The committed snapshot of a generation. Raises ``GenerationNotFound``."""
+        return await self._run_read(_get_generation, generation_id)
+
+    async def list_generations(
+        self, *, statuses: Iterable[str] | None = None, worker_id: str | None = None
+    ) -> list[GenerationRecord]:
+        """Generations filtered by status and/or the worker that runs them, oldest first."""
+        where: list[str] = []
+        params: list[Any] = []
+        if statuses is not None:
+            wanted = list(statuses)
+            where.append("status IN ({})".format(", ".join("?" for _ in wanted)))
+            params.extend(wanted)
+        if worker_id is not None:
+            where.append("worker_id = ?")
+            params.append(worker_id)
+        sql = "SELECT * FROM generations"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created_at, id"
+        return await self._run_read(_query_generations, sql, params)
+
+    async def delete_generation(self, generation_id: str) -> None:
+        """Delete a generation row and its stream."""
+
+        def op(ctx: WriterContext) -> None:
+            row = ctx.conn.execute(
+                "SELECT stream_id FROM generations WHERE id = ?", (generation_id,)
+            ).fetchone()
+            if row is None:
+                raise GenerationNotFound(generation_id)
+            ctx.conn.execute("DELETE FROM generations WHERE id = ?", (generation_id,))
+            _delete_stream(ctx, row[0])
+
+        await self.execute(op)
+
+    # -- workers ------------------------------------------------------------------------------
+
+    async def register_worker(self, worker: WorkerRecord) -> None:
+        """Record (or refresh) a server process using this database."""
+
+        def op(ctx: WriterContext) -> None:
+            ctx.conn.execute(
+                "INSERT OR REPLACE INTO workers (id, hostname, pid, started_at, heartbeat_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (worker.id, worker.hostname, worker.pid, worker.started_at, worker.heartbeat_at),
+            )
+
+        await self.execute(op)
+
+    async def heartbeat(self, worker_id: str, now: float | None = None) -> None:
+        """Refresh a worker's heartbeat."""
+        at = time.time() if now is None else now
+
+        def op(ctx: WriterContext) -> None:
+            ctx.conn.execute("UPDATE workers SET heartbeat_at = ? WHERE id = ?", (at, worker_id))
+
+        await self.execute(op)
+
+    async def remove_worker(self, worker_id: str) -> None:
+        """Forget a worker (it shut down, or it is known dead and its work was recovered)."""
+
+        def op(ctx: WriterContext) -> None:
+            ctx.conn.execute("DELETE FROM workers WHERE id = ?", (worker_id,))
+
+        await self.execute(op)
+
+    async def list_workers(self) -> list[WorkerRecord]:
+        """Every registered worker."""
+        return await self._run_read(_list_workers)
+
+    # -- publishing (event loop side of the writer) -------------------------------------------
+
+    def _publish_threadsafe(self, outcome: Outcome) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        loop.call_soon_threadsafe(self._publish, outcome)
+
+    def _publish(self, outcome: Outcome) -> None:
+        wake_external = outcome.external_change
+        for change in outcome.changes:
+            sid = change.stream_id
+            if change.deleted:
+                state = self._states.pop(sid, None)
+                self._closed_states.pop(sid, None)
+                if state is not None:
+                    state.wake()
+                wake_external = True
+                continue
+            state = self._states.get(sid)
+            if state is None:
+                if change.first_offset is None:
+                    wake_external = True
+                    continue
+                state = self._states[sid] = _StreamState(change.first_offset)
+                # Readers that began while the stream was not ours wait on the shared event.
+                wake_external = wake_external or not change.created
+            state.tail.extend(change.payloads)
+            if len(state.tail) > self._tail_messages:
+                drop = len(state.tail) - self._tail_messages // 2
+                del state.tail[:drop]
+                state.tail_start += drop
+            if change.closed:
+                state.closed = True
+                self._remember_closed(sid)
+            state.wake()
+        if wake_external:
+            self._external_event.set()
+            self._external_event = anyio.Event()
+        for callback in outcome.callbacks:
+            callback()
+
+    def _remember_closed(self, stream_id: str) -> None:
+        self._closed_states[stream_id] = None
+        while len(self._closed_states) > CLOSED_STATES_KEPT:
+            old, _ = self._closed_states.popitem(last=False)
+            self._states.pop(old, None)
+
+
+# -- SQL run on the writer thread --------------------------------------------------------------
+
+
+def _insert_stream(ctx: WriterContext, stream_id: str, content_type: str, mark: bool = True) -> None:
+    try:
+        ctx.conn.execute(
+            "INSERT INTO streams (id, content_type, closed, created_at) VALUES (?, ?, 0, ?)",
+            (stream_id, content_type, time.time()),
+        )
+    except sqlite3.IntegrityError as exc:
+        raise StreamExists(stream_id) from exc
+    if mark:
+        ctx.mark_created(stream_id)
+
+
+def _delete_stream(ctx: WriterContext, stream_id: str) -> None:
+    if ctx.conn.execute("DELETE FROM streams WHERE id = ?", (stream_id,)).rowcount == 0:
+        raise StreamNotFound(stream_id)
+    ctx.conn.execute("DELETE FROM messages WHERE stream_id = ?", (stream_id,))
+    ctx.mark_deleted(stream_id)
+
+
+# -- SQL run on reader threads -----------------------------------------------------------------
+
+
+def _read_messages(conn: sqlite3.Connection, stream_id: str, offset: int, limit: int) -> ReadResult:
+    conn.execute("BEGIN")  # one snapshot for the closed flag and the messages
+    row = conn.execute("SELECT closed FROM streams WHERE id = ?", (stream_id,)).fetchone()
+    if row is None:
+        raise StreamNotFound(stream_id)
+    messages = [
+        data
+        for (data,) in conn.execute(
+            "SELECT data FROM messages WHERE stream_id = ? AND offset >= ? ORDER BY offset LIMIT ?",
+            (stream_id, offset, limit),
+        )
+    ]
+    conn.execute("COMMIT")
+    return ReadResult(offset, messages, bool(row[0]) and len(messages) < limit)
+
+
+def _stream_length(conn: sqlite3.Connection, stream_id: str) -> tuple[int, bool]:
+    conn.execute("BEGIN")
+    row = conn.execute("SELECT closed FROM streams WHERE id = ?", (stream_id,)).fetchone()
+    if row is None:
+        raise StreamNotFound(stream_id)
+    (last,) = conn.execute(
+        "SELECT max(offset) FROM messages WHERE stream_id = ?", (stream_id,)
+    ).fetchone()
+    conn.execute("COMMIT")
+    return (0 if last is None else last + 1), bool(row[0])
+
+
+def _get_generation(conn: sqlite3.Connection, generation_id: str) -> GenerationRecord:
+    conn.row_factory = sqlite3.Row
+    try:
+        row = conn.execute("SELECT * FROM generations WHERE id = ?", (generation_id,)).fetchone()
+    finally:
+        conn.row_factory = None
+    if row is None:
+        raise GenerationNotFound(generation_id)
+    return GenerationRecord.from_row(row)
+
+
+def _query_generations(conn: sqlite3.Connection, sql: str, params: list[Any]) -> list[
+    GenerationRecord
+]:
+    conn.row_factory = sqlite3.Row
+    try:
+        return [GenerationRecord.from_row(row) for row in conn.execute(sql, params)]
+    finally:
+        conn.row_factory = None
+
+
+def _list_workers(conn: sqlite3.Connection) -> list[WorkerRecord]:
+    return [
+        WorkerRecord(*row)
+        for row in conn.execute(
+            "SELECT id, hostname, pid, started_at, heartbeat_at FROM workers ORDER BY started_at"
+        )
+    ]
