@@ -21,7 +21,16 @@ from ._exceptions import (
     StreamNotFound,
 )
 from ._schema import connect, initialise
-from ._writer import AppendSource, Op, Outcome, Writer, WriterContext
+from ._writer import (
+    _CLOSE_STREAM,
+    _INSERT_MESSAGE,
+    AppendSource,
+    Op,
+    Outcome,
+    Writer,
+    WriterContext,
+    update_fields,
+)
 from .types import (
     AppendBatch,
     AppendResult,
@@ -30,7 +39,6 @@ from .types import (
     ReadResult,
     Synchronous,
     WorkerRecord,
-    encode_field,
 )
 
 T = TypeVar("T")
@@ -278,6 +286,45 @@ class StreamStore:
         result: AppendResult = await source.done.wait()
         return result
 
+    async def finish_generation(
+        self, generation_id: str, payload: bytes, fields: JSONDict, *, only_if: Iterable[str]
+    ) -> bool:
+        """Append a final event to a generation's stream, close it and set ``fields`` —
+        atomically, and only while its status is one of ``only_if``.
+
+        Returns whether it did. Used to end generations whose process is gone: when two
+        processes race to do it, the check inside the transaction lets exactly one win.
+        """
+        allowed = set(only_if)
+
+        def op(ctx: WriterContext) -> bool:
+            row = ctx.conn.execute(
+                "SELECT stream_id, status FROM generations WHERE id = ?", (generation_id,)
+            ).fetchone()
+            if row is None:
+                raise GenerationNotFound(generation_id)
+            stream_id, status = row
+            if status not in allowed:
+                return False
+            try:
+                first = ctx.next_offset(stream_id)
+            except StoreError:  # stream closed or gone: only the row needs ending
+                next_offset = None
+            else:
+                ctx.conn.execute(_INSERT_MESSAGE, (stream_id, first, payload))
+                ctx.conn.execute(_CLOSE_STREAM, (stream_id,))
+                next_offset = first + 1
+            row_fields = dict(fields)
+            if next_offset is not None:
+                row_fields["next_offset"] = next_offset
+            update_fields(ctx.conn, generation_id, row_fields)
+            if next_offset is not None:
+                ctx.record_append(stream_id, next_offset - 1, [payload], close=True)
+            return True
+
+        result: bool = await self.execute(op)
+        return result
+
     async def close_stream(self, stream_id: str) -> None:
         """Close a stream. Closing a closed stream is a no-op."""
 
@@ -353,15 +400,12 @@ class StreamStore:
 
     async def update_generation(self, generation_id: str, fields: JSONDict) -> None:
         """Set columns of a generation row. Raises ``GenerationNotFound``."""
-        names = sorted(fields)
-        unknown = set(names) - set(_GENERATION_COLUMNS)
-        if unknown or "id" in fields:
-            raise ValueError(f"cannot set generation fields {sorted(unknown | ({'id'} & set(names)))}")
-        sql = "UPDATE generations SET {} WHERE id = ?".format(", ".join(f"{n} = ?" for n in names))
-        values = [encode_field(n, fields[n]) for n in names]
+        bad = (set(fields) - set(_GENERATION_COLUMNS)) | ({"id"} & set(fields))
+        if bad or not fields:
+            raise ValueError(f"cannot set generation fields {sorted(bad)}")
 
         def op(ctx: WriterContext) -> None:
-            if ctx.conn.execute(sql, (*values, generation_id)).rowcount == 0:
+            if update_fields(ctx.conn, generation_id, fields) == 0:
                 raise GenerationNotFound(generation_id)
 
         await self.execute(op)

@@ -290,7 +290,7 @@ class Writer:
                 if batch.generation_id is not None:
                     snapshots.append((batch.text, next_offset, batch.generation_id))
                     if batch.fields:
-                        _update_fields(conn, batch.generation_id, batch.fields)
+                        update_fields(conn, batch.generation_id, batch.fields)
                 if batch.close:
                     conn.execute(_CLOSE_STREAM, (sid,))
                 ctx.record_append(sid, first, batch.payloads, batch.close)
@@ -333,11 +333,13 @@ class Writer:
         return _bind_op_done(op, result)
 
 
-def _update_fields(conn: sqlite3.Connection, generation_id: str, fields: dict[str, Any]) -> None:
+def update_fields(conn: sqlite3.Connection, generation_id: str, fields: dict[str, Any]) -> int:
+    """Set columns of one generation row (names are trusted); return the rows changed."""
     names = sorted(fields)
     assignments = ", ".join(f"{name} = ?" for name in names)
     values = [encode_field(name, fields[name]) for name in names]
-    conn.execute(f"UPDATE generations SET {assignments} WHERE id = ?", (*values, generation_id))
+    sql = f"UPDATE generations SET {assignments} WHERE id = ?"
+    return conn.execute(sql, (*values, generation_id)).rowcount
 
 
 def _bind_failed(source: AppendSource, error: StoreError) -> Callable[[], None]:

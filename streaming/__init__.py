@@ -1,0 +1,43 @@
+"""The generation engine: the pool that owns generations, their event logs, and providers."""
+
+from __future__ import annotations
+
+from ._exceptions import PoolClosed as PoolClosed
+from ._exceptions import PoolFull as PoolFull
+from ._exceptions import ProviderError as ProviderError
+from ._exceptions import StreamingError as StreamingError
+from ._exceptions import UnknownProvider as UnknownProvider
+from ._log import GenerationLog as GenerationLog
+from ._log import TextSanitizer as TextSanitizer
+from ._log import decode_event as decode_event
+from ._log import encode_event as encode_event
+from ._log import status_event as status_event
+from ._openai import OpenAIProvider as OpenAIProvider
+from ._pool import GenerationPool as GenerationPool
+from ._pool import new_generation_id as new_generation_id
+from ._provider import Provider as Provider
+from ._simulated import SimulatedProvider as SimulatedProvider
+from .types import ChatMessage as ChatMessage
+from .types import GenerationRequest as GenerationRequest
+from .types import ProviderChunk as ProviderChunk
+
+__all__ = [
+    "ChatMessage",
+    "GenerationLog",
+    "GenerationPool",
+    "GenerationRequest",
+    "OpenAIProvider",
+    "PoolClosed",
+    "PoolFull",
+    "Provider",
+    "ProviderChunk",
+    "ProviderError",
+    "SimulatedProvider",
+    "StreamingError",
+    "TextSanitizer",
+    "UnknownProvider",
+    "decode_event",
+    "encode_event",
+    "new_generation_id",
+    "status_event",
+]

@@ -1,0 +1,175 @@
+"""A generation's event log: coalesces deltas per flush window and keeps the snapshot in step.
+
+Events are JSON objects, one per stream message:
+
+* ``{"type": "status", "status": "running"}`` when the generation starts;
+* ``{"type": "delta", "text": "..."}`` for text — every delta buffered between two flushes
+  of the writer becomes *one* event, so the cost per generation follows the flush rate, not
+  the token rate;
+* ``{"type": "status", "status": <terminal>, "usage"?: {...}, "error"?: {...}}`` last; the
+  stream is closed in the same transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import deque
+from typing import Any
+
+import anyio
+
+from store import AppendBatch, AppendResult, StoreError, StreamStore
+from store.types import JSONDict
+
+
+def encode_event(event: JSONDict) -> bytes:
+    """The stored form of an event: compact UTF-8 JSON."""
+    return json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def decode_event(payload: bytes) -> JSONDict:
+    """Parse a stored event."""
+    event: JSONDict = json.loads(payload)
+    return event
+
+
+def status_event(status: str, **extra: Any) -> JSONDict:
+    """A status event; ``extra`` (usage, error) is included when not ``None``."""
+    event: JSONDict = {"type": "status", "status": status}
+    event.update({k: v for k, v in extra.items() if v is not None})
+    return event
+
+
+class TextSanitizer:
+    """Keeps text valid across chunk boundaries.
+
+    A provider may split a UTF-16 surrogate pair across two chunks (JSON ``\\ud83d`` then
+    ``\\ude00``). A trailing high surrogate is held back until the next chunk; any surrogate
+    that is still unpaired becomes U+FFFD, since it cannot be stored or sent as UTF-8.
+    """
+
+    __slots__ = ("_held",)
+
+    def __init__(self) -> None:
+        self._held = ""
+
+    def feed(self, text: str) -> str:
+        """Text safe to emit now."""
+        text = self._held + text
+        self._held = ""
+        if text and "\ud800" <= text[-1] <= "\udbff":
+            self._held, text = text[-1], text[:-1]
+        return _pair_surrogates(text)
+
+    def flush(self) -> str:
+        """Whatever is still held, made safe."""
+        held, self._held = self._held, ""
+        return _pair_surrogates(held)
+
+
+def _pair_surrogates(text: str) -> str:
+    if not any("\ud800" <= ch <= "\udfff" for ch in text):
+        return text
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+class GenerationLog:
+    """The append source of one running generation (see ``store.AppendSource``).
+
+    ``add_text`` and ``add_event`` only buffer (safe to call per token); the writer takes the
+    buffer at its next flush, writes the events and the snapshot row in one transaction, and
+    ``flush()`` waits until everything added so far is committed.
+    """
+
+    def __init__(self, store: StreamStore, generation_id: str, stream_id: str) -> None:
+        self.generation_id = generation_id
+        self.stream_id = stream_id
+        self._store = store
+        self._lock = threading.Lock()
+        self._items: list[str | bytes] = []
+        self._fields: JSONDict = {}
+        self._close = False
+        self._added = 0
+        self._taken: deque[int] = deque()
+        self._committed = 0
+        self._committed_event = anyio.Event()
+        self.error: StoreError | None = None
+        self.next_offset = 0
+
+    def add_text(self, text: str) -> None:
+        """Buffer a text delta."""
+        if not text:
+            return
+        with self._lock:
+            self._items.append(text)
+            self._added += 1
+        self._store.mark_dirty(self)
+
+    def add_event(self, event: JSONDict, *, fields: JSONDict | None = None, close: bool = False
+                  ) -> None:
+        """Buffer a non-text event; ``fields`` update the snapshot row in the same commit."""
+        payload = encode_event(event)
+        with self._lock:
+            self._items.append(payload)
+            if fields:
+                self._fields.update(fields)
+            self._close = self._close or close
+            self._added += 1
+        self._store.mark_dirty(self)
+
+    async def flush(self) -> None:
+        """Wait until everything added so far is committed; raise the store's error if not."""
+        target = self._added
+        while self._committed < target:
+            if self.error is not None:
+                raise self.error
+            await self._committed_event.wait()
+        if self.error is not None:
+            raise self.error
+
+    # -- the writer's side --------------------------------------------------------------------
+
+    def take(self) -> AppendBatch | None:
+        with self._lock:
+            if not self._items and not self._fields and not self._close:
+                return None
+            items, self._items = self._items, []
+            fields, self._fields = self._fields, {}
+            close, self._close = self._close, False
+            self._taken.append(self._added)
+        payloads: list[bytes] = []
+        run: list[str] = []
+        text: list[str] = []
+        for item in items:
+            if isinstance(item, str):
+                run.append(item)
+                continue
+            if run:
+                payloads.append(_delta_payload(run))
+                text.extend(run)
+                run = []
+            payloads.append(item)
+        if run:
+            payloads.append(_delta_payload(run))
+            text.extend(run)
+        return AppendBatch(payloads, self.generation_id, "".join(text), fields, close)
+
+    def committed(self, result: AppendResult) -> None:
+        self._committed = self._taken.popleft()
+        self.next_offset = result.next_offset
+        self._wake()
+
+    def failed(self, error: StoreError) -> None:
+        if self._taken:
+            self._committed = self._taken.popleft()
+        self.error = error
+        self._wake()
+
+    def _wake(self) -> None:
+        self._committed_event.set()
+        self._committed_event = anyio.Event()
+
+
+def _delta_payload(run: list[str]) -> bytes:
+    return encode_event({"type": "delta", "text": "".join(run)})

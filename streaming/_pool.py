@@ -1,0 +1,363 @@
+"""GenerationPool: owns every generation, independently of any HTTP connection."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from types import TracebackType
+
+import anyio
+from anyio.abc import TaskGroup
+
+from store import (
+    TERMINAL_STATUSES,
+    GenerationNotFound,
+    GenerationRecord,
+    StoreError,
+    StreamStore,
+    WorkerRecord,
+)
+from store.types import JSONDict
+
+from ._exceptions import PoolClosed, PoolFull, ProviderError, UnknownProvider
+from ._log import GenerationLog, TextSanitizer, encode_event, status_event
+from ._provider import Provider
+from ._workers import DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_LEASE_TIMEOUT, is_dead, this_host
+from .types import GenerationRequest
+
+logger = logging.getLogger("keepstream.pool")
+
+DEFAULT_MAX_RUNNING = 256
+DEFAULT_MAX_QUEUED = 1024
+DEFAULT_SHUTDOWN_GRACE = 10.0
+DEFAULT_RETRY_AFTER = 1.0
+FINALIZE_TIMEOUT = 10.0
+ACTIVE_STATUSES = ("queued", "running")
+
+
+def new_generation_id() -> str:
+    """A random, unguessable generation id."""
+    return "gen_" + secrets.token_urlsafe(16)
+
+
+@dataclass(eq=False)
+class _Handle:
+    """A generation this process owns: its cancel scope, its log, and why it was stopped."""
+
+    record: GenerationRecord
+    request: GenerationRequest
+    log: GenerationLog
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    stop_reason: str | None = None  # "cancelled" or "interrupted"
+    started: bool = False
+    done: anyio.Event = field(default_factory=anyio.Event)
+
+    def stop(self, reason: str) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        self.scope.cancel()
+
+
+class GenerationPool:
+    """Runs generations in a task group of its own, ``max_running`` at a time.
+
+    * ``submit`` persists a generation (``queued``) and returns at once; it runs when a slot
+      frees, up to ``max_queued`` wait, and beyond that ``submit`` raises ``PoolFull``.
+    * Each generation runs under its own cancel scope in a supervisor: a failure ends that
+      generation as ``failed`` and touches no other.
+    * ``cancel`` is explicit, idempotent and persisted; nothing else stops a generation —
+      in particular not a client disconnecting.
+    * Shutdown (leaving the ``async with``) stops intake, interrupts queued generations, lets
+      running ones finish for ``shutdown_grace`` seconds, then ends them ``interrupted``.
+    * On entry, and every heartbeat after, generations owned by dead workers are ended
+      ``interrupted`` (or ``cancelled`` if a cancel was requested) and their streams closed.
+
+    Every terminal state appends a final status event and closes the stream, atomically with
+    the snapshot row.
+    """
+
+    def __init__(
+        self,
+        store: StreamStore,
+        providers: Mapping[str, Provider],
+        *,
+        default_provider: str,
+        max_running: int = DEFAULT_MAX_RUNNING,
+        max_queued: int = DEFAULT_MAX_QUEUED,
+        shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE,
+        retry_after: float = DEFAULT_RETRY_AFTER,
+        heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
+        lease_timeout: float = DEFAULT_LEASE_TIMEOUT,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if max_running < 1 or max_queued < 0:
+            raise ValueError("max_running must be >= 1 and max_queued >= 0")
+        if default_provider not in providers:
+            raise UnknownProvider(default_provider, sorted(providers))
+        self.store = store
+        self.providers = dict(providers)
+        self.default_provider = default_provider
+        self.max_running = max_running
+        self.max_queued = max_queued
+        self.shutdown_grace = shutdown_grace
+        self.retry_after = retry_after
+        self.heartbeat_interval = heartbeat_interval
+        self.lease_timeout = lease_timeout
+        self._clock = clock
+        self._slots = anyio.Semaphore(max_running)
+        self._handles: dict[str, _Handle] = {}
+        self._reserved = 0
+        self._closing = False
+        self._stack = AsyncExitStack()
+        self._tg: TaskGroup | None = None
+        self.worker = WorkerRecord(
+            id="wrk_" + secrets.token_urlsafe(9),
+            hostname=this_host(),
+            pid=os.getpid(),
+            started_at=clock(),
+            heartbeat_at=clock(),
+        )
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def __aenter__(self) -> GenerationPool:
+        await self.store.register_worker(self.worker)
+        await self.recover()
+        self._tg = await self._stack.enter_async_context(anyio.create_task_group())
+        self._tg.start_soon(self._sweep_forever)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        with anyio.CancelScope(shield=True):
+            await self.shutdown()
+        if self._tg is not None:
+            self._tg.cancel_scope.cancel()  # the sweeper; every generation has ended
+        await self._stack.aclose()
+        with anyio.CancelScope(shield=True):
+            try:
+                await self.store.remove_worker(self.worker.id)
+            except StoreError:
+                logger.warning("could not deregister worker %s", self.worker.id)
+
+    async def shutdown(self) -> None:
+        """Stop intake, interrupt queued work, give running work ``shutdown_grace`` seconds."""
+        self._closing = True
+        for handle in list(self._handles.values()):
+            if not handle.started:
+                handle.stop("interrupted")
+        with anyio.move_on_after(self.shutdown_grace):
+            for handle in list(self._handles.values()):
+                await handle.done.wait()
+        for handle in list(self._handles.values()):
+            handle.stop("interrupted")
+        for handle in list(self._handles.values()):
+            await handle.done.wait()
+
+    @property
+    def running(self) -> int:
+        """Generations running now."""
+        return sum(1 for h in self._handles.values() if h.started)
+
+    @property
+    def queued(self) -> int:
+        """Generations waiting for a slot."""
+        return len(self._handles) - self.running
+
+    # -- intake -------------------------------------------------------------------------------
+
+    def resolve_provider(self, request: GenerationRequest) -> Provider:
+        """The provider a request runs on; raises ``UnknownProvider`` or ``ValueError``."""
+        name = request.provider or self.default_provider
+        provider = self.providers.get(name)
+        if provider is None:
+            raise UnknownProvider(name, sorted(self.providers))
+        provider.validate(request)
+        return provider
+
+    async def submit(self, request: GenerationRequest, *, owner: str | None = None
+                     ) -> GenerationRecord:
+        """Persist a new generation and schedule it; return its ``queued`` record."""
+        if self._closing or self._tg is None:
+            raise PoolClosed()
+        provider = self.resolve_provider(request)
+        if len(self._handles) + self._reserved >= self.max_running + self.max_queued:
+            raise PoolFull(running=self.running, queued=self.queued, retry_after=self.retry_after)
+        generation_id = new_generation_id()
+        record = GenerationRecord(
+            id=generation_id,
+            stream_id=generation_id,
+            status="queued",
+            provider=provider.name,
+            model=request.model,
+            request=request.to_json(),
+            owner=owner,
+            worker_id=self.worker.id,
+            created_at=self._clock(),
+        )
+        self._reserved += 1
+        try:
+            await self.store.create_generation(record)
+        finally:
+            self._reserved -= 1
+        if self._closing:
+            await self._finish_unstarted(record, "interrupted")
+            raise PoolClosed()
+        handle = _Handle(record, request, GenerationLog(self.store, record.id, record.stream_id))
+        self._handles[record.id] = handle
+        self._tg.start_soon(self._supervise, handle, name=f"generation {record.id}")
+        return record
+
+    async def cancel(self, generation_id: str, *, owner: str | None = None) -> GenerationRecord:
+        """Stop a generation; idempotent. A finished generation is returned unchanged.
+
+        The request is persisted first, so a generation whose process dies before it stops
+        is still ended ``cancelled``. Returns the record after the cancel took effect here
+        (for a generation another live process runs, once that process notices).
+        """
+        record = await self.get(generation_id, owner=owner)
+        if record.status in TERMINAL_STATUSES:
+            return record
+        if not record.cancel_requested:
+            await self.store.update_generation(generation_id, {"cancel_requested": True})
+        handle = self._handles.get(generation_id)
+        if handle is not None:
+            handle.stop("cancelled")
+            with anyio.move_on_after(FINALIZE_TIMEOUT):
+                await handle.done.wait()
+        return await self.store.get_generation(generation_id)
+
+    async def get(self, generation_id: str, *, owner: str | None = None) -> GenerationRecord:
+        """The committed snapshot; a generation of another owner is reported as not found."""
+        record = await self.store.get_generation(generation_id)
+        if owner is not None and record.owner != owner:
+            raise GenerationNotFound(generation_id)
+        return record
+
+    # -- running ------------------------------------------------------------------------------
+
+    async def _supervise(self, handle: _Handle) -> None:
+        record = handle.record
+        outcome: tuple[str, JSONDict | None, JSONDict | None] = ("interrupted", None, None)
+        try:
+            with handle.scope:
+                async with self._slots:
+                    handle.started = True
+                    outcome = await self._run(handle)
+            if handle.scope.cancelled_caught:
+                outcome = (handle.stop_reason or "interrupted", None, None)
+        except Exception as exc:
+            logger.exception("generation %s crashed", record.id)
+            error = {"type": "internal_error", "message": f"{type(exc).__name__}: {exc}"}
+            outcome = ("failed", error, None)
+        finally:
+            status, error, usage = outcome
+            with anyio.move_on_after(FINALIZE_TIMEOUT, shield=True):
+                try:
+                    await self._finish(handle, status, error=error, usage=usage)
+                except StoreError:
+                    logger.exception("could not record the end of generation %s", record.id)
+            self._handles.pop(record.id, None)
+            handle.done.set()
+
+    async def _run(self, handle: _Handle) -> tuple[str, JSONDict | None, JSONDict | None]:
+        """Stream the provider's answer into the log; return (status, error, usage)."""
+        log = handle.log
+        provider = self.providers[handle.record.provider]
+        log.add_event(
+            status_event("running"),
+            fields={"status": "running", "started_at": self._clock()},
+        )
+        sanitizer = TextSanitizer()
+        usage: JSONDict | None = None
+        try:
+            async for chunk in provider.stream(handle.request):
+                if chunk.text:
+                    log.add_text(sanitizer.feed(chunk.text))
+                if chunk.usage is not None:
+                    usage = chunk.usage
+        except ProviderError as exc:
+            log.add_text(sanitizer.flush())
+            return "failed", {"type": exc.kind, "message": exc.message}, usage
+        log.add_text(sanitizer.flush())
+        return "completed", None, usage
+
+    async def _finish(
+        self, handle: _Handle, status: str, *, error: JSONDict | None, usage: JSONDict | None
+    ) -> None:
+        """Append the final status event, close the stream, update the row: one commit."""
+        if not handle.started:
+            await self._finish_unstarted(handle.record, status)
+            return
+        handle.log.add_event(
+            status_event(status, error=error, usage=usage),
+            fields={"status": status, "error": error, "usage": usage,
+                    "finished_at": self._clock()},
+            close=True,
+        )
+        await handle.log.flush()
+
+    async def _finish_unstarted(self, record: GenerationRecord, status: str) -> None:
+        await self.store.finish_generation(
+            record.id,
+            encode_event(status_event(status)),
+            {"status": status, "finished_at": self._clock()},
+            only_if=ACTIVE_STATUSES,
+        )
+
+    # -- other processes ----------------------------------------------------------------------
+
+    async def recover(self) -> int:
+        """End the active generations of dead workers; return how many were ended."""
+        now = self._clock()
+        ended = 0
+        for worker in await self.store.list_workers():
+            if not is_dead(worker, me=self.worker, now=now, lease_timeout=self.lease_timeout):
+                continue
+            for record in await self.store.list_generations(
+                statuses=ACTIVE_STATUSES, worker_id=worker.id
+            ):
+                status = "cancelled" if record.cancel_requested else "interrupted"
+                error = None
+                if status == "interrupted":
+                    error = {"type": "interrupted",
+                             "message": "the server process running this generation stopped"}
+                ended += await self.store.finish_generation(
+                    record.id,
+                    encode_event(status_event(status, error=error)),
+                    {"status": status, "error": error, "finished_at": now},
+                    only_if=ACTIVE_STATUSES,
+                )
+            await self.store.remove_worker(worker.id)
+            logger.info("recovered from dead worker %s (pid %s)", worker.id, worker.pid)
+        return ended
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await anyio.sleep(self.heartbeat_interval)
+            try:
+                await self.store.heartbeat(self.worker.id, self._clock())
+                await self._apply_remote_cancels()
+                await self.recover()
+            except StoreError:
+                logger.exception("heartbeat sweep failed")
+
+    async def _apply_remote_cancels(self) -> None:
+        """Cancel requests made through another process reach us through the database."""
+        if not self._handles:
+            return
+        for record in await self.store.list_generations(
+            statuses=ACTIVE_STATUSES, worker_id=self.worker.id
+        ):
+            handle = self._handles.get(record.id)
+            if record.cancel_requested and handle is not None:
+                handle.stop("cancelled")

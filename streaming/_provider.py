@@ -1,0 +1,28 @@
+"""The provider interface: how the engine asks a model for a streamed answer."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+from .types import GenerationRequest, ProviderChunk
+
+
+class Provider(Protocol):
+    """A source of streamed model output.
+
+    ``stream`` yields text chunks in order and may end with a chunk carrying ``usage``.
+    It raises ``ProviderError`` for upstream failures and ``ValueError`` (before yielding
+    anything) for parameters it cannot accept. Cancellation may arrive at any await.
+    """
+
+    name: str
+
+    def validate(self, request: GenerationRequest) -> None:
+        """Raise ``ValueError`` if the request's params are not acceptable."""
+
+    def stream(self, request: GenerationRequest) -> AsyncIterator[ProviderChunk]:
+        """The answer, chunk by chunk."""
+
+    async def aclose(self) -> None:
+        """Release connections."""

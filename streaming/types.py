@@ -1,0 +1,95 @@
+"""Value types of the generation engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from store.types import JSONDict
+
+ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    """One message of a conversation sent to the model."""
+
+    role: str
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    """What to generate: the conversation, which provider and model, and its parameters."""
+
+    messages: tuple[ChatMessage, ...]
+    provider: str | None = None
+    model: str | None = None
+    params: JSONDict = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, body: Any) -> GenerationRequest:
+        """Validate a request body (``{messages | prompt, provider?, model?, params?}``).
+
+        Raises ``ValueError`` naming the first problem found.
+        """
+        if not isinstance(body, dict):
+            raise ValueError("the request body must be a JSON object")
+        unknown = set(body) - {"messages", "prompt", "provider", "model", "params"}
+        if unknown:
+            raise ValueError(f"unknown field(s): {', '.join(sorted(unknown))}")
+        if ("messages" in body) == ("prompt" in body):
+            raise ValueError("give exactly one of 'messages' or 'prompt'")
+        if "prompt" in body:
+            prompt = body["prompt"]
+            if not isinstance(prompt, str) or not prompt:
+                raise ValueError("'prompt' must be a non-empty string")
+            messages: tuple[ChatMessage, ...] = (ChatMessage("user", prompt),)
+        else:
+            raw = body["messages"]
+            if not isinstance(raw, list) or not raw:
+                raise ValueError("'messages' must be a non-empty list")
+            parsed = []
+            for i, item in enumerate(raw):
+                if not isinstance(item, dict):
+                    raise ValueError(f"messages[{i}] must be an object")
+                role, content = item.get("role"), item.get("content")
+                if role not in ROLES:
+                    raise ValueError(f"messages[{i}].role must be one of {sorted(ROLES)}")
+                if not isinstance(content, str):
+                    raise ValueError(f"messages[{i}].content must be a string")
+                parsed.append(ChatMessage(role, content))
+            messages = tuple(parsed)
+        provider, model, params = body.get("provider"), body.get("model"), body.get("params", {})
+        if provider is not None and (not isinstance(provider, str) or not provider):
+            raise ValueError("'provider' must be a non-empty string")
+        if model is not None and (not isinstance(model, str) or not model):
+            raise ValueError("'model' must be a non-empty string")
+        if not isinstance(params, dict):
+            raise ValueError("'params' must be an object")
+        return cls(messages, provider, model, params)
+
+    def to_json(self) -> JSONDict:
+        """The request as stored with its generation."""
+        return {
+            "messages": [{"role": m.role, "content": m.content} for m in self.messages],
+            "provider": self.provider,
+            "model": self.model,
+            "params": self.params,
+        }
+
+    @property
+    def prompt(self) -> str:
+        """The last user message (what the simulated model echoes)."""
+        for message in reversed(self.messages):
+            if message.role == "user":
+                return message.content
+        return ""
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderChunk:
+    """One piece of a provider's answer: text, and/or token usage at the end."""
+
+    text: str = ""
+    usage: JSONDict | None = None
