@@ -1,0 +1,79 @@
+"""The Starlette app factory; its lifespan owns the store and the generation pool."""
+
+from __future__ import annotations
+
+import gc
+import logging
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+
+from starlette.applications import Starlette
+
+from store import StreamStore
+from streaming import GenerationPool, OpenAIProvider, Provider, SimulatedProvider
+
+from ._errors import handled_exceptions
+from ._generations import AppState, routes
+from ._settings import Settings
+
+logger = logging.getLogger("keepstream")
+
+
+def build_providers(settings: Settings) -> dict[str, Provider]:
+    """The providers the settings configure: ``simulated`` always, ``openai`` with a URL."""
+    providers: dict[str, Provider] = {
+        "simulated": SimulatedProvider(
+            tokens_per_second=settings.sim_tokens_per_second, max_tokens=settings.sim_max_tokens
+        )
+    }
+    if settings.upstream_url:
+        providers["openai"] = OpenAIProvider(
+            base_url=settings.upstream_url,
+            api_key=settings.upstream_api_key,
+            model=settings.model,
+            read_timeout=settings.upstream_read_timeout,
+        )
+    return providers
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    """A keepstream ASGI app. Nothing is opened until its lifespan starts."""
+    settings = settings or Settings()
+    settings.validate()
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with AsyncExitStack() as stack:
+            store = await stack.enter_async_context(
+                StreamStore(
+                    settings.db,
+                    synchronous="FULL" if settings.synchronous == "FULL" else "NORMAL",
+                    flush_interval=settings.flush_interval,
+                )
+            )
+            providers = build_providers(settings)
+            for provider in providers.values():
+                stack.push_async_callback(provider.aclose)
+            pool = await stack.enter_async_context(
+                GenerationPool(
+                    store,
+                    providers,
+                    default_provider=settings.provider,
+                    max_running=settings.max_running,
+                    max_queued=settings.max_queued,
+                    shutdown_grace=settings.shutdown_grace,
+                )
+            )
+            app.state.keepstream = AppState(settings, store, pool)
+            # Long-lived start-up objects never need collecting; freezing them keeps the
+            # collector's full passes (which stall every stream at once) short.
+            gc.collect()
+            gc.freeze()
+            logger.info("keepstream ready: db=%s worker=%s", settings.db, pool.worker.id)
+            yield
+
+    return Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers=handled_exceptions(),  # type: ignore[arg-type]
+    )

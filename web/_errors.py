@@ -1,0 +1,101 @@
+"""HTTP errors: the web layer's own exceptions and the one table mapping every error to HTTP.
+
+WebError
+├── BadRequest        400: malformed JSON, bad offsets
+├── InvalidRequest    422: a well-formed body that does not describe a valid request
+└── PayloadTooLarge   413: the body exceeds ``max_body_bytes``
+
+Every error answers ``{"error": {"type": ..., "message": ...}}``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from store import GenerationNotFound, StoreUnavailable, StreamNotFound
+from streaming import PoolClosed, PoolFull, UnknownProvider
+
+logger = logging.getLogger("keepstream.web")
+
+
+class WebError(Exception):
+    """An error with its HTTP status and type."""
+
+    status = 400
+    type = "bad_request"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequest(WebError):
+    """The request cannot be parsed (malformed JSON, a bad offset)."""
+
+
+class InvalidRequest(WebError):
+    """The request parses but is not valid (missing or wrong fields)."""
+
+    status = 422
+    type = "invalid_request"
+
+
+class PayloadTooLarge(WebError):
+    """The body is larger than allowed."""
+
+    status = 413
+    type = "payload_too_large"
+
+
+# exception class → (status, error type); the first match in order wins.
+ERROR_TABLE: tuple[tuple[type[BaseException], int, str], ...] = (
+    (GenerationNotFound, 404, "not_found"),
+    (StreamNotFound, 404, "not_found"),
+    (UnknownProvider, 422, "invalid_request"),
+    (PoolFull, 429, "pool_full"),
+    (PoolClosed, 503, "shutting_down"),
+    (StoreUnavailable, 503, "store_unavailable"),
+)
+
+HTTP_TYPES = {404: "not_found", 405: "method_not_allowed", 400: "bad_request"}
+
+
+def error_response(status: int, kind: str, message: str, headers: dict[str, str] | None = None
+                   ) -> JSONResponse:
+    """The JSON error body every failure answers with."""
+    return JSONResponse({"error": {"type": kind, "message": message}}, status, headers=headers)
+
+
+async def handle_error(request: Request, exc: Exception) -> Response:
+    """Starlette exception handler: map ``exc`` through the table."""
+    if isinstance(exc, WebError):
+        return error_response(exc.status, exc.type, exc.message)
+    if isinstance(exc, HTTPException):
+        return error_response(
+            exc.status_code, HTTP_TYPES.get(exc.status_code, "http_error"), str(exc.detail),
+            headers=dict(exc.headers) if exc.headers else None,
+        )
+    for cls, status, kind in ERROR_TABLE:
+        if isinstance(exc, cls):
+            headers = None
+            if isinstance(exc, PoolFull):
+                headers = {"Retry-After": str(max(1, round(exc.retry_after)))}
+            return error_response(status, kind, str(exc), headers)
+    logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(500, "internal_error", "internal server error")
+
+
+def handled_exceptions() -> dict[type[Exception] | int, object]:
+    """The exception handlers to install on the app."""
+    handlers: dict[type[Exception] | int, object] = {
+        WebError: handle_error,
+        HTTPException: handle_error,
+        Exception: handle_error,
+    }
+    for cls, _, _ in ERROR_TABLE:
+        handlers[cls] = handle_error  # type: ignore[index]
+    return handlers

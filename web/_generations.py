@@ -1,0 +1,206 @@
+"""The native generations API: start, read, follow (SSE), cancel."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from sse_starlette import EventSourceResponse
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from store import GenerationRecord, StreamStore
+from streaming import GenerationPool, GenerationRequest, decode_event
+
+from ._errors import BadRequest, InvalidRequest, PayloadTooLarge
+from ._settings import Settings
+from ._sse import follow
+
+
+@dataclass(frozen=True)
+class AppState:
+    """What the handlers share: settings, the store and the pool."""
+
+    settings: Settings
+    store: StreamStore
+    pool: GenerationPool
+
+
+def app_state(request: Request) -> AppState:
+    """The running app's state."""
+    state: AppState = request.app.state.keepstream
+    return state
+
+
+def generation_json(record: GenerationRecord, request: Request) -> dict[str, Any]:
+    """The public form of a generation snapshot."""
+    return {
+        "id": record.id,
+        "object": "generation",
+        "status": record.status,
+        "provider": record.provider,
+        "model": record.model,
+        "text": record.text,
+        "next_offset": record.next_offset,
+        "error": record.error,
+        "usage": record.usage,
+        "cancel_requested": record.cancel_requested,
+        "created_at": record.created_at,
+        "started_at": record.started_at,
+        "finished_at": record.finished_at,
+        "url": f"/v1/generations/{record.id}",
+        "events_url": f"/v1/generations/{record.id}/events",
+    }
+
+
+async def read_json_body(request: Request, limit: int) -> Any:
+    """The parsed JSON body, refusing more than ``limit`` bytes (413) and bad JSON (400)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body is {declared} bytes; the limit is {limit}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body.extend(chunk)
+        if len(body) > limit:
+            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+    if not body:
+        raise BadRequest("the request body is empty; send a JSON object")
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"malformed JSON: {exc}") from None
+
+
+def wants_event_stream(request: Request) -> bool:
+    """Whether the client asked for SSE."""
+    return "text/event-stream" in request.headers.get("accept", "")
+
+
+def parse_offset(value: str, name: str) -> int:
+    """A non-negative integer offset, or 400 naming the parameter."""
+    if not value.isascii() or not value.isdigit():
+        raise BadRequest(f"{name} must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
+def event_stream(state: AppState, record: GenerationRecord, offset: int, skip_chars: int,
+                 headers: dict[str, str] | None = None) -> EventSourceResponse:
+    """An SSE response following ``record`` from ``offset``."""
+    settings = state.settings
+    return EventSourceResponse(
+        follow(state.store, record.stream_id, offset, skip_chars=skip_chars,
+               retry_ms=settings.sse_retry_ms),
+        ping=settings.sse_ping,
+        send_timeout=settings.sse_send_timeout or None,
+        sep="\n",
+        headers={"Cache-Control": "no-cache", **(headers or {})},
+    )
+
+
+async def create_generation(request: Request) -> Response:
+    """``POST /v1/generations``: start a generation; 202 with it, or its events as SSE."""
+    state = app_state(request)
+    body = await read_json_body(request, state.settings.max_body_bytes)
+    try:
+        generation_request = GenerationRequest.from_json(body)
+        state.pool.resolve_provider(generation_request)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
+    record = await state.pool.submit(generation_request)
+    location = f"/v1/generations/{record.id}"
+    if wants_event_stream(request):
+        return event_stream(state, record, 0, 0,
+                            headers={"Location": location, "Keepstream-Generation-Id": record.id})
+    return JSONResponse(generation_json(record, request), 202, headers={"Location": location})
+
+
+async def get_generation(request: Request) -> Response:
+    """``GET /v1/generations/{id}``: the snapshot (status, text so far, next_offset, …)."""
+    record = await app_state(request).pool.get(request.path_params["generation_id"])
+    return JSONResponse(generation_json(record, request))
+
+
+async def generation_events(request: Request) -> Response:
+    """``GET /v1/generations/{id}/events``: SSE from the client's resume point.
+
+    The start is ``Last-Event-ID``, else ``?offset=``, else ``?text_offset=`` (characters —
+    Unicode code points — already shown), else 0. 204 when a finished generation has nothing
+    left for this client.
+    """
+    state = app_state(request)
+    record = await state.pool.get(request.path_params["generation_id"])
+    length, closed = await state.store.stream_length(record.stream_id)
+    skip = 0
+    last_event_id = request.headers.get("last-event-id")
+    if last_event_id is not None and last_event_id.strip():
+        offset = parse_offset(last_event_id.strip(), "Last-Event-ID")
+    elif "offset" in request.query_params:
+        offset = parse_offset(request.query_params["offset"], "offset")
+    elif "text_offset" in request.query_params:
+        text_offset = parse_offset(request.query_params["text_offset"], "text_offset")
+        offset, skip = await locate_text_offset(state.store, record.stream_id, text_offset)
+    else:
+        offset = 0
+    if offset > length:
+        raise BadRequest(f"offset {offset} is beyond the end of the stream (next offset {length})")
+    if closed and offset == length:
+        return Response(status_code=204)
+    return event_stream(state, record, offset, skip)
+
+
+async def locate_text_offset(store: StreamStore, stream_id: str, text_offset: int
+                             ) -> tuple[int, int]:
+    """Map "characters already shown" to (message offset, characters to skip in it)."""
+    position = 0
+    offset = 0
+    while True:
+        result = await store.read(stream_id, offset)
+        for index, payload in enumerate(result.messages, start=offset):
+            event = decode_event(payload)
+            if event.get("type") == "delta":
+                length = len(event["text"])
+                if position + length <= text_offset:
+                    position += length
+                    continue
+                return index, text_offset - position
+            if position >= text_offset:
+                return index, 0
+        offset = result.next_offset
+        if not result.messages:
+            break
+    if text_offset > position:
+        raise BadRequest(
+            f"text_offset {text_offset} is beyond the text so far ({position} characters)"
+        )
+    return offset, 0
+
+
+async def cancel_generation(request: Request) -> Response:
+    """``POST /v1/generations/{id}/cancel``: stop it; idempotent; a finished one is unchanged."""
+    record = await app_state(request).pool.cancel(request.path_params["generation_id"])
+    return JSONResponse(generation_json(record, request))
+
+
+async def healthz(request: Request) -> Response:
+    """``GET /healthz``: liveness with the pool's and the store's counters."""
+    state = app_state(request)
+    return JSONResponse(
+        {
+            "status": "ok",
+            "worker_id": state.pool.worker.id,
+            "running": state.pool.running,
+            "queued": state.pool.queued,
+            "store": state.store.stats,
+        }
+    )
+
+
+routes = [
+    Route("/v1/generations", create_generation, methods=["POST"]),
+    Route("/v1/generations/{generation_id}", get_generation, methods=["GET"]),
+    Route("/v1/generations/{generation_id}/events", generation_events, methods=["GET"]),
+    Route("/v1/generations/{generation_id}/cancel", cancel_generation, methods=["POST"]),
+    Route("/healthz", healthz, methods=["GET"]),
+]

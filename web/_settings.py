@@ -1,0 +1,115 @@
+"""Server settings: one table that drives the CLI flags, the environment and the README."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+ENV_PREFIX = "KEEPSTREAM_"
+
+
+def _setting(default: Any, help: str, *, choices: Sequence[str] | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything ``keepstream serve`` can be told. Each field is flag ``--name-with-dashes``
+    and environment variable ``KEEPSTREAM_NAME``; a flag wins over the environment."""
+
+    host: str = _setting("127.0.0.1", "address to bind")
+    port: int = _setting(8000, "port to bind (0 picks a free one)")
+    db: str = _setting("./keepstream.db", "SQLite database file")
+    provider: str = _setting("simulated", "default provider", choices=("simulated", "openai"))
+    upstream_url: str | None = _setting(
+        None, "base URL of an OpenAI-compatible API, e.g. http://127.0.0.1:11434/v1"
+    )
+    upstream_api_key: str | None = _setting(None, "API key for the upstream (prefer the env var)")
+    model: str | None = _setting(None, "default model name for the openai provider")
+    upstream_read_timeout: float = _setting(120.0, "seconds an upstream may stall between chunks")
+    sim_tokens_per_second: float = _setting(50.0, "simulated model: tokens per second")
+    sim_max_tokens: int = _setting(200, "simulated model: tokens per answer")
+    flush_interval: float = _setting(0.01, "group commit window in seconds")
+    synchronous: str = _setting(
+        "NORMAL", "SQLite synchronous mode (FULL survives power loss)", choices=("NORMAL", "FULL")
+    )
+    max_running: int = _setting(256, "generations running at once")
+    max_queued: int = _setting(1024, "generations waiting for a slot before 429")
+    shutdown_grace: float = _setting(10.0, "seconds running generations get to finish on stop")
+    max_body_bytes: int = _setting(1_048_576, "largest request body accepted (413 beyond)")
+    sse_ping: float = _setting(15.0, "seconds between SSE keep-alive comments")
+    sse_send_timeout: float = _setting(30.0, "drop an SSE client that accepts nothing for this long")
+    sse_retry_ms: int = _setting(1000, "reconnect delay suggested to SSE clients (retry:)")
+    allow_remote: bool = _setting(
+        False, "allow binding beyond loopback (there is no authentication yet)"
+    )
+    log_level: str = _setting("info", "log level", choices=("debug", "info", "warning", "error"))
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` for settings that cannot work."""
+        if self.provider == "openai" and not self.upstream_url:
+            raise ValueError("--provider openai needs --upstream-url")
+        for name in ("flush_interval", "shutdown_grace", "sse_send_timeout", "upstream_read_timeout"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+        for name in ("max_running", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.max_queued < 0:
+            raise ValueError("max_queued must be >= 0")
+        if not self.allow_remote and self.host not in ("127.0.0.1", "localhost", "::1"):
+            raise ValueError(
+                f"refusing to bind {self.host}: keepstream has no authentication yet; "
+                "bind to loopback or pass --allow-remote"
+            )
+
+    @classmethod
+    def from_args(
+        cls, argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
+    ) -> Settings:
+        """Settings from flags, falling back to ``KEEPSTREAM_*`` variables, then defaults."""
+        env = os.environ if env is None else env
+        parser = argparse.ArgumentParser(prog="keepstream serve", description="Run the server.")
+        for f in dataclasses.fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            kind = _kind(f)
+            default = f.default
+            env_value = env.get(ENV_PREFIX + f.name.upper())
+            if env_value is not None:
+                default = _parse_env(f.name, kind, env_value)
+            if kind is bool:
+                parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                                    help=f.metadata["help"])
+            else:
+                parser.add_argument(flag, type=kind, default=default, help=f.metadata["help"],
+                                    choices=f.metadata["choices"])
+        args = parser.parse_args(argv)
+        return cls(**vars(args))
+
+
+def _kind(f: dataclasses.Field[Any]) -> type:
+    annotation = str(f.type)
+    for name, kind in (("bool", bool), ("int", int), ("float", float)):
+        if annotation.startswith(name):
+            return kind
+    return str
+
+
+def _parse_env(name: str, kind: type, value: str) -> Any:
+    if kind is bool:
+        lowered = value.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off", ""):
+            return False
+        raise SystemExit(f"{ENV_PREFIX}{name.upper()}: expected a boolean, got {value!r}")
+    try:
+        return kind(value)
+    except ValueError:
+        raise SystemExit(
+            f"{ENV_PREFIX}{name.upper()}: expected {kind.__name__}, got {value!r}"
+        ) from None

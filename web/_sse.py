@@ -1,0 +1,78 @@
+"""Following a generation's stream as Server-Sent Events.
+
+A follower is a cursor: it reads everything committed after its offset, writes it as *one*
+chunk of pre-formatted events (one socket write per wake-up, however many events), then
+waits for the stream's next commit. Each event's ``id:`` is the offset *after* it, so a
+browser's automatic ``Last-Event-ID`` is exactly where to resume.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+from store import StreamNotFound, StreamStore
+from streaming import decode_event, encode_event
+
+_DELTA_PREFIX = b'{"type":"delta"'
+_STATUS_PREFIX = b'{"type":"status"'
+
+
+def event_name(payload: bytes) -> str:
+    """The SSE ``event:`` name of a stored event."""
+    if payload.startswith(_DELTA_PREFIX):
+        return "delta"
+    if payload.startswith(_STATUS_PREFIX):
+        return "status"
+    kind = json.loads(payload).get("type")
+    return kind if isinstance(kind, str) and kind.isidentifier() else "message"
+
+
+def format_events(first_offset: int, payloads: list[bytes]) -> bytes:
+    """SSE frames for consecutive messages starting at ``first_offset``."""
+    parts: list[bytes] = []
+    for i, payload in enumerate(payloads, start=first_offset + 1):
+        # Stored events are compact JSON: no raw CR or LF can break the ``data:`` line.
+        parts.append(b"id: %d\nevent: %s\ndata: %s\n\n" % (i, event_name(payload).encode(), payload))
+    return b"".join(parts)
+
+
+def trim_delta(payload: bytes, skip_chars: int) -> bytes:
+    """A delta event without its first ``skip_chars`` characters (for ``text_offset``)."""
+    event = decode_event(payload)
+    event["text"] = event["text"][skip_chars:]
+    return encode_event(event)
+
+
+async def follow(
+    store: StreamStore,
+    stream_id: str,
+    offset: int,
+    *,
+    skip_chars: int = 0,
+    retry_ms: int | None = None,
+) -> AsyncIterator[bytes]:
+    """SSE chunks from ``offset`` until the stream is closed and fully sent.
+
+    Ends quietly if the stream is deleted. Waiting costs nothing per reader beyond one
+    event wait; the wait is woken only after a commit.
+    """
+    if retry_ms is not None:
+        yield b"retry: %d\n\n" % retry_ms
+    while True:
+        changed = store.change_event(stream_id)
+        try:
+            result = await store.read(stream_id, offset)
+        except StreamNotFound:
+            return
+        if result.messages:
+            payloads = result.messages
+            if skip_chars:
+                payloads = [trim_delta(payloads[0], skip_chars), *payloads[1:]]
+                skip_chars = 0
+            yield format_events(offset, payloads)
+            offset = result.next_offset
+        if result.at_end:
+            return
+        if not result.messages:
+            await changed.wait()
