@@ -1,0 +1,181 @@
+"""The store on its own: offsets, publish-after-commit, reads, other connections."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+from store import (
+    AppendBatch,
+    AppendResult,
+    GenerationRecord,
+    StoreError,
+    StreamClosed,
+    StreamExists,
+    StreamNotFound,
+    StreamStore,
+)
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[StreamStore]:
+    async with StreamStore(str(tmp_path / "s.db"), flush_interval=0.005) as opened:
+        yield opened
+
+
+async def test_offsets_are_message_indexes_and_reads_resume_anywhere(store: StreamStore) -> None:
+    await store.create_stream("s")
+    assert await store.append("s", [b"a", b"b"]) == AppendResult(0, 2)
+    assert await store.append("s", [b"c"], close=True) == AppendResult(2, 3)
+    for offset in range(4):
+        result = await store.read("s", offset)
+        assert result.messages == [b"a", b"b", b"c"][offset:]
+        assert result.at_end
+    assert await store.stream_length("s") == (3, True)
+    with pytest.raises(StreamClosed):
+        await store.append("s", [b"d"])
+
+
+async def test_errors_are_typed(store: StreamStore) -> None:
+    await store.create_stream("s")
+    with pytest.raises(StreamExists):
+        await store.create_stream("s")
+    with pytest.raises(StreamNotFound):
+        await store.append("missing", [b"x"])
+    with pytest.raises(StreamNotFound):
+        await store.read("missing", 0)
+    with pytest.raises(ValueError):
+        await store.read("s", -1)
+    # A failed op does not take its neighbours in the same transaction down.
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(store.append, "s", [b"ok"])
+        with pytest.raises(StoreError):
+            await store.append("missing", [b"x"])
+    assert (await store.read("s", 0)).messages == [b"ok"]
+
+
+async def test_readers_are_woken_only_after_the_commit(tmp_path: Path) -> None:
+    path = str(tmp_path / "s.db")
+    async with StreamStore(path, flush_interval=0.05) as store:
+        await store.create_stream("s")
+        woken = store.change_event("s")
+        append = anyio.Event()
+
+        async def writer() -> None:
+            await store.append("s", [b"x"])
+            append.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(writer)
+            with anyio.fail_after(5):
+                await woken.wait()
+            # At the moment readers are woken, the row is in the file for anyone to see.
+            conn = sqlite3.connect(path)
+            rows = conn.execute("SELECT data FROM messages WHERE stream_id = 's'").fetchall()
+            conn.close()
+            assert rows == [(b"x",)]
+
+
+async def test_concurrent_appends_get_strictly_increasing_offsets_in_few_commits(
+    store: StreamStore,
+) -> None:
+    await store.create_stream("s")
+    results: list[AppendResult] = []
+
+    async def one(i: int) -> None:
+        results.append(await store.append("s", [str(i).encode()]))
+
+    commits = store.stats["commits"]
+    async with anyio.create_task_group() as tg:
+        for i in range(500):
+            tg.start_soon(one, i)
+    assert sorted(r.first_offset for r in results) == list(range(500))
+    assert store.stats["commits"] - commits < 100  # group commit
+    messages = (await store.read("s", 0)).messages
+    by_offset = {r.first_offset: r for r in results}
+    assert len(messages) == 500 and len(by_offset) == 500
+
+
+async def test_old_offsets_are_read_from_sqlite_once_the_tail_is_trimmed(tmp_path: Path) -> None:
+    async with StreamStore(str(tmp_path / "s.db"), tail_messages=16) as store:
+        await store.create_stream("s")
+        for i in range(10):
+            await store.append("s", [b"%d-%d" % (i, j) for j in range(10)])
+        everything = [b"%d-%d" % (i, j) for i in range(10) for j in range(10)]
+        for offset in (0, 1, 50, 83, 99, 100):
+            assert (await store.read("s", offset)).messages == everything[offset:]
+        assert (await store.read("s", 5, limit=3)).messages == everything[5:8]
+
+
+async def test_another_connection_commits_wake_readers(tmp_path: Path) -> None:
+    path = str(tmp_path / "s.db")
+    async with StreamStore(path) as reader_side, StreamStore(path) as writer_side:
+        await writer_side.create_stream("s")
+        woken = reader_side.change_event("s")  # not a stream this store writes
+        await writer_side.append("s", [b"from the other process"])
+        with anyio.fail_after(5):
+            await woken.wait()
+        assert (await reader_side.read("s", 0)).messages == [b"from the other process"]
+
+
+async def test_generation_snapshot_moves_with_its_messages(store: StreamStore) -> None:
+    record = GenerationRecord("g", "g", "running", "simulated", created_at=1.0)
+    await store.create_generation(record)
+
+    class Source:
+        stream_id = "g"
+
+        def __init__(self) -> None:
+            self.batches = [AppendBatch([b"d1", b"d2"], "g", "hello ", {"status": "running"}),
+                            AppendBatch([b"end"], "g", "world", {"status": "completed"},
+                                        close=True)]
+            self.results: list[AppendResult] = []
+            self.done = anyio.Event()
+
+        def take(self) -> AppendBatch | None:
+            return self.batches.pop(0) if self.batches else None
+
+        def committed(self, result: AppendResult) -> None:
+            self.results.append(result)
+            self.done.set()
+
+        def failed(self, error: StoreError) -> None:
+            raise AssertionError(error)
+
+    source = Source()
+    store.mark_dirty(source)
+    with anyio.fail_after(5):
+        await source.done.wait()
+    snapshot = await store.get_generation("g")
+    assert (snapshot.text, snapshot.next_offset, snapshot.status) == ("hello ", 2, "running")
+    source.done = anyio.Event()
+    store.mark_dirty(source)
+    with anyio.fail_after(5):
+        await source.done.wait()
+    snapshot = await store.get_generation("g")
+    assert (snapshot.text, snapshot.next_offset, snapshot.status) == ("hello world", 3, "completed")
+    assert (await store.read("g", 0)).at_end
+
+
+async def test_finish_generation_is_guarded_by_status(store: StreamStore) -> None:
+    await store.create_generation(GenerationRecord("g", "g", "running", "simulated"))
+    assert await store.finish_generation("g", b"end", {"status": "interrupted"},
+                                         only_if=["queued", "running"])
+    assert not await store.finish_generation("g", b"end", {"status": "interrupted"},
+                                             only_if=["queued", "running"])
+    assert (await store.read("g", 0)).messages == [b"end"]
+    assert (await store.get_generation("g")).next_offset == 1
+
+
+async def test_data_survives_reopening(tmp_path: Path) -> None:
+    path = str(tmp_path / "s.db")
+    async with StreamStore(path) as store:
+        await store.create_stream("s")
+        await store.append("s", [b"kept"])
+    async with StreamStore(path) as store:
+        assert (await store.read("s", 0)).messages == [b"kept"]
+        assert await store.append("s", [b"next"]) == AppendResult(1, 2)
