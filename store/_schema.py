@@ -61,9 +61,9 @@ def m001_streams_and_generations(db: Database) -> None:
     )
 
 
-def connect(path: str, *, synchronous: Synchronous = "NORMAL", readonly: bool = False) -> (
-    sqlite3.Connection
-):
+def connect(
+    path: str, *, synchronous: Synchronous = "NORMAL", readonly: bool = False
+) -> sqlite3.Connection:
     """Open a connection with keepstream's settings.
 
     Transactions are explicit (``isolation_level=None``): the writer issues its own

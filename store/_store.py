@@ -11,6 +11,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 
 from ._exceptions import (
@@ -223,7 +224,7 @@ class StreamStore:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(writer.stop)
                 # Deliver the final commits' callbacks queued by the writer before it ended.
-                await anyio.sleep(0)
+                await anyio.lowlevel.checkpoint()
         readers, self._readers = self._readers, None
         if readers is not None:
             readers.close()
@@ -534,7 +535,9 @@ class StreamStore:
 # -- SQL run on the writer thread --------------------------------------------------------------
 
 
-def _insert_stream(ctx: WriterContext, stream_id: str, content_type: str, mark: bool = True) -> None:
+def _insert_stream(
+    ctx: WriterContext, stream_id: str, content_type: str, mark: bool = True
+) -> None:
     try:
         ctx.conn.execute(
             "INSERT INTO streams (id, content_type, closed, created_at) VALUES (?, ?, 0, ?)",
@@ -595,9 +598,9 @@ def _get_generation(conn: sqlite3.Connection, generation_id: str) -> GenerationR
     return GenerationRecord.from_row(row)
 
 
-def _query_generations(conn: sqlite3.Connection, sql: str, params: list[Any]) -> list[
-    GenerationRecord
-]:
+def _query_generations(
+    conn: sqlite3.Connection, sql: str, params: list[Any]
+) -> list[GenerationRecord]:
     conn.row_factory = sqlite3.Row
     try:
         return [GenerationRecord.from_row(row) for row in conn.execute(sql, params)]

@@ -219,7 +219,7 @@ class Writer:
             conn.execute("PRAGMA journal_size_limit = 67108864")
             ctx = WriterContext(conn)
             version = conn.execute("PRAGMA data_version").fetchone()[0]
-        except BaseException as exc:  # noqa: BLE001 - reported to start()
+        except BaseException as exc:
             self._start_error = exc
             self._started.set()
             return
@@ -271,8 +271,7 @@ class Writer:
         taken: list[tuple[AppendSource, AppendBatch, int]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for op in ops:
-                callbacks.append(self._run_op(ctx, op))
+            callbacks.extend(self._run_op(ctx, op) for op in ops)
             rows: list[tuple[str, int, bytes]] = []
             snapshots: list[tuple[str, int, str]] = []
             for source in sources:

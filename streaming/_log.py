@@ -106,8 +106,9 @@ class GenerationLog:
             self._added += 1
         self._store.mark_dirty(self)
 
-    def add_event(self, event: JSONDict, *, fields: JSONDict | None = None, close: bool = False
-                  ) -> None:
+    def add_event(
+        self, event: JSONDict, *, fields: JSONDict | None = None, close: bool = False
+    ) -> None:
         """Buffer a non-text event; ``fields`` update the snapshot row in the same commit."""
         payload = encode_event(event)
         with self._lock:

@@ -23,9 +23,19 @@ DEFAULT_READ_TIMEOUT = 120.0
 # Request params passed through to the upstream as they are.
 PASSTHROUGH_PARAMS = frozenset(
     {
-        "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "seed",
-        "presence_penalty", "frequency_penalty", "logit_bias", "user", "n",
-        "response_format", "reasoning_effort",
+        "temperature",
+        "top_p",
+        "max_tokens",
+        "max_completion_tokens",
+        "stop",
+        "seed",
+        "presence_penalty",
+        "frequency_penalty",
+        "logit_bias",
+        "user",
+        "n",
+        "response_format",
+        "reasoning_effort",
     }
 )
 
@@ -100,11 +110,13 @@ class OpenAIProvider:
                     if chunk is not None:
                         yield chunk
         except httpx.TimeoutException as exc:
-            raise ProviderError(f"upstream timed out: {type(exc).__name__}", kind="upstream_timeout"
-                                ) from exc
+            raise ProviderError(
+                f"upstream timed out: {type(exc).__name__}", kind="upstream_timeout"
+            ) from exc
         except SSEError as exc:
-            raise ProviderError(f"upstream did not stream events: {exc}", kind="upstream_error"
-                                ) from exc
+            raise ProviderError(
+                f"upstream did not stream events: {exc}", kind="upstream_error"
+            ) from exc
         except httpx.HTTPError as exc:
             raise ProviderError(
                 f"upstream connection failed: {type(exc).__name__}: {exc}", kind="upstream_dropped"
@@ -123,11 +135,13 @@ def _parse_chunk(data: str) -> tuple[ProviderChunk | None, bool]:
     try:
         obj = json.loads(data)
     except json.JSONDecodeError as exc:
-        raise ProviderError(f"upstream sent a malformed chunk: {data[:200]!r}",
-                            kind="upstream_malformed") from exc
+        raise ProviderError(
+            f"upstream sent a malformed chunk: {data[:200]!r}", kind="upstream_malformed"
+        ) from exc
     if not isinstance(obj, dict):
-        raise ProviderError(f"upstream sent a malformed chunk: {data[:200]!r}",
-                            kind="upstream_malformed")
+        raise ProviderError(
+            f"upstream sent a malformed chunk: {data[:200]!r}", kind="upstream_malformed"
+        )
     if "error" in obj:
         raise ProviderError(f"upstream error: {_error_text(obj['error'])}", kind="upstream_error")
     text: list[str] = []

@@ -184,8 +184,9 @@ class GenerationPool:
         provider.validate(request)
         return provider
 
-    async def submit(self, request: GenerationRequest, *, owner: str | None = None
-                     ) -> GenerationRecord:
+    async def submit(
+        self, request: GenerationRequest, *, owner: str | None = None
+    ) -> GenerationRecord:
         """Persist a new generation and schedule it; return its ``queued`` record."""
         if self._closing or self._tg is None:
             raise PoolClosed()
@@ -257,8 +258,8 @@ class GenerationPool:
                 outcome = (handle.stop_reason or "interrupted", None, None)
         except Exception as exc:
             logger.exception("generation %s crashed", record.id)
-            error = {"type": "internal_error", "message": f"{type(exc).__name__}: {exc}"}
-            outcome = ("failed", error, None)
+            crash = {"type": "internal_error", "message": f"{type(exc).__name__}: {exc}"}
+            outcome = ("failed", crash, None)
         finally:
             status, error, usage = outcome
             with anyio.move_on_after(FINALIZE_TIMEOUT, shield=True):
@@ -300,8 +301,7 @@ class GenerationPool:
             return
         handle.log.add_event(
             status_event(status, error=error, usage=usage),
-            fields={"status": status, "error": error, "usage": usage,
-                    "finished_at": self._clock()},
+            fields={"status": status, "error": error, "usage": usage, "finished_at": self._clock()},
             close=True,
         )
         await handle.log.flush()
@@ -329,8 +329,10 @@ class GenerationPool:
                 status = "cancelled" if record.cancel_requested else "interrupted"
                 error = None
                 if status == "interrupted":
-                    error = {"type": "interrupted",
-                             "message": "the server process running this generation stopped"}
+                    error = {
+                        "type": "interrupted",
+                        "message": "the server process running this generation stopped",
+                    }
                 ended += await self.store.finish_generation(
                     record.id,
                     encode_event(status_event(status, error=error)),

@@ -23,9 +23,34 @@ MAX_TOKENS_LIMIT = 1_000_000
 # A vocabulary with multi-byte text on purpose: accents, CJK, emoji and a combining sequence,
 # so that every resume and text-offset path sees more than ASCII.
 VOCABULARY = (
-    "the", "stream", "keeps", "every", "token", "safe", "while", "clients", "come", "and", "go",
-    "durable", "log", "resume", "offset", "café", "naïve", "日本語", "中文", "🙂", "🚀",
-    "e\u0301", "👩‍💻", "résumé", "données", "λ", "Ωmega", "한국어",
+    "the",
+    "stream",
+    "keeps",
+    "every",
+    "token",
+    "safe",
+    "while",
+    "clients",
+    "come",
+    "and",
+    "go",
+    "durable",
+    "log",
+    "resume",
+    "offset",
+    "café",
+    "naïve",
+    "日本語",
+    "中文",
+    "🙂",
+    "🚀",
+    "e\u0301",
+    "👩‍💻",
+    "résumé",
+    "données",
+    "λ",
+    "Ωmega",
+    "한국어",
 )
 
 
@@ -61,8 +86,10 @@ class SimulatedProvider:
         if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 <= rate <= 1e6:
             raise ValueError("params.tokens_per_second must be a number from 0 to 1000000")
         count = params.get("max_tokens", self.max_tokens)
-        if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= (
-            MAX_TOKENS_LIMIT
+        if (
+            isinstance(count, bool)
+            or not isinstance(count, int)
+            or not 0 <= count <= (MAX_TOKENS_LIMIT)
         ):
             raise ValueError(f"params.max_tokens must be an integer from 0 to {MAX_TOKENS_LIMIT}")
         echo = params.get("echo", False)
@@ -70,9 +97,9 @@ class SimulatedProvider:
         if not isinstance(echo, bool) or not isinstance(stamp, bool):
             raise ValueError("params.echo and params.stamp must be booleans")
         fail_after = params.get("fail_after")
-        if fail_after is not None and (isinstance(fail_after, bool) or not isinstance(
-            fail_after, int
-        ) or fail_after < 0):
+        if fail_after is not None and (
+            isinstance(fail_after, bool) or not isinstance(fail_after, int) or fail_after < 0
+        ):
             raise ValueError("params.fail_after must be a non-negative integer")
         return float(rate), count, echo, fail_after, stamp
 

@@ -34,8 +34,14 @@ def server_factory(tmp_path: Path) -> Iterator[ServerFactory]:
         server.kill()
 
 
-DEFAULT_ARGS: Sequence[str] = ("--sim-tokens-per-second", "200", "--sim-max-tokens", "40",
-                               "--shutdown-grace", "1")
+DEFAULT_ARGS: Sequence[str] = (
+    "--sim-tokens-per-second",
+    "200",
+    "--sim-max-tokens",
+    "40",
+    "--shutdown-grace",
+    "1",
+)
 
 
 @pytest.fixture

@@ -48,12 +48,24 @@ class Server:
         """Start the process and wait until ``/healthz`` answers."""
         log_path = self.log or self.db.with_suffix(f".{self.port}.log")
         self.log = log_path
-        command = [sys.executable, "-m", "web", "serve", "--db", str(self.db),
-                   "--port", str(self.port), "--log-level", "warning", *self.args]
+        command = [
+            sys.executable,
+            "-m",
+            "web",
+            "serve",
+            "--db",
+            str(self.db),
+            "--port",
+            str(self.port),
+            "--log-level",
+            "warning",
+            *self.args,
+        ]
         env = {**os.environ, "PYTHONPATH": str(ROOT), **self.env}
         with open(log_path, "ab") as log_file:
-            self.proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
-                                         env=env, cwd=ROOT)
+            self.proc = subprocess.Popen(
+                command, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=ROOT
+            )
         deadline = time.monotonic() + STARTUP_TIMEOUT
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -115,8 +127,11 @@ async def read_events(
     events: list[ServerSentEvent] = []
     with anyio.fail_after(timeout):
         async with aconnect_sse(
-            client, "GET", f"/v1/generations/{generation_id}/events",
-            headers=dict(headers or {}), params=params,
+            client,
+            "GET",
+            f"/v1/generations/{generation_id}/events",
+            headers=dict(headers or {}),
+            params=params,
         ) as source:
             if source.response.status_code == 204:
                 return events
@@ -141,8 +156,9 @@ def final_status(events: Sequence[ServerSentEvent]) -> str | None:
     return statuses[-1] if statuses else None
 
 
-async def wait_for_status(client: httpx.AsyncClient, generation_id: str, statuses: set[str],
-                          timeout: float = 30.0) -> dict[str, Any]:
+async def wait_for_status(
+    client: httpx.AsyncClient, generation_id: str, statuses: set[str], timeout: float = 30.0
+) -> dict[str, Any]:
     """Poll the snapshot until its status is one of ``statuses``."""
     with anyio.fail_after(timeout):
         while True:

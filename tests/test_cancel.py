@@ -48,8 +48,9 @@ async def test_cancel_of_a_queued_generation(server_factory: object) -> None:
     factory: ServerFactory = server_factory  # type: ignore[assignment]
     server = factory("--max-running", "1", "--max-queued", "5")
     async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
-        busy = await start_generation(http, prompt="a", params={"tokens_per_second": 20,
-                                                                 "max_tokens": 1000})
+        busy = await start_generation(
+            http, prompt="a", params={"tokens_per_second": 20, "max_tokens": 1000}
+        )
         queued = await start_generation(http, prompt="b")
         assert (await http.get(f"/v1/generations/{queued['id']}")).json()["status"] == "queued"
         cancelled = (await http.post(f"/v1/generations/{queued['id']}/cancel")).json()

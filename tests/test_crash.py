@@ -28,8 +28,9 @@ async def test_sigkill_mid_generation_loses_nothing_a_client_received(
                     buffer += chunk
                     while "\n\n" in buffer:
                         block, buffer = buffer.split("\n\n", 1)
-                        fields = dict(line.split(": ", 1) for line in block.splitlines()
-                                      if ": " in line)
+                        fields = dict(
+                            line.split(": ", 1) for line in block.splitlines() if ": " in line
+                        )
                         if "data" in fields:
                             received.append((int(fields["id"]), fields["event"], fields["data"]))
                     if len(received) >= 20:
@@ -39,8 +40,12 @@ async def test_sigkill_mid_generation_loses_nothing_a_client_received(
 
     # Every event the client received is in the database, byte for byte.
     db = sqlite3.connect(server.db)
-    stored = {offset + 1: data.decode() for offset, data in db.execute(
-        "SELECT offset, data FROM messages WHERE stream_id = ?", (gid,))}
+    stored = {
+        offset + 1: data.decode()
+        for offset, data in db.execute(
+            "SELECT offset, data FROM messages WHERE stream_id = ?", (gid,)
+        )
+    }
     db.close()
     for event_id, _, data in received:
         assert stored[event_id] == data
@@ -53,8 +58,9 @@ async def test_sigkill_mid_generation_loses_nothing_a_client_received(
         assert final_status(rest) == "interrupted"
         ids = [event_id for event_id, _, _ in received] + [int(e.id) for e in rest]
         assert ids == list(range(1, snapshot["next_offset"] + 1))
-        seen_text = "".join(__import__("json").loads(d)["text"] for _, k, d in received
-                            if k == "delta")
+        seen_text = "".join(
+            __import__("json").loads(d)["text"] for _, k, d in received if k == "delta"
+        )
         assert seen_text + text_of(rest) == snapshot["text"]
 
 
@@ -63,8 +69,9 @@ async def test_sigterm_lets_running_generations_finish_within_the_grace_period(
 ) -> None:
     server = server_factory("--shutdown-grace", "5")
     async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
-        short = await start_generation(http, prompt="short", params={"tokens_per_second": 50,
-                                                                      "max_tokens": 25})
+        short = await start_generation(
+            http, prompt="short", params={"tokens_per_second": 50, "max_tokens": 25}
+        )
         await read_events(http, short["id"], max_events=2)
         assert server.stop() == 0
     restarted = server_factory(db=server.db)
@@ -79,8 +86,9 @@ async def test_sigterm_interrupts_what_outlives_the_grace_period(
 ) -> None:
     server = server_factory("--shutdown-grace", "0.3", "--max-running", "1")
     async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
-        long = await start_generation(http, prompt="long", params={"tokens_per_second": 20,
-                                                                    "max_tokens": 1000})
+        long = await start_generation(
+            http, prompt="long", params={"tokens_per_second": 20, "max_tokens": 1000}
+        )
         queued = await start_generation(http, prompt="queued")
         await read_events(http, long["id"], max_events=2)
         assert server.stop() == 0

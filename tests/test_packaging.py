@@ -15,8 +15,10 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_all_lists_exactly_the_public_names(name: str) -> None:
     module = importlib.import_module(name)
     public = {
-        attr for attr, value in vars(module).items()
-        if not attr.startswith("_") and not isinstance(value, types.ModuleType)
+        attr
+        for attr, value in vars(module).items()
+        if not attr.startswith("_")
+        and not isinstance(value, types.ModuleType)
         and attr != "annotations"
     }
     assert len(set(module.__all__)) == len(module.__all__)  # order: ruff RUF022

@@ -16,8 +16,9 @@ async def test_pool_full_answers_429_and_queued_generations_start_as_slots_free(
     async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
         slow = {"tokens_per_second": 50, "max_tokens": 15}
         accepted = [await start_generation(http, prompt=f"p{i}", params=slow) for i in range(4)]
-        statuses = [(await http.get(f"/v1/generations/{g['id']}")).json()["status"]
-                    for g in accepted]
+        statuses = [
+            (await http.get(f"/v1/generations/{g['id']}")).json()["status"] for g in accepted
+        ]
         assert statuses.count("queued") >= 2
 
         refused = await http.post("/v1/generations", json={"prompt": "one too many"})
@@ -39,8 +40,9 @@ async def test_pool_full_answers_429_and_queued_generations_start_as_slots_free(
 
 async def test_many_generations_at_once_all_complete(server_factory: ServerFactory) -> None:
     server = server_factory("--max-running", "50", "--max-queued", "200")
-    async with httpx.AsyncClient(base_url=server.url, timeout=30,
-                                 limits=httpx.Limits(max_connections=200)) as http:
+    async with httpx.AsyncClient(
+        base_url=server.url, timeout=30, limits=httpx.Limits(max_connections=200)
+    ) as http:
         ids: list[str] = []
 
         async def one(i: int) -> None:

@@ -40,8 +40,9 @@ async def test_resume_from_every_offset_of_a_finished_generation(
     assert len(full) == length
 
     async def check(offset: int) -> None:
-        by_header = await read_events(client, generation["id"],
-                                      headers={"Last-Event-ID": str(offset)})
+        by_header = await read_events(
+            client, generation["id"], headers={"Last-Event-ID": str(offset)}
+        )
         by_query = await read_events(client, generation["id"], params={"offset": offset})
         for events in (by_header, by_query):
             assert [(e.id, e.event, e.data) for e in events] == [
@@ -78,8 +79,7 @@ async def test_fifty_concurrent_readers_of_one_live_generation_get_identical_tex
         results.append([(e.id, e.event, e.data) for e in events])
 
     limits = httpx.Limits(max_connections=100)
-    async with httpx.AsyncClient(base_url=str(client.base_url), limits=limits,
-                                 timeout=30) as many:
+    async with httpx.AsyncClient(base_url=str(client.base_url), limits=limits, timeout=30) as many:
         async with anyio.create_task_group() as tg:
             for _ in range(50):
                 tg.start_soon(reader, many)
@@ -97,8 +97,9 @@ async def test_post_with_accept_event_stream_streams_and_stays_detached(
 ) -> None:
     body = {"prompt": "direct", "params": {"tokens_per_second": 100, "max_tokens": 50}}
     with anyio.fail_after(10):
-        async with client.stream("POST", "/v1/generations", json=body,
-                                 headers={"Accept": "text/event-stream"}) as response:
+        async with client.stream(
+            "POST", "/v1/generations", json=body, headers={"Accept": "text/event-stream"}
+        ) as response:
             assert response.status_code == 200
             assert response.headers["content-type"].startswith("text/event-stream")
             generation_id = response.headers["keepstream-generation-id"]

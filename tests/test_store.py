@@ -130,9 +130,10 @@ async def test_generation_snapshot_moves_with_its_messages(store: StreamStore) -
         stream_id = "g"
 
         def __init__(self) -> None:
-            self.batches = [AppendBatch([b"d1", b"d2"], "g", "hello ", {"status": "running"}),
-                            AppendBatch([b"end"], "g", "world", {"status": "completed"},
-                                        close=True)]
+            self.batches = [
+                AppendBatch([b"d1", b"d2"], "g", "hello ", {"status": "running"}),
+                AppendBatch([b"end"], "g", "world", {"status": "completed"}, close=True),
+            ]
             self.results: list[AppendResult] = []
             self.done = anyio.Event()
 
@@ -163,10 +164,12 @@ async def test_generation_snapshot_moves_with_its_messages(store: StreamStore) -
 
 async def test_finish_generation_is_guarded_by_status(store: StreamStore) -> None:
     await store.create_generation(GenerationRecord("g", "g", "running", "simulated"))
-    assert await store.finish_generation("g", b"end", {"status": "interrupted"},
-                                         only_if=["queued", "running"])
-    assert not await store.finish_generation("g", b"end", {"status": "interrupted"},
-                                             only_if=["queued", "running"])
+    assert await store.finish_generation(
+        "g", b"end", {"status": "interrupted"}, only_if=["queued", "running"]
+    )
+    assert not await store.finish_generation(
+        "g", b"end", {"status": "interrupted"}, only_if=["queued", "running"]
+    )
     assert (await store.read("g", 0)).messages == [b"end"]
     assert (await store.get_generation("g")).next_offset == 1
 

@@ -37,8 +37,12 @@ def test_sse_frames_carry_the_offset_after_each_event() -> None:
 
 
 def test_settings_come_from_flags_then_environment_then_defaults() -> None:
-    env = {"KEEPSTREAM_PORT": "9001", "KEEPSTREAM_FLUSH_INTERVAL": "0.05",
-           "KEEPSTREAM_ALLOW_REMOTE": "true", "KEEPSTREAM_DB": "/tmp/x.db"}
+    env = {
+        "KEEPSTREAM_PORT": "9001",
+        "KEEPSTREAM_FLUSH_INTERVAL": "0.05",
+        "KEEPSTREAM_ALLOW_REMOTE": "true",
+        "KEEPSTREAM_DB": "/tmp/x.db",
+    }
     settings = Settings.from_args(["--port", "9002"], env=env)
     assert settings.port == 9002
     assert settings.flush_interval == 0.05

@@ -64,8 +64,9 @@ ERROR_TABLE: tuple[tuple[type[BaseException], int, str], ...] = (
 HTTP_TYPES = {404: "not_found", 405: "method_not_allowed", 400: "bad_request"}
 
 
-def error_response(status: int, kind: str, message: str, headers: dict[str, str] | None = None
-                   ) -> JSONResponse:
+def error_response(
+    status: int, kind: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
     """The JSON error body every failure answers with."""
     return JSONResponse({"error": {"type": kind, "message": message}}, status, headers=headers)
 
@@ -76,7 +77,9 @@ async def handle_error(request: Request, exc: Exception) -> Response:
         return error_response(exc.status, exc.type, exc.message)
     if isinstance(exc, HTTPException):
         return error_response(
-            exc.status_code, HTTP_TYPES.get(exc.status_code, "http_error"), str(exc.detail),
+            exc.status_code,
+            HTTP_TYPES.get(exc.status_code, "http_error"),
+            str(exc.detail),
             headers=dict(exc.headers) if exc.headers else None,
         )
     for cls, status, kind in ERROR_TABLE:

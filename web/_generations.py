@@ -85,13 +85,23 @@ def parse_offset(value: str, name: str) -> int:
     return int(value)
 
 
-def event_stream(state: AppState, record: GenerationRecord, offset: int, skip_chars: int,
-                 headers: dict[str, str] | None = None) -> EventSourceResponse:
+def event_stream(
+    state: AppState,
+    record: GenerationRecord,
+    offset: int,
+    skip_chars: int,
+    headers: dict[str, str] | None = None,
+) -> EventSourceResponse:
     """An SSE response following ``record`` from ``offset``."""
     settings = state.settings
     return EventSourceResponse(
-        follow(state.store, record.stream_id, offset, skip_chars=skip_chars,
-               retry_ms=settings.sse_retry_ms),
+        follow(
+            state.store,
+            record.stream_id,
+            offset,
+            skip_chars=skip_chars,
+            retry_ms=settings.sse_retry_ms,
+        ),
         ping=settings.sse_ping,
         send_timeout=settings.sse_send_timeout or None,
         sep="\n",
@@ -111,8 +121,13 @@ async def create_generation(request: Request) -> Response:
     record = await state.pool.submit(generation_request)
     location = f"/v1/generations/{record.id}"
     if wants_event_stream(request):
-        return event_stream(state, record, 0, 0,
-                            headers={"Location": location, "Keepstream-Generation-Id": record.id})
+        return event_stream(
+            state,
+            record,
+            0,
+            0,
+            headers={"Location": location, "Keepstream-Generation-Id": record.id},
+        )
     return JSONResponse(generation_json(record, request), 202, headers={"Location": location})
 
 
@@ -150,8 +165,9 @@ async def generation_events(request: Request) -> Response:
     return event_stream(state, record, offset, skip)
 
 
-async def locate_text_offset(store: StreamStore, stream_id: str, text_offset: int
-                             ) -> tuple[int, int]:
+async def locate_text_offset(
+    store: StreamStore, stream_id: str, text_offset: int
+) -> tuple[int, int]:
     """Map "characters already shown" to (message offset, characters to skip in it)."""
     position = 0
     offset = 0

@@ -42,7 +42,9 @@ class Settings:
     shutdown_grace: float = _setting(10.0, "seconds running generations get to finish on stop")
     max_body_bytes: int = _setting(1_048_576, "largest request body accepted (413 beyond)")
     sse_ping: float = _setting(15.0, "seconds between SSE keep-alive comments")
-    sse_send_timeout: float = _setting(30.0, "drop an SSE client that accepts nothing for this long")
+    sse_send_timeout: float = _setting(
+        30.0, "drop an SSE client that accepts nothing for this long"
+    )
     sse_retry_ms: int = _setting(1000, "reconnect delay suggested to SSE clients (retry:)")
     allow_remote: bool = _setting(
         False, "allow binding beyond loopback (there is no authentication yet)"
@@ -53,7 +55,12 @@ class Settings:
         """Raise ``ValueError`` for settings that cannot work."""
         if self.provider == "openai" and not self.upstream_url:
             raise ValueError("--provider openai needs --upstream-url")
-        for name in ("flush_interval", "shutdown_grace", "sse_send_timeout", "upstream_read_timeout"):
+        for name in (
+            "flush_interval",
+            "shutdown_grace",
+            "sse_send_timeout",
+            "upstream_read_timeout",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
         for name in ("max_running", "max_body_bytes"):
@@ -82,11 +89,20 @@ class Settings:
             if env_value is not None:
                 default = _parse_env(f.name, kind, env_value)
             if kind is bool:
-                parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
-                                    help=f.metadata["help"])
+                parser.add_argument(
+                    flag,
+                    action=argparse.BooleanOptionalAction,
+                    default=default,
+                    help=f.metadata["help"],
+                )
             else:
-                parser.add_argument(flag, type=kind, default=default, help=f.metadata["help"],
-                                    choices=f.metadata["choices"])
+                parser.add_argument(
+                    flag,
+                    type=kind,
+                    default=default,
+                    help=f.metadata["help"],
+                    choices=f.metadata["choices"],
+                )
         args = parser.parse_args(argv)
         return cls(**vars(args))
 

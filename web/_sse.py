@@ -33,7 +33,9 @@ def format_events(first_offset: int, payloads: list[bytes]) -> bytes:
     parts: list[bytes] = []
     for i, payload in enumerate(payloads, start=first_offset + 1):
         # Stored events are compact JSON: no raw CR or LF can break the ``data:`` line.
-        parts.append(b"id: %d\nevent: %s\ndata: %s\n\n" % (i, event_name(payload).encode(), payload))
+        parts.append(
+            b"id: %d\nevent: %s\ndata: %s\n\n" % (i, event_name(payload).encode(), payload)
+        )
     return b"".join(parts)
 
 
