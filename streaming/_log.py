@@ -4,8 +4,8 @@ Events are JSON objects, one per stream message:
 
 * ``{"type": "status", "status": "running"}`` when the generation starts;
 * ``{"type": "delta", "text": "..."}`` for text — every delta buffered between two flushes
-  of the writer becomes *one* event, so the cost per generation follows the flush rate, not
-  the token rate;
+  of the writer becomes *one* event (up to ``MAX_DELTA_CHARS``), so the cost per generation
+  follows the flush rate, not the token rate;
 * ``{"type": "status", "status": <terminal>, "usage"?: {...}, "error"?: {...}}`` last; the
   stream is closed in the same transaction.
 """
@@ -21,6 +21,10 @@ import anyio
 
 from store import AppendBatch, AppendResult, StoreError, StreamStore
 from store.types import JSONDict
+
+# Coalescing stops here: a longer run of text becomes several delta events, so no single
+# event (and no single write to a client) grows without bound when a model streams fast.
+MAX_DELTA_CHARS = 8192
 
 
 def encode_event(event: JSONDict) -> bytes:
@@ -147,12 +151,12 @@ class GenerationLog:
                 run.append(item)
                 continue
             if run:
-                payloads.append(_delta_payload(run))
+                payloads.extend(_delta_payloads(run))
                 text.extend(run)
                 run = []
             payloads.append(item)
         if run:
-            payloads.append(_delta_payload(run))
+            payloads.extend(_delta_payloads(run))
             text.extend(run)
         return AppendBatch(payloads, self.generation_id, "".join(text), fields, close)
 
@@ -172,5 +176,10 @@ class GenerationLog:
         self._committed_event = anyio.Event()
 
 
-def _delta_payload(run: list[str]) -> bytes:
-    return encode_event({"type": "delta", "text": "".join(run)})
+def _delta_payloads(run: list[str]) -> list[bytes]:
+    """One delta event for the run, or several when it is longer than ``MAX_DELTA_CHARS``."""
+    text = "".join(run)
+    return [
+        encode_event({"type": "delta", "text": text[i : i + MAX_DELTA_CHARS]})
+        for i in range(0, len(text), MAX_DELTA_CHARS)
+    ]

@@ -317,30 +317,42 @@ class GenerationPool:
     # -- other processes ----------------------------------------------------------------------
 
     async def recover(self) -> int:
-        """End the active generations of dead workers; return how many were ended."""
+        """End the active generations no live worker owns; return how many were ended.
+
+        A generation is orphaned when its worker is dead (see ``is_dead``) or no longer
+        registered. Active generations are read *before* the workers: a generation that a
+        peer starts in between was created after its worker registered, so it is never
+        mistaken for an orphan.
+        """
+        active = await self.store.list_generations(statuses=ACTIVE_STATUSES)
         now = self._clock()
+        workers = {w.id: w for w in await self.store.list_workers()}
+        dead = {
+            w.id
+            for w in workers.values()
+            if is_dead(w, me=self.worker, now=now, lease_timeout=self.lease_timeout)
+        }
         ended = 0
-        for worker in await self.store.list_workers():
-            if not is_dead(worker, me=self.worker, now=now, lease_timeout=self.lease_timeout):
+        for record in active:
+            owner = record.worker_id
+            if owner == self.worker.id or (owner in workers and owner not in dead):
                 continue
-            for record in await self.store.list_generations(
-                statuses=ACTIVE_STATUSES, worker_id=worker.id
-            ):
-                status = "cancelled" if record.cancel_requested else "interrupted"
-                error = None
-                if status == "interrupted":
-                    error = {
-                        "type": "interrupted",
-                        "message": "the server process running this generation stopped",
-                    }
-                ended += await self.store.finish_generation(
-                    record.id,
-                    encode_event(status_event(status, error=error)),
-                    {"status": status, "error": error, "finished_at": now},
-                    only_if=ACTIVE_STATUSES,
-                )
-            await self.store.remove_worker(worker.id)
-            logger.info("recovered from dead worker %s (pid %s)", worker.id, worker.pid)
+            status = "cancelled" if record.cancel_requested else "interrupted"
+            error: JSONDict | None = None
+            if status == "interrupted":
+                error = {
+                    "type": "interrupted",
+                    "message": "the server process running this generation stopped",
+                }
+            ended += await self.store.finish_generation(
+                record.id,
+                encode_event(status_event(status, error=error)),
+                {"status": status, "error": error, "finished_at": now},
+                only_if=ACTIVE_STATUSES,
+            )
+        for worker_id in dead:
+            await self.store.remove_worker(worker_id)
+            logger.info("recovered the generations of dead worker %s", worker_id)
         return ended
 
     async def _sweep_forever(self) -> None:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from streaming import GenerationRequest, TextSanitizer
+from store import GenerationRecord, StreamStore
+from streaming import GenerationLog, GenerationRequest, TextSanitizer, decode_event
+from streaming._log import MAX_DELTA_CHARS
 from web import Settings
 from web._sse import format_events
 
@@ -71,3 +75,17 @@ def test_requests_accept_prompt_or_messages() -> None:
     by_messages = GenerationRequest.from_json({"messages": [{"role": "user", "content": "hi"}]})
     assert by_prompt.messages == by_messages.messages
     assert by_prompt.prompt == "hi"
+
+
+async def test_coalesced_text_is_cut_into_bounded_delta_events(tmp_path: Path) -> None:
+    async with StreamStore(str(tmp_path / "u.db")) as store:
+        await store.create_generation(GenerationRecord("g", "g", "running", "simulated"))
+        log = GenerationLog(store, "g", "g")
+        text = "ab" * MAX_DELTA_CHARS + "🙂"
+        for piece in (text[:5], text[5:]):
+            log.add_text(piece)
+        await log.flush()
+        events = [decode_event(m) for m in (await store.read("g", 0)).messages]
+        assert all(len(e["text"]) <= MAX_DELTA_CHARS for e in events)
+        assert "".join(e["text"] for e in events) == text
+        assert (await store.get_generation("g")).text == text

@@ -14,6 +14,10 @@ from collections.abc import AsyncIterator
 from store import StreamNotFound, StreamStore
 from streaming import decode_event, encode_event
 
+# One write to a client carries at most about this much: a reader that falls behind costs
+# one bounded chunk of memory, and a send timeout can cut off a client that stopped reading.
+CHUNK_BYTES = 64 * 1024
+
 _DELTA_PREFIX = b'{"type":"delta"'
 _STATUS_PREFIX = b'{"type":"status"'
 
@@ -37,6 +41,21 @@ def format_events(first_offset: int, payloads: list[bytes]) -> bytes:
             b"id: %d\nevent: %s\ndata: %s\n\n" % (i, event_name(payload).encode(), payload)
         )
     return b"".join(parts)
+
+
+def _chunk_sizes(payloads: list[bytes]) -> list[int]:
+    """How many consecutive payloads go into each write of about ``CHUNK_BYTES``."""
+    sizes: list[int] = []
+    count = size = 0
+    for payload in payloads:
+        if count and size + len(payload) > CHUNK_BYTES:
+            sizes.append(count)
+            count = size = 0
+        count += 1
+        size += len(payload) + 32
+    if count:
+        sizes.append(count)
+    return sizes
 
 
 def trim_delta(payload: bytes, skip_chars: int) -> bytes:
@@ -72,8 +91,10 @@ async def follow(
             if skip_chars:
                 payloads = [trim_delta(payloads[0], skip_chars), *payloads[1:]]
                 skip_chars = 0
-            yield format_events(offset, payloads)
-            offset = result.next_offset
+            for count in _chunk_sizes(payloads):
+                yield format_events(offset, payloads[:count])
+                offset += count
+                payloads = payloads[count:]
         if result.at_end:
             return
         if not result.messages:

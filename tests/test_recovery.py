@@ -1,0 +1,86 @@
+"""Which generations a starting (or sweeping) pool takes over, and which it leaves alone."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from store import GenerationRecord, StreamStore, WorkerRecord
+from streaming import GenerationPool, SimulatedProvider, decode_event
+from streaming._workers import is_dead
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[StreamStore]:
+    async with StreamStore(str(tmp_path / "r.db")) as opened:
+        yield opened
+
+
+def pool_for(store: StreamStore) -> GenerationPool:
+    return GenerationPool(store, {"simulated": SimulatedProvider()}, default_provider="simulated")
+
+
+async def add_generation(
+    store: StreamStore,
+    gid: str,
+    worker_id: str,
+    *,
+    status: str = "running",
+    cancel_requested: bool = False,
+) -> None:
+    await store.create_generation(
+        GenerationRecord(
+            gid,
+            gid,
+            status,
+            "simulated",
+            worker_id=worker_id,
+            cancel_requested=cancel_requested,
+            created_at=time.time(),
+        )
+    )
+
+
+async def test_start_up_ends_orphans_and_leaves_live_peers_alone(store: StreamStore) -> None:
+    now = time.time()
+    # A live peer: another pid on this host that exists (our parent), fresh heartbeat.
+    await store.register_worker(
+        WorkerRecord("wrk_live", os.uname().nodename, os.getppid(), now, now)
+    )
+    # A dead one: a lease that ran out long ago, on another host.
+    await store.register_worker(WorkerRecord("wrk_stale", "elsewhere", 1, now - 100, now - 100))
+    await add_generation(store, "g_live", "wrk_live")
+    await add_generation(store, "g_stale", "wrk_stale")
+    await add_generation(store, "g_queued", "wrk_stale", status="queued")
+    await add_generation(store, "g_unregistered", "wrk_gone")
+    await add_generation(store, "g_cancel", "wrk_gone", cancel_requested=True)
+
+    async with pool_for(store):
+        statuses = {g.id: g.status for g in await store.list_generations()}
+    assert statuses == {
+        "g_live": "running",
+        "g_stale": "interrupted",
+        "g_queued": "interrupted",
+        "g_unregistered": "interrupted",
+        "g_cancel": "cancelled",
+    }
+    for gid in ("g_stale", "g_unregistered", "g_cancel"):
+        result = await store.read(gid, 0)
+        assert result.at_end
+        assert decode_event(result.messages[-1])["status"] == statuses[gid]
+    assert {w.id for w in await store.list_workers()} == {"wrk_live"}
+
+
+def test_a_worker_with_our_pid_but_another_id_is_dead() -> None:
+    now = time.time()
+    me = WorkerRecord("wrk_me", "host", os.getpid(), now, now)
+    previous = WorkerRecord("wrk_before", "host", os.getpid(), now, now)
+    assert is_dead(previous, me=me, now=now, lease_timeout=15)
+    assert not is_dead(me, me=me, now=now, lease_timeout=15)
+    elsewhere = WorkerRecord("wrk_far", "other-host", 999_999, now, now)
+    assert not is_dead(elsewhere, me=me, now=now, lease_timeout=15)
+    assert is_dead(elsewhere, me=me, now=now + 16, lease_timeout=15)
