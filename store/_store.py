@@ -45,6 +45,7 @@ from .types import (
 T = TypeVar("T")
 
 DEFAULT_FLUSH_INTERVAL = 0.01
+DEFAULT_COALESCE_WINDOW = 0.05
 DEFAULT_MAX_BATCH = 8192
 DEFAULT_READ_LIMIT = 4096
 DEFAULT_TAIL_MESSAGES = 8192
@@ -156,8 +157,9 @@ class _Readers:
 class StreamStore:
     """Durable streams and generation snapshots in one SQLite file.
 
-    * Writes go through one writer thread with group commit (see ``_writer``); an append
-      returns once its transaction committed.
+    * Writes go through one writer thread with group commit every ``flush_interval`` (see
+      ``_writer``); an append returns once its transaction committed. A stream's buffered
+      messages are taken at most once per ``coalesce_window``.
     * Readers are woken only after a commit (``change_event``), and read from an in-memory
       tail of the streams this process writes, or from SQLite off the event loop.
     * Another process on the same file is noticed through ``PRAGMA data_version``: its
@@ -173,6 +175,7 @@ class StreamStore:
         *,
         synchronous: Synchronous = "NORMAL",
         flush_interval: float = DEFAULT_FLUSH_INTERVAL,
+        coalesce_window: float = DEFAULT_COALESCE_WINDOW,
         max_batch: int = DEFAULT_MAX_BATCH,
         tail_messages: int = DEFAULT_TAIL_MESSAGES,
         readers: int = DEFAULT_READERS,
@@ -180,11 +183,12 @@ class StreamStore:
     ) -> None:
         if synchronous not in ("NORMAL", "FULL"):
             raise ValueError(f"synchronous must be NORMAL or FULL, not {synchronous!r}")
-        if flush_interval < 0:
-            raise ValueError("flush_interval must be >= 0")
+        if flush_interval < 0 or coalesce_window < 0:
+            raise ValueError("flush_interval and coalesce_window must be >= 0")
         self.path = path
         self._synchronous: Synchronous = synchronous
         self._flush_interval = flush_interval
+        self._coalesce_window = coalesce_window
         self._max_batch = max_batch
         self._tail_messages = max(16, tail_messages)
         self._reader_count = readers
@@ -210,6 +214,7 @@ class StreamStore:
             publish=self._publish_threadsafe,
             synchronous=self._synchronous,
             flush_interval=self._flush_interval,
+            coalesce_window=self._coalesce_window,
             max_batch=self._max_batch,
             poll_interval=max(self._flush_interval, 0.005),
             checkpoint_every=self._checkpoint_every,

@@ -12,7 +12,9 @@ two forms:
 The writer sleeps until there is work, waits out the rest of the flush window (unless a batch
 is already full), runs everything pending in **one** transaction, commits, and only then hands
 the outcome to the event loop (``publish``). Nothing is visible to a reader before its
-transaction committed.
+transaction committed. A source taken less than ``coalesce_window`` ago waits for a later
+commit: a stream gets at most one batch per window, while an idle stream's first message
+still goes out with the very next commit.
 """
 
 from __future__ import annotations
@@ -155,6 +157,7 @@ class Writer:
         publish: Callable[[Outcome], None],
         synchronous: Synchronous,
         flush_interval: float,
+        coalesce_window: float,
         max_batch: int,
         poll_interval: float,
         checkpoint_every: int,
@@ -163,6 +166,8 @@ class Writer:
         self._publish = publish
         self._synchronous: Synchronous = synchronous
         self._flush_interval = flush_interval
+        self._coalesce_window = coalesce_window
+        self._last_take: dict[int, float] = {}
         self._max_batch = max_batch
         self._poll_interval = poll_interval
         self._checkpoint_every = checkpoint_every
@@ -229,33 +234,65 @@ class Writer:
         try:
             while True:
                 self._wake.wait(self._poll_interval)
+                # Other processes' commits change data_version (ours never do): polled on
+                # every turn, busy or not, so followers of their streams are always woken.
+                current = conn.execute("PRAGMA data_version").fetchone()[0]
+                if current != version:
+                    version = current
+                    self._safe_publish(Outcome([], [], external_change=True))
                 with self._lock:
                     pending = len(self._ops) + len(self._dirty)
                     stopping = self._stopping
+                    if not pending:
+                        self._wake.clear()
                 if not pending:
                     if stopping:
                         return
-                    self._wake.clear()
-                    current = conn.execute("PRAGMA data_version").fetchone()[0]
-                    if current != version:
-                        version = current
-                        self._safe_publish(Outcome([], [], external_change=True))
                     continue
                 delay = last_commit + self._flush_interval - time.monotonic()
                 if delay > 0 and pending < self._max_batch and not stopping:
                     time.sleep(delay)
-                with self._lock:
-                    self._wake.clear()
-                    ops = list(self._ops)
-                    self._ops.clear()
-                    sources = list(self._dirty.values())
-                    self._dirty.clear()
-                self._run_batch(ctx, ops, sources)
-                last_commit = time.monotonic()
-                checkpointer.maybe_run()
+                ops, sources = self._drain(everything=stopping)
+                if ops or sources:
+                    self._run_batch(ctx, ops, sources)
+                    last_commit = time.monotonic()
+                    checkpointer.maybe_run()
         finally:
             checkpointer.close()
             conn.close()
+
+    def _drain(self, *, everything: bool) -> tuple[list[_PendingOp], list[AppendSource]]:
+        """Everything pending, except sources taken less than ``coalesce_window`` ago.
+
+        Those stay dirty for a later commit. So each stream gets at most one message batch
+        per window, however fast its tokens come, and streams spread themselves over the
+        commits instead of all landing in every one.
+        """
+        now = time.monotonic()
+        window = self._coalesce_window
+        with self._lock:
+            self._wake.clear()
+            ops = list(self._ops)
+            self._ops.clear()
+            if everything or window <= 0:
+                sources = list(self._dirty.values())
+                self._dirty.clear()
+            else:
+                sources = []
+                waiting: dict[int, AppendSource] = {}
+                for key, source in self._dirty.items():
+                    if now - self._last_take.get(key, -window) >= window:
+                        sources.append(source)
+                    else:
+                        waiting[key] = source
+                self._dirty = waiting
+        if window > 0:
+            last_take = self._last_take
+            for key in [k for k, t in last_take.items() if now - t >= window]:
+                del last_take[key]
+            for source in sources:
+                last_take[id(source)] = now
+        return ops, sources
 
     def _safe_publish(self, outcome: Outcome) -> None:
         try:

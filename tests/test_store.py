@@ -182,3 +182,54 @@ async def test_data_survives_reopening(tmp_path: Path) -> None:
     async with StreamStore(path) as store:
         assert (await store.read("s", 0)).messages == [b"kept"]
         assert await store.append("s", [b"next"]) == AppendResult(1, 2)
+
+
+async def test_a_busy_source_is_taken_at_most_once_per_coalesce_window(tmp_path: Path) -> None:
+    async with StreamStore(
+        str(tmp_path / "c.db"), flush_interval=0.002, coalesce_window=0.05
+    ) as store:
+        await store.create_stream("s")
+
+        class Source:
+            stream_id = "s"
+            takes = 0
+
+            def take(self) -> AppendBatch | None:
+                self.takes += 1
+                return AppendBatch([b"x"])
+
+            def committed(self, result: AppendResult) -> None:
+                pass
+
+            def failed(self, error: StoreError) -> None:
+                raise AssertionError(error)
+
+        source = Source()
+        start = anyio.current_time()
+        while anyio.current_time() - start < 0.5:
+            store.mark_dirty(source)  # as a generation does on every token
+            await anyio.sleep(0.001)
+        elapsed = anyio.current_time() - start
+        # One take per 50 ms window (plus the first), not one per 2 ms commit.
+        assert 3 <= source.takes <= elapsed / 0.05 + 2
+
+
+async def test_a_busy_writer_still_notices_another_process_commits(tmp_path: Path) -> None:
+    path = str(tmp_path / "s.db")
+    async with StreamStore(path) as busy, StreamStore(path) as other:
+        await busy.create_stream("mine")
+        await other.create_stream("theirs")
+        stop = anyio.Event()
+
+        async def keep_busy() -> None:
+            while not stop.is_set():
+                await busy.append("mine", [b"tick"])
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(keep_busy)
+            woken = busy.change_event("theirs")
+            await other.append("theirs", [b"hello"])
+            with anyio.fail_after(5):
+                await woken.wait()
+            stop.set()
+        assert (await busy.read("theirs", 0)).messages == [b"hello"]

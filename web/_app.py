@@ -49,6 +49,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
                     settings.db,
                     synchronous="FULL" if settings.synchronous == "FULL" else "NORMAL",
                     flush_interval=settings.flush_interval,
+                    coalesce_window=settings.coalesce_window,
                 )
             )
             providers = build_providers(settings)

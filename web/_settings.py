@@ -34,6 +34,9 @@ class Settings:
     sim_tokens_per_second: float = _setting(50.0, "simulated model: tokens per second")
     sim_max_tokens: int = _setting(200, "simulated model: tokens per answer")
     flush_interval: float = _setting(0.01, "group commit window in seconds")
+    coalesce_window: float = _setting(
+        0.05, "a generation's deltas are written at most once per this many seconds"
+    )
     synchronous: str = _setting(
         "NORMAL", "SQLite synchronous mode (FULL survives power loss)", choices=("NORMAL", "FULL")
     )
