@@ -34,6 +34,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        loop=settings.loop,
+        http=settings.http,
         timeout_graceful_shutdown=max(1, int(settings.sse_send_timeout)),
         lifespan="on",
     )

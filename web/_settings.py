@@ -52,6 +52,8 @@ class Settings:
     allow_remote: bool = _setting(
         False, "allow binding beyond loopback (there is no authentication yet)"
     )
+    loop: str = _setting("auto", "uvicorn event loop", choices=("auto", "asyncio", "uvloop"))
+    http: str = _setting("auto", "uvicorn HTTP parser", choices=("auto", "h11", "httptools"))
     log_level: str = _setting("info", "log level", choices=("debug", "info", "warning", "error"))
 
     def validate(self) -> None:
