@@ -15,6 +15,7 @@ from ._store import DEFAULT_FLUSH_INTERVAL as DEFAULT_FLUSH_INTERVAL
 from ._store import StreamStore as StreamStore
 from ._writer import AppendSource as AppendSource
 from .types import TERMINAL_STATUSES as TERMINAL_STATUSES
+from .types import ActiveGeneration as ActiveGeneration
 from .types import AppendBatch as AppendBatch
 from .types import AppendResult as AppendResult
 from .types import GenerationRecord as GenerationRecord
@@ -24,6 +25,7 @@ from .types import WorkerRecord as WorkerRecord
 __all__ = [
     "DEFAULT_FLUSH_INTERVAL",
     "TERMINAL_STATUSES",
+    "ActiveGeneration",
     "AppendBatch",
     "AppendResult",
     "AppendSource",

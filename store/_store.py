@@ -33,6 +33,7 @@ from ._writer import (
     update_fields,
 )
 from .types import (
+    ActiveGeneration,
     AppendBatch,
     AppendResult,
     GenerationRecord,
@@ -439,6 +440,39 @@ class StreamStore:
         sql += " ORDER BY created_at, id"
         return await self._run_read(_query_generations, sql, params)
 
+    async def request_cancel(self, generation_id: str, *, only_if: Iterable[str]) -> bool:
+        """Persist a cancel request, only while the status is one of ``only_if``.
+
+        Returns whether the generation is (now) marked; a finished one is left untouched.
+        Raises ``GenerationNotFound``.
+        """
+        allowed = list(only_if)
+        marks = ", ".join("?" for _ in allowed)
+        sql = f"UPDATE generations SET cancel_requested = 1 WHERE id = ? AND status IN ({marks})"
+
+        def op(ctx: WriterContext) -> bool:
+            if ctx.conn.execute(sql, (generation_id, *allowed)).rowcount:
+                return True
+            if (
+                ctx.conn.execute(
+                    "SELECT 1 FROM generations WHERE id = ?", (generation_id,)
+                ).fetchone()
+                is None
+            ):
+                raise GenerationNotFound(generation_id)
+            return False
+
+        result: bool = await self.execute(op)
+        return result
+
+    async def active_generations(self, statuses: Iterable[str]) -> list[ActiveGeneration]:
+        """Id, worker and cancel flag of every generation in ``statuses`` (no text: cheap)."""
+        wanted = list(statuses)
+        sql = "SELECT id, worker_id, cancel_requested FROM generations WHERE status IN ({})".format(
+            ", ".join("?" for _ in wanted)
+        )
+        return await self._run_read(_query_active, sql, wanted)
+
     async def delete_generation(self, generation_id: str) -> None:
         """Delete a generation row and its stream."""
 
@@ -611,6 +645,12 @@ def _query_generations(
         return [GenerationRecord.from_row(row) for row in conn.execute(sql, params)]
     finally:
         conn.row_factory = None
+
+
+def _query_active(conn: sqlite3.Connection, sql: str, params: list[Any]) -> list[ActiveGeneration]:
+    return [
+        ActiveGeneration(gid, worker, bool(flag)) for gid, worker, flag in conn.execute(sql, params)
+    ]
 
 
 def _list_workers(conn: sqlite3.Connection) -> list[WorkerRecord]:

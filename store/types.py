@@ -122,6 +122,15 @@ class GenerationRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class ActiveGeneration:
+    """The little the pool's sweeps need to know of an unfinished generation."""
+
+    id: str
+    worker_id: str | None
+    cancel_requested: bool
+
+
+@dataclass(frozen=True, slots=True)
 class WorkerRecord:
     """A server process that has used the database: who it is and when it last said so."""
 

@@ -46,7 +46,8 @@ class OpenAIProvider:
     ``base_url`` includes the version prefix (``https://api.openai.com/v1``,
     ``http://127.0.0.1:11434/v1``). A stall longer than ``read_timeout`` between chunks, a
     dropped connection, or an end without ``[DONE]`` or a ``finish_reason`` all fail the
-    generation — an answer is never silently cut short.
+    generation — an answer is never silently cut short. A ``read_timeout`` of 0 (or ``None``)
+    means no limit (as ``--sse-send-timeout 0`` does).
     """
 
     name = "openai"
@@ -58,14 +59,16 @@ class OpenAIProvider:
         api_key: str | None = None,
         model: str | None = None,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-        read_timeout: float = DEFAULT_READ_TIMEOUT,
+        read_timeout: float | None = DEFAULT_READ_TIMEOUT,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.model = model
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = httpx.AsyncClient(
             headers=headers,
-            timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
+            # httpx reads a timeout of 0 as "already expired": every request would fail at
+            # its first write, so 0 is mapped to None (no limit) instead.
+            timeout=httpx.Timeout(read_timeout or None, connect=connect_timeout),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
         )
 

@@ -228,8 +228,8 @@ class GenerationPool:
         record = await self.get(generation_id, owner=owner)
         if record.status in TERMINAL_STATUSES:
             return record
-        if not record.cancel_requested:
-            await self.store.update_generation(generation_id, {"cancel_requested": True})
+        if not await self.store.request_cancel(generation_id, only_if=ACTIVE_STATUSES):
+            return await self.store.get_generation(generation_id)  # it finished meanwhile
         handle = self._handles.get(generation_id)
         if handle is not None:
             handle.stop("cancelled")
@@ -324,7 +324,7 @@ class GenerationPool:
         peer starts in between was created after its worker registered, so it is never
         mistaken for an orphan.
         """
-        active = await self.store.list_generations(statuses=ACTIVE_STATUSES)
+        active = await self.store.active_generations(ACTIVE_STATUSES)
         now = self._clock()
         workers = {w.id: w for w in await self.store.list_workers()}
         dead = {
@@ -369,9 +369,7 @@ class GenerationPool:
         """Cancel requests made through another process reach us through the database."""
         if not self._handles:
             return
-        for record in await self.store.list_generations(
-            statuses=ACTIVE_STATUSES, worker_id=self.worker.id
-        ):
+        for record in await self.store.active_generations(ACTIVE_STATUSES):
             handle = self._handles.get(record.id)
             if record.cancel_requested and handle is not None:
                 handle.stop("cancelled")

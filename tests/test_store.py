@@ -12,6 +12,7 @@ import pytest
 from store import (
     AppendBatch,
     AppendResult,
+    GenerationNotFound,
     GenerationRecord,
     StoreError,
     StreamClosed,
@@ -233,3 +234,16 @@ async def test_a_busy_writer_still_notices_another_process_commits(tmp_path: Pat
                 await woken.wait()
             stop.set()
         assert (await busy.read("theirs", 0)).messages == [b"hello"]
+
+
+async def test_a_cancel_request_never_touches_a_finished_generation(store: StreamStore) -> None:
+    await store.create_generation(GenerationRecord("live", "live", "running", "simulated"))
+    await store.create_generation(GenerationRecord("done", "done", "completed", "simulated"))
+    assert await store.request_cancel("live", only_if=["queued", "running"])
+    assert not await store.request_cancel("done", only_if=["queued", "running"])
+    assert (await store.get_generation("live")).cancel_requested
+    assert not (await store.get_generation("done")).cancel_requested
+    with pytest.raises(GenerationNotFound):
+        await store.request_cancel("missing", only_if=["running"])
+    active = await store.active_generations(["queued", "running"])
+    assert [(a.id, a.cancel_requested) for a in active] == [("live", True)]
