@@ -8,7 +8,7 @@ reason a person can act on.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import httpx
@@ -89,7 +89,7 @@ class OpenAIProvider:
         body.update(request.params)
         return body
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[ProviderChunk]:
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[ProviderChunk, None]:
         url = f"{self.base_url}/chat/completions"
         finished = False
         try:

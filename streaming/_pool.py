@@ -7,7 +7,7 @@ import os
 import secrets
 import time
 from collections.abc import Callable, Mapping
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, aclosing
 from dataclasses import dataclass, field
 from types import TracebackType
 
@@ -281,11 +281,14 @@ class GenerationPool:
         sanitizer = TextSanitizer()
         usage: JSONDict | None = None
         try:
-            async for chunk in provider.stream(handle.request):
-                if chunk.text:
-                    log.add_text(sanitizer.feed(chunk.text))
-                if chunk.usage is not None:
-                    usage = chunk.usage
+            # aclosing: whatever ends the loop, the provider's stream (and its upstream
+            # connection) is closed now, not whenever the garbage collector gets to it.
+            async with aclosing(provider.stream(handle.request)) as chunks:
+                async for chunk in chunks:
+                    if chunk.text:
+                        log.add_text(sanitizer.feed(chunk.text))
+                    if chunk.usage is not None:
+                        usage = chunk.usage
         except ProviderError as exc:
             log.add_text(sanitizer.flush())
             return "failed", {"type": exc.kind, "message": exc.message}, usage

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Protocol
 
 from .types import GenerationRequest, ProviderChunk
@@ -21,7 +21,7 @@ class Provider(Protocol):
     def validate(self, request: GenerationRequest) -> None:
         """Raise ``ValueError`` if the request's params are not acceptable."""
 
-    def stream(self, request: GenerationRequest) -> AsyncIterator[ProviderChunk]:
+    def stream(self, request: GenerationRequest) -> AsyncGenerator[ProviderChunk, None]:
         """The answer, chunk by chunk."""
 
     async def aclose(self) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import anyio
@@ -103,7 +103,7 @@ class SimulatedProvider:
             raise ValueError("params.fail_after must be a non-negative integer")
         return float(rate), count, echo, fail_after, stamp
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[ProviderChunk]:
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[ProviderChunk, None]:
         rate, count, echo, fail_after, stamp = self._settings(request.params)
         prompt = request.prompt
         words = prompt.split() if echo else []

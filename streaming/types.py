@@ -35,6 +35,9 @@ class GenerationRequest:
         """
         if not isinstance(body, dict):
             raise ValueError("the request body must be a JSON object")
+        where = _lone_surrogate(body, "")
+        if where is not None:
+            raise ValueError(f"{where} contains an unpaired UTF-16 surrogate (invalid text)")
         unknown = set(body) - {"messages", "prompt", "provider", "model", "params"}
         if unknown:
             raise ValueError(f"unknown field(s): {', '.join(sorted(unknown))}")
@@ -85,6 +88,34 @@ class GenerationRequest:
             if message.role == "user":
                 return message.content
         return ""
+
+
+def _lone_surrogate(value: Any, path: str) -> str | None:
+    """The path of the first string (key or value) holding a lone surrogate, if any.
+
+    JSON may escape half of a surrogate pair (``"\\ud83d"``); such text cannot be encoded as
+    UTF-8, so it is refused up front instead of failing the generation later.
+    """
+    if isinstance(value, str):
+        return path or "body" if _has_surrogate(value) else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            child = f"{path}.{key}" if path else str(key)
+            if _has_surrogate(key):
+                return child
+            found = _lone_surrogate(item, child)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found = _lone_surrogate(item, f"{path}[{index}]")
+            if found is not None:
+                return found
+    return None
+
+
+def _has_surrogate(text: str) -> bool:
+    return not text.isascii() and any("\ud800" <= ch <= "\udfff" for ch in text)
 
 
 @dataclass(frozen=True, slots=True)

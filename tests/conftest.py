@@ -8,6 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from .fake_upstream import FakeUpstream
 from .support import Server
 
 
@@ -54,4 +55,50 @@ def server(server_factory: ServerFactory) -> Server:
 async def client(server: Server) -> AsyncIterator[httpx.AsyncClient]:
     """An HTTP client for ``server``."""
     async with httpx.AsyncClient(base_url=server.url, timeout=30.0) as http:
+        yield http
+
+
+@pytest.fixture(scope="session")
+def upstream() -> Iterator[FakeUpstream]:
+    """A fake OpenAI-compatible upstream on 127.0.0.1, shared by the whole session."""
+    fake = FakeUpstream().start()
+    yield fake
+    fake.stop()
+
+
+UPSTREAM_READ_TIMEOUT = 1.0
+
+# --coalesce-window 0: commit text as it arrives, so answers span many delta events and the
+# text-offset sweeps cross event boundaries.
+OPENAI_SERVER_ARGS: Sequence[str] = (
+    "--provider openai --model test-model --sim-tokens-per-second 0 --sim-max-tokens 60"
+    " --shutdown-grace 1 --coalesce-window 0"
+).split()
+
+
+@pytest.fixture(scope="session")
+def openai_server(
+    upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    """A server whose default provider is ``openai``, pointed at ``upstream`` (model
+    ``test-model``, a read timeout of ``UPSTREAM_READ_TIMEOUT``, no coalescing window);
+    ``simulated`` is instant unless the request asks for a rate."""
+    server = Server(
+        db=tmp_path_factory.mktemp("openai") / "keepstream.db",
+        args=(
+            *OPENAI_SERVER_ARGS,
+            *("--upstream-url", upstream.base_url),
+            *("--upstream-read-timeout", str(UPSTREAM_READ_TIMEOUT)),
+        ),
+    )
+    try:
+        yield server.start()
+    finally:
+        server.kill()
+
+
+@pytest.fixture
+async def openai_client(openai_server: Server) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client for ``openai_server``."""
+    async with httpx.AsyncClient(base_url=openai_server.url, timeout=30.0) as http:
         yield http

@@ -18,6 +18,9 @@ from ._errors import BadRequest, InvalidRequest, PayloadTooLarge
 from ._settings import Settings
 from ._sse import follow
 
+# No stream holds 10**18 messages; longer digit strings are refused before int() sees them.
+MAX_OFFSET_DIGITS = 18
+
 
 @dataclass(frozen=True)
 class AppState:
@@ -71,6 +74,8 @@ async def read_json_body(request: Request, limit: int) -> Any:
         return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BadRequest(f"malformed JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest("malformed JSON: nested too deeply") from None
 
 
 def wants_event_stream(request: Request) -> bool:
@@ -81,7 +86,10 @@ def wants_event_stream(request: Request) -> bool:
 def parse_offset(value: str, name: str) -> int:
     """A non-negative integer offset, or 400 naming the parameter."""
     if not value.isascii() or not value.isdigit():
-        raise BadRequest(f"{name} must be a non-negative integer, got {value!r}")
+        raise BadRequest(f"{name} must be a non-negative integer, got {value[:40]!r}")
+    if len(value) > MAX_OFFSET_DIGITS:
+        end = "the text so far" if name == "text_offset" else "the end of the stream"
+        raise BadRequest(f"{name} {value[:20]}… is beyond {end}")
     return int(value)
 
 

@@ -30,7 +30,9 @@ class Settings:
     )
     upstream_api_key: str | None = _setting(None, "API key for the upstream (prefer the env var)")
     model: str | None = _setting(None, "default model name for the openai provider")
-    upstream_read_timeout: float = _setting(120.0, "seconds an upstream may stall between chunks")
+    upstream_read_timeout: float = _setting(
+        120.0, "seconds an upstream may stall between chunks (0 = no limit)"
+    )
     sim_tokens_per_second: float = _setting(50.0, "simulated model: tokens per second")
     sim_max_tokens: int = _setting(200, "simulated model: tokens per answer")
     flush_interval: float = _setting(0.01, "group commit window in seconds")
