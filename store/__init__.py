@@ -9,6 +9,7 @@ from ._exceptions import GenerationNotFound as GenerationNotFound
 from ._exceptions import StoreError as StoreError
 from ._exceptions import StoreUnavailable as StoreUnavailable
 from ._exceptions import StreamClosed as StreamClosed
+from ._exceptions import StreamConflict as StreamConflict
 from ._exceptions import StreamExists as StreamExists
 from ._exceptions import StreamNotFound as StreamNotFound
 from ._store import DEFAULT_FLUSH_INTERVAL as DEFAULT_FLUSH_INTERVAL
@@ -35,6 +36,7 @@ __all__ = [
     "StoreError",
     "StoreUnavailable",
     "StreamClosed",
+    "StreamConflict",
     "StreamExists",
     "StreamNotFound",
     "StreamStore",

@@ -4,6 +4,7 @@ StoreError
 ├── StreamNotFound      the stream does not exist (or was deleted)
 ├── StreamExists        create of a stream id that is already taken
 ├── StreamClosed        append to a stream that was closed
+├── StreamConflict      another writer appended at offsets this one expected to use
 ├── GenerationNotFound  no generation with that id
 └── StoreUnavailable    SQLite failed (disk full, I/O error, store closed)
 """
@@ -36,6 +37,14 @@ class StreamClosed(StoreError):
 
     def __init__(self, stream_id: str) -> None:
         super().__init__(f"stream {stream_id!r} is closed")
+        self.stream_id = stream_id
+
+
+class StreamConflict(StoreError):
+    """Another writer appended to this stream (one writer per stream was assumed)."""
+
+    def __init__(self, stream_id: str) -> None:
+        super().__init__(f"stream {stream_id!r} was written by another process")
         self.stream_id = stream_id
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any, TypeVar
@@ -14,17 +13,12 @@ import anyio
 import anyio.lowlevel
 import anyio.to_thread
 
-from ._exceptions import (
-    GenerationNotFound,
-    StoreError,
-    StoreUnavailable,
-    StreamExists,
-    StreamNotFound,
-)
+from . import _queries as queries
+from ._exceptions import GenerationNotFound, StoreError, StoreUnavailable, StreamNotFound
 from ._schema import connect, initialise
 from ._writer import (
-    _CLOSE_STREAM,
-    _INSERT_MESSAGE,
+    CLOSE_STREAM,
+    INSERT_MESSAGE,
     AppendSource,
     Op,
     Outcome,
@@ -50,9 +44,10 @@ DEFAULT_COALESCE_WINDOW = 0.05
 DEFAULT_MAX_BATCH = 8192
 DEFAULT_READ_LIMIT = 4096
 DEFAULT_TAIL_MESSAGES = 8192
+DEFAULT_TAIL_BYTES = 1024 * 1024
 DEFAULT_READERS = 4
 DEFAULT_CHECKPOINT_EVERY = 64
-CLOSED_STATES_KEPT = 1024
+MIN_POLL_INTERVAL = 0.005
 
 _GENERATION_COLUMNS = tuple(GenerationRecord("", "", "", "").to_row())
 _INSERT_GENERATION = "INSERT INTO generations ({}) VALUES ({})".format(
@@ -84,43 +79,64 @@ class _Completion:
 class _OneShotAppend:
     """An append source holding one batch: how plain ``append()`` calls reach the writer."""
 
-    __slots__ = ("_batch", "done", "stream_id")
+    __slots__ = ("_batch", "_taken", "done", "stream_id")
 
     def __init__(self, stream_id: str, batch: AppendBatch) -> None:
         self.stream_id = stream_id
         self._batch: AppendBatch | None = batch
+        self._taken: AppendBatch | None = None
         self.done = _Completion()
 
     def take(self) -> AppendBatch | None:
+        """The batch, once."""
         batch, self._batch = self._batch, None
+        self._taken = batch
         return batch
 
+    def untake(self) -> None:
+        """Hold the batch again: its transaction was rolled back and will be retried."""
+        self._batch, self._taken = self._taken, None
+
     def committed(self, result: AppendResult) -> None:
+        """Resolve the waiting ``append()``."""
         self.done.set(result, None)
 
     def failed(self, error: StoreError) -> None:
+        """Fail the waiting ``append()``."""
         self.done.set(None, error)
 
 
 class _StreamState:
-    """What this process knows of a stream it writes: recent messages and a wake-up event.
+    """What this process knows of an open stream it writes: recent messages and a wake-up
+    event.
 
-    Only streams this process appended to have a state; their committed length is known
-    exactly. The event is *replaced* on every commit: a reader takes the current one before
-    it reads, so a commit between its read and its wait still wakes it.
+    Only open streams this process appended to have a state; their committed length is known
+    exactly. The tail is capped in messages and bytes; older offsets are read from SQLite.
+    The event is *replaced* on every commit: a reader takes the current one before it reads,
+    so a commit between its read and its wait still wakes it.
     """
 
-    __slots__ = ("closed", "event", "tail", "tail_start")
+    __slots__ = ("event", "tail", "tail_bytes", "tail_start")
 
     def __init__(self, tail_start: int) -> None:
         self.tail: list[bytes] = []
+        self.tail_bytes = 0
         self.tail_start = tail_start
-        self.closed = False
         self.event = anyio.Event()
 
     @property
     def next_offset(self) -> int:
         return self.tail_start + len(self.tail)
+
+    def extend(self, payloads: list[bytes], *, max_messages: int, max_bytes: int) -> None:
+        """Add committed messages, dropping the oldest half once a cap is passed."""
+        self.tail.extend(payloads)
+        self.tail_bytes += sum(map(len, payloads))
+        if len(self.tail) > max_messages or self.tail_bytes > max_bytes:
+            drop = max(len(self.tail) // 2, len(self.tail) - max_messages // 2)
+            self.tail_bytes -= sum(map(len, self.tail[:drop]))
+            del self.tail[:drop]
+            self.tail_start += drop
 
     def wake(self) -> None:
         self.event.set()
@@ -179,6 +195,7 @@ class StreamStore:
         coalesce_window: float = DEFAULT_COALESCE_WINDOW,
         max_batch: int = DEFAULT_MAX_BATCH,
         tail_messages: int = DEFAULT_TAIL_MESSAGES,
+        tail_bytes: int = DEFAULT_TAIL_BYTES,
         readers: int = DEFAULT_READERS,
         checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
     ) -> None:
@@ -191,11 +208,11 @@ class StreamStore:
         self._flush_interval = flush_interval
         self._coalesce_window = coalesce_window
         self._max_batch = max_batch
-        self._tail_messages = max(16, tail_messages)
+        self._tail_messages = tail_messages
+        self._tail_bytes = tail_bytes
         self._reader_count = readers
         self._checkpoint_every = checkpoint_every
         self._states: dict[str, _StreamState] = {}
-        self._closed_states: OrderedDict[str, None] = OrderedDict()
         self._external_event = anyio.Event()
         self._writer: Writer | None = None
         self._readers: _Readers | None = None
@@ -254,7 +271,8 @@ class StreamStore:
         return {
             "commits": writer.commits if writer else 0,
             "rows_written": writer.rows_written if writer else 0,
-            "live_streams": len(self._states) - len(self._closed_states),
+            "live_streams": len(self._states),
+            "write_retries": writer.retries if writer else 0,
         }
 
     # -- writing ------------------------------------------------------------------------------
@@ -280,7 +298,7 @@ class StreamStore:
         """Create an empty, open stream. Raises ``StreamExists`` if the id is taken."""
 
         def op(ctx: WriterContext) -> None:
-            _insert_stream(ctx, stream_id, content_type)
+            queries.insert_stream(ctx, stream_id, content_type)
 
         await self.execute(op)
 
@@ -318,8 +336,8 @@ class StreamStore:
             except StoreError:  # stream closed or gone: only the row needs ending
                 next_offset = None
             else:
-                ctx.conn.execute(_INSERT_MESSAGE, (stream_id, first, payload))
-                ctx.conn.execute(_CLOSE_STREAM, (stream_id,))
+                ctx.conn.execute(INSERT_MESSAGE, (stream_id, first, payload))
+                ctx.conn.execute(CLOSE_STREAM, (stream_id,))
                 next_offset = first + 1
             row_fields = dict(fields)
             if next_offset is not None:
@@ -336,7 +354,7 @@ class StreamStore:
         """Close a stream. Closing a closed stream is a no-op."""
 
         def op(ctx: WriterContext) -> None:
-            cursor = ctx.conn.execute("UPDATE streams SET closed = 1 WHERE id = ?", (stream_id,))
+            cursor = ctx.conn.execute(CLOSE_STREAM, (stream_id,))
             if cursor.rowcount == 0:
                 raise StreamNotFound(stream_id)
             ctx.mark_closed(stream_id)
@@ -347,7 +365,7 @@ class StreamStore:
         """Delete a stream and its messages; its readers see ``StreamNotFound``."""
 
         def op(ctx: WriterContext) -> None:
-            _delete_stream(ctx, stream_id)
+            queries.delete_stream(ctx, stream_id)
 
         await self.execute(op)
 
@@ -374,16 +392,15 @@ class StreamStore:
         if state is not None and offset >= state.tail_start:
             start = offset - state.tail_start
             messages = state.tail[start : start + limit]
-            at_end = state.closed and offset + len(messages) >= state.next_offset
-            return ReadResult(offset, messages, at_end)
-        return await self._run_read(_read_messages, stream_id, offset, limit)
+            return ReadResult(offset, messages, False)  # a state only exists while open
+        return await self._run_read(queries.read_messages, stream_id, offset, limit)
 
     async def stream_length(self, stream_id: str) -> tuple[int, bool]:
         """``(next_offset, closed)`` of a stream as committed. Raises ``StreamNotFound``."""
         state = self._states.get(stream_id)
         if state is not None:
-            return state.next_offset, state.closed
-        return await self._run_read(_stream_length, stream_id)
+            return state.next_offset, False
+        return await self._run_read(queries.stream_length, stream_id)
 
     async def _run_read(self, fn: Callable[..., T], *args: Any) -> T:
         if self._readers is None:
@@ -398,7 +415,7 @@ class StreamStore:
         """Insert a generation and create its (empty) stream in one transaction."""
 
         def op(ctx: WriterContext) -> None:
-            _insert_stream(ctx, record.stream_id, content_type, mark=False)
+            queries.insert_stream(ctx, record.stream_id, content_type, mark=False)
             row = record.to_row()
             ctx.conn.execute(_INSERT_GENERATION, [row[c] for c in _GENERATION_COLUMNS])
             ctx.mark_created(record.stream_id)
@@ -419,7 +436,7 @@ class StreamStore:
 
     async def get_generation(self, generation_id: str) -> GenerationRecord:
         """The committed snapshot of a generation. Raises ``GenerationNotFound``."""
-        return await self._run_read(_get_generation, generation_id)
+        return await self._run_read(queries.get_generation, generation_id)
 
     async def list_generations(
         self, *, statuses: Iterable[str] | None = None, worker_id: str | None = None
@@ -438,7 +455,7 @@ class StreamStore:
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY created_at, id"
-        return await self._run_read(_query_generations, sql, params)
+        return await self._run_read(queries.query_generations, sql, params)
 
     async def request_cancel(self, generation_id: str, *, only_if: Iterable[str]) -> bool:
         """Persist a cancel request, only while the status is one of ``only_if``.
@@ -471,7 +488,7 @@ class StreamStore:
         sql = "SELECT id, worker_id, cancel_requested FROM generations WHERE status IN ({})".format(
             ", ".join("?" for _ in wanted)
         )
-        return await self._run_read(_query_active, sql, wanted)
+        return await self._run_read(queries.query_active, sql, wanted)
 
     async def delete_generation(self, generation_id: str) -> None:
         """Delete a generation row and its stream."""
@@ -483,7 +500,7 @@ class StreamStore:
             if row is None:
                 raise GenerationNotFound(generation_id)
             ctx.conn.execute("DELETE FROM generations WHERE id = ?", (generation_id,))
-            _delete_stream(ctx, row[0])
+            queries.delete_stream(ctx, row[0])
 
         await self.execute(op)
 
@@ -501,14 +518,29 @@ class StreamStore:
 
         await self.execute(op)
 
-    async def heartbeat(self, worker_id: str, now: float | None = None) -> None:
-        """Refresh a worker's heartbeat."""
+    async def heartbeat(self, worker: WorkerRecord, now: float | None = None) -> bool:
+        """Refresh a worker's heartbeat, registering it again if its row is gone.
+
+        Returns ``False`` when the row was gone: a peer took this worker for dead (after a
+        stall longer than the lease) and may have ended its generations.
+        """
         at = time.time() if now is None else now
 
-        def op(ctx: WriterContext) -> None:
-            ctx.conn.execute("UPDATE workers SET heartbeat_at = ? WHERE id = ?", (at, worker_id))
+        def op(ctx: WriterContext) -> bool:
+            cursor = ctx.conn.execute(
+                "UPDATE workers SET heartbeat_at = ? WHERE id = ?", (at, worker.id)
+            )
+            if cursor.rowcount:
+                return True
+            ctx.conn.execute(
+                "INSERT INTO workers (id, hostname, pid, started_at, heartbeat_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (worker.id, worker.hostname, worker.pid, worker.started_at, at),
+            )
+            return False
 
-        await self.execute(op)
+        alive: bool = await self.execute(op)
+        return alive
 
     async def remove_worker(self, worker_id: str) -> None:
         """Forget a worker (it shut down, or it is known dead and its work was recovered)."""
@@ -520,7 +552,7 @@ class StreamStore:
 
     async def list_workers(self) -> list[WorkerRecord]:
         """Every registered worker."""
-        return await self._run_read(_list_workers)
+        return await self._run_read(queries.list_workers)
 
     # -- publishing (event loop side of the writer) -------------------------------------------
 
@@ -534,129 +566,34 @@ class StreamStore:
         wake_external = outcome.external_change
         for change in outcome.changes:
             sid = change.stream_id
-            if change.deleted:
+            if change.deleted or change.stale or change.closed:
+                # A closed stream is served from SQLite from now on (its readers are woken
+                # to read its end there); a deleted or stale one must not be served at all.
                 state = self._states.pop(sid, None)
-                self._closed_states.pop(sid, None)
                 if state is not None:
                     state.wake()
                 wake_external = True
-                continue
+                if not change.created:
+                    continue
             state = self._states.get(sid)
             if state is None:
                 if change.first_offset is None:
-                    wake_external = True
                     continue
                 state = self._states[sid] = _StreamState(change.first_offset)
-                # Readers that began while the stream was not ours wait on the shared event.
-                wake_external = wake_external or not change.created
-            state.tail.extend(change.payloads)
-            if len(state.tail) > self._tail_messages:
-                drop = len(state.tail) - self._tail_messages // 2
-                del state.tail[:drop]
-                state.tail_start += drop
-            if change.closed:
-                state.closed = True
-                self._remember_closed(sid)
+                # Readers that read the stream before it was ours wait on the shared event.
+                wake_external = True
+            elif change.first_offset is not None and change.first_offset != state.next_offset:
+                # Not a continuation of what we hold: forget it and let SQLite serve.
+                del self._states[sid]
+                state.wake()
+                wake_external = True
+                continue
+            state.extend(
+                change.payloads, max_messages=self._tail_messages, max_bytes=self._tail_bytes
+            )
             state.wake()
         if wake_external:
             self._external_event.set()
             self._external_event = anyio.Event()
         for callback in outcome.callbacks:
             callback()
-
-    def _remember_closed(self, stream_id: str) -> None:
-        self._closed_states[stream_id] = None
-        while len(self._closed_states) > CLOSED_STATES_KEPT:
-            old, _ = self._closed_states.popitem(last=False)
-            self._states.pop(old, None)
-
-
-# -- SQL run on the writer thread --------------------------------------------------------------
-
-
-def _insert_stream(
-    ctx: WriterContext, stream_id: str, content_type: str, mark: bool = True
-) -> None:
-    try:
-        ctx.conn.execute(
-            "INSERT INTO streams (id, content_type, closed, created_at) VALUES (?, ?, 0, ?)",
-            (stream_id, content_type, time.time()),
-        )
-    except sqlite3.IntegrityError as exc:
-        raise StreamExists(stream_id) from exc
-    if mark:
-        ctx.mark_created(stream_id)
-
-
-def _delete_stream(ctx: WriterContext, stream_id: str) -> None:
-    if ctx.conn.execute("DELETE FROM streams WHERE id = ?", (stream_id,)).rowcount == 0:
-        raise StreamNotFound(stream_id)
-    ctx.conn.execute("DELETE FROM messages WHERE stream_id = ?", (stream_id,))
-    ctx.mark_deleted(stream_id)
-
-
-# -- SQL run on reader threads -----------------------------------------------------------------
-
-
-def _read_messages(conn: sqlite3.Connection, stream_id: str, offset: int, limit: int) -> ReadResult:
-    conn.execute("BEGIN")  # one snapshot for the closed flag and the messages
-    row = conn.execute("SELECT closed FROM streams WHERE id = ?", (stream_id,)).fetchone()
-    if row is None:
-        raise StreamNotFound(stream_id)
-    messages = [
-        data
-        for (data,) in conn.execute(
-            "SELECT data FROM messages WHERE stream_id = ? AND offset >= ? ORDER BY offset LIMIT ?",
-            (stream_id, offset, limit),
-        )
-    ]
-    conn.execute("COMMIT")
-    return ReadResult(offset, messages, bool(row[0]) and len(messages) < limit)
-
-
-def _stream_length(conn: sqlite3.Connection, stream_id: str) -> tuple[int, bool]:
-    conn.execute("BEGIN")
-    row = conn.execute("SELECT closed FROM streams WHERE id = ?", (stream_id,)).fetchone()
-    if row is None:
-        raise StreamNotFound(stream_id)
-    (last,) = conn.execute(
-        "SELECT max(offset) FROM messages WHERE stream_id = ?", (stream_id,)
-    ).fetchone()
-    conn.execute("COMMIT")
-    return (0 if last is None else last + 1), bool(row[0])
-
-
-def _get_generation(conn: sqlite3.Connection, generation_id: str) -> GenerationRecord:
-    conn.row_factory = sqlite3.Row
-    try:
-        row = conn.execute("SELECT * FROM generations WHERE id = ?", (generation_id,)).fetchone()
-    finally:
-        conn.row_factory = None
-    if row is None:
-        raise GenerationNotFound(generation_id)
-    return GenerationRecord.from_row(row)
-
-
-def _query_generations(
-    conn: sqlite3.Connection, sql: str, params: list[Any]
-) -> list[GenerationRecord]:
-    conn.row_factory = sqlite3.Row
-    try:
-        return [GenerationRecord.from_row(row) for row in conn.execute(sql, params)]
-    finally:
-        conn.row_factory = None
-
-
-def _query_active(conn: sqlite3.Connection, sql: str, params: list[Any]) -> list[ActiveGeneration]:
-    return [
-        ActiveGeneration(gid, worker, bool(flag)) for gid, worker, flag in conn.execute(sql, params)
-    ]
-
-
-def _list_workers(conn: sqlite3.Connection) -> list[WorkerRecord]:
-    return [
-        WorkerRecord(*row)
-        for row in conn.execute(
-            "SELECT id, hostname, pid, started_at, heartbeat_at FROM workers ORDER BY started_at"
-        )
-    ]

@@ -1,4 +1,4 @@
-"""The single writer thread: group commit, offsets, and publish-after-commit.
+"""The single writer thread: group commit, offsets, publish-after-commit, and faults.
 
 Every write to the database goes through one thread with one connection. Work arrives in
 two forms:
@@ -15,6 +15,13 @@ the outcome to the event loop (``publish``). Nothing is visible to a reader befo
 transaction committed. A source taken less than ``coalesce_window`` ago waits for a later
 commit: a stream gets at most one batch per window, while an idle stream's first message
 still goes out with the very next commit.
+
+Faults. A *transient* SQLite error (disk full, I/O error, busy past the timeout) rolls the
+whole batch back; every taken batch is put back into its source (``untake``) and every op
+back into the queue *before* anything else can be taken, and the writer retries with
+backoff. Nothing is lost and no gap opens: the same messages get the same offsets once the
+disk has room. A *permanent* error (a closed or missing stream, a constraint, a bad value,
+any other exception) fails only the op or source it belongs to.
 """
 
 from __future__ import annotations
@@ -24,26 +31,56 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ._exceptions import StoreError, StoreUnavailable, StreamClosed, StreamNotFound
+from ._exceptions import (
+    StoreError,
+    StoreUnavailable,
+    StreamClosed,
+    StreamConflict,
+    StreamNotFound,
+)
 from ._schema import connect
 from .types import AppendBatch, AppendResult, Synchronous, encode_field
 
 logger = logging.getLogger("keepstream.store")
 
-_INSERT_MESSAGE = "INSERT INTO messages (stream_id, offset, data) VALUES (?, ?, ?)"
+INSERT_MESSAGE = "INSERT INTO messages (stream_id, offset, data) VALUES (?, ?, ?)"
+CLOSE_STREAM = "UPDATE streams SET closed = 1 WHERE id = ?"
+LAST_OFFSET = "SELECT max(offset) FROM messages WHERE stream_id = ?"
 _UPDATE_SNAPSHOT = "UPDATE generations SET text = text || ?, next_offset = ? WHERE id = ?"
-_CLOSE_STREAM = "UPDATE streams SET closed = 1 WHERE id = ?"
+
+# SQLite primary result codes worth retrying: the same statements can succeed later.
+_TRANSIENT_CODES = frozenset(
+    {
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
+        sqlite3.SQLITE_NOMEM,
+        sqlite3.SQLITE_IOERR,
+        sqlite3.SQLITE_FULL,
+        sqlite3.SQLITE_CANTOPEN,
+        sqlite3.SQLITE_PROTOCOL,
+    }
+)
+MAX_BACKOFF = 1.0
+STOP_ATTEMPTS = 3
+JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
+TAKEOVER_CHECK_INTERVAL = 0.25
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a failed write may succeed if tried again (disk full, I/O, busy)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(exc, sqlite3.Error) and code is not None and code & 0xFF in _TRANSIENT_CODES
 
 
 class AppendSource(Protocol):
     """Something that buffers messages for one stream until the writer takes them.
 
-    ``take`` runs on the writer thread and must be thread-safe against whoever fills the
-    buffer; ``committed`` and ``failed`` run on the event loop after the transaction ended.
+    ``take`` and ``untake`` run on the writer thread and must be thread-safe against whoever
+    fills the buffer; ``committed`` and ``failed`` run on the event loop afterwards.
     """
 
     stream_id: str
@@ -51,11 +88,37 @@ class AppendSource(Protocol):
     def take(self) -> AppendBatch | None:
         """Hand over everything buffered (``None`` when there is nothing)."""
 
+    def untake(self) -> None:
+        """The batch from the last ``take`` was rolled back: hold it again, ahead of newer
+        messages, for the next ``take``."""
+
     def committed(self, result: AppendResult) -> None:
         """The batch from the last ``take`` is durable at ``result``."""
 
     def failed(self, error: StoreError) -> None:
-        """The batch from the last ``take`` was not written."""
+        """The batch from the last ``take`` can never be written (closed stream, …)."""
+
+
+@dataclass(slots=True)
+class StreamChange:
+    """What one commit did to one stream, for the event loop to publish."""
+
+    stream_id: str
+    first_offset: int | None
+    payloads: list[bytes] = field(default_factory=list)
+    created: bool = False
+    closed: bool = False
+    deleted: bool = False
+    stale: bool = False  # someone else wrote it: forget what this process knew
+
+
+@dataclass(slots=True)
+class Outcome:
+    """One commit, handed to the event loop."""
+
+    changes: list[StreamChange]
+    callbacks: list[Callable[[], None]]
+    external_change: bool = False
 
 
 class WriterContext:
@@ -64,7 +127,6 @@ class WriterContext:
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
         self._next_offsets: dict[str, int] = {}
-        self._closed: set[str] = set()
         self.changes: dict[str, StreamChange] = {}
 
     def next_offset(self, stream_id: str) -> int:
@@ -76,27 +138,34 @@ class WriterContext:
             raise StreamNotFound(stream_id)
         if row[0]:
             raise StreamClosed(stream_id)
-        (last,) = self.conn.execute(
-            "SELECT max(offset) FROM messages WHERE stream_id = ?", (stream_id,)
-        ).fetchone()
+        (last,) = self.conn.execute(LAST_OFFSET, (stream_id,)).fetchone()
         offset = 0 if last is None else last + 1
         self._next_offsets[stream_id] = offset
         return offset
 
-    def record_append(self, stream_id: str, first: int, payloads: list[bytes], close: bool) -> None:
+    def written_streams(self) -> list[str]:
+        """Open streams this writer has appended to (and so knows the length of)."""
+        return list(self._next_offsets)
+
+    def record_append(
+        self, stream_id: str, first: int, payloads: list[bytes], *, close: bool
+    ) -> None:
         """Note appended messages (already written) for offsets and for publishing."""
         self._next_offsets[stream_id] = first + len(payloads)
         change = self.changes.get(stream_id)
-        if change is None:
+        if change is None or change.first_offset is None:
             change = self.changes[stream_id] = StreamChange(stream_id, first)
         change.payloads.extend(payloads)
         if close:
             self.mark_closed(stream_id)
 
     def mark_created(self, stream_id: str) -> None:
-        """Note a new, empty stream."""
+        """Note a new, empty stream (replacing one deleted earlier in the batch, if any)."""
+        previous = self.changes.get(stream_id)
         self._next_offsets[stream_id] = 0
-        self.changes[stream_id] = StreamChange(stream_id, 0, created=True)
+        self.changes[stream_id] = StreamChange(
+            stream_id, 0, created=True, deleted=previous is not None and previous.deleted
+        )
 
     def mark_closed(self, stream_id: str) -> None:
         """Note that a stream was closed."""
@@ -111,31 +180,15 @@ class WriterContext:
         self._next_offsets.pop(stream_id, None)
         self.changes[stream_id] = StreamChange(stream_id, None, deleted=True)
 
-    def forget(self) -> None:
-        """Drop cached offsets (after a rollback they may be wrong)."""
+    def mark_stale(self, stream_id: str) -> None:
+        """Note that another writer changed the stream: nothing cached about it holds."""
+        self._next_offsets.pop(stream_id, None)
+        self.changes[stream_id] = StreamChange(stream_id, None, stale=True)
+
+    def reset(self) -> None:
+        """After a rollback: cached offsets may be wrong and nothing is to be published."""
         self._next_offsets.clear()
         self.changes = {}
-
-
-@dataclass(slots=True)
-class StreamChange:
-    """What one commit did to one stream, for the event loop to publish."""
-
-    stream_id: str
-    first_offset: int | None
-    payloads: list[bytes] = field(default_factory=list)
-    created: bool = False
-    closed: bool = False
-    deleted: bool = False
-
-
-@dataclass(slots=True)
-class Outcome:
-    """One committed (or failed) batch, handed to the event loop."""
-
-    changes: list[StreamChange]
-    callbacks: list[Callable[[], None]]
-    external_change: bool = False
 
 
 Op = Callable[[WriterContext], Any]
@@ -145,6 +198,10 @@ Op = Callable[[WriterContext], Any]
 class _PendingOp:
     fn: Op
     done: Callable[[Any, BaseException | None], None]
+
+
+class _Retry(Exception):
+    """A transient error: roll everything back and try the batch again later."""
 
 
 class Writer:
@@ -167,7 +224,6 @@ class Writer:
         self._synchronous: Synchronous = synchronous
         self._flush_interval = flush_interval
         self._coalesce_window = coalesce_window
-        self._last_take: dict[int, float] = {}
         self._max_batch = max_batch
         self._poll_interval = poll_interval
         self._checkpoint_every = checkpoint_every
@@ -175,12 +231,15 @@ class Writer:
         self._wake = threading.Event()
         self._ops: deque[_PendingOp] = deque()
         self._dirty: dict[int, AppendSource] = {}
+        self._last_take: dict[int, float] = {}
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="keepstream-writer", daemon=True)
         self._started = threading.Event()
         self._start_error: BaseException | None = None
+        self._failures = 0
         self.commits = 0
         self.rows_written = 0
+        self.retries = 0
 
     def start(self) -> None:
         """Start the thread and wait until its connection is open."""
@@ -190,7 +249,11 @@ class Writer:
             raise StoreUnavailable(f"cannot open the database: {self._start_error}")
 
     def stop(self) -> None:
-        """Flush what is pending, then end the thread (blocking; call off the event loop)."""
+        """Flush what is pending, then end the thread (blocking; call off the event loop).
+
+        If the database keeps failing, pending work is given up after a few attempts and
+        its waiters get ``StoreUnavailable``.
+        """
         with self._lock:
             self._stopping = True
         self._wake.set()
@@ -221,7 +284,7 @@ class Writer:
         try:
             conn = connect(self._path, synchronous=self._synchronous)
             conn.execute("PRAGMA wal_autocheckpoint = 0")
-            conn.execute("PRAGMA journal_size_limit = 67108864")
+            conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
             ctx = WriterContext(conn)
             version = conn.execute("PRAGMA data_version").fetchone()[0]
         except BaseException as exc:
@@ -230,6 +293,7 @@ class Writer:
             return
         self._started.set()
         last_commit = 0.0
+        last_takeover_check = 0.0
         checkpointer = _Checkpointer(self._path, self._checkpoint_every)
         try:
             while True:
@@ -239,7 +303,12 @@ class Writer:
                 current = conn.execute("PRAGMA data_version").fetchone()[0]
                 if current != version:
                     version = current
-                    self._safe_publish(Outcome([], [], external_change=True))
+                    changes: list[StreamChange] = []
+                    now = time.monotonic()
+                    if now - last_takeover_check >= TAKEOVER_CHECK_INTERVAL:
+                        last_takeover_check = now
+                        changes = self._closed_by_others(ctx)
+                    self._safe_publish(Outcome(changes, [], external_change=True))
                 with self._lock:
                     pending = len(self._ops) + len(self._dirty)
                     stopping = self._stopping
@@ -249,8 +318,13 @@ class Writer:
                     if stopping:
                         return
                     continue
+                if stopping and self._failures >= STOP_ATTEMPTS:
+                    self._give_up(StoreUnavailable("the store closed while writes kept failing"))
+                    return
                 delay = last_commit + self._flush_interval - time.monotonic()
-                if delay > 0 and pending < self._max_batch and not stopping:
+                if self._failures:
+                    delay = max(delay, min(MAX_BACKOFF, 0.01 * 2**self._failures))
+                if delay > 0 and (pending < self._max_batch or self._failures) and not stopping:
                     time.sleep(delay)
                 ops, sources = self._drain(everything=stopping)
                 if ops or sources:
@@ -294,63 +368,121 @@ class Writer:
                 last_take[id(source)] = now
         return ops, sources
 
+    def _requeue(self, ops: list[_PendingOp], sources: Iterable[AppendSource]) -> None:
+        """Put rolled-back work back, ahead of anything newer."""
+        with self._lock:
+            self._ops.extendleft(reversed(ops))
+            for source in sources:
+                self._dirty.setdefault(id(source), source)
+
+    def _give_up(self, error: StoreUnavailable) -> None:
+        with self._lock:
+            ops = list(self._ops)
+            sources = list(self._dirty.values())
+            self._ops.clear()
+            self._dirty.clear()
+        callbacks = [_bind(op.done, None, error) for op in ops]
+        callbacks.extend(_bind(source.failed, error) for source in sources)
+        self._safe_publish(Outcome([], callbacks))
+
     def _safe_publish(self, outcome: Outcome) -> None:
         try:
             self._publish(outcome)
         except Exception:  # the loop may be gone during shutdown
             logger.exception("could not publish a commit to the event loop")
 
+    def _closed_by_others(self, ctx: WriterContext) -> list[StreamChange]:
+        """Streams this writer appends to that another process closed (it took them over)."""
+        streams = ctx.written_streams()
+        if not streams:
+            return []
+        marks = ", ".join("?" for _ in streams)
+        try:
+            rows = ctx.conn.execute(
+                f"SELECT id FROM streams WHERE closed = 1 AND id IN ({marks})", streams
+            ).fetchall()
+        except sqlite3.Error as exc:
+            logger.warning("could not check for streams closed by another process: %s", exc)
+            return []
+        for (stream_id,) in rows:
+            ctx.mark_stale(stream_id)
+        changes = list(ctx.changes.values())
+        ctx.changes = {}
+        return changes
+
+    # -- one batch ----------------------------------------------------------------------------
+
     def _run_batch(
         self, ctx: WriterContext, ops: list[_PendingOp], sources: list[AppendSource]
     ) -> None:
-        conn = ctx.conn
         callbacks: list[Callable[[], None]] = []
-        taken: list[tuple[AppendSource, AppendBatch, int]] = []
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            callbacks.extend(self._run_op(ctx, op) for op in ops)
-            rows: list[tuple[str, int, bytes]] = []
-            snapshots: list[tuple[str, int, str]] = []
-            for source in sources:
+        batches: list[tuple[AppendSource, AppendBatch]] = []
+        for source in sources:
+            try:
                 batch = source.take()
-                if batch is None:
-                    continue
-                try:
-                    first = ctx.next_offset(source.stream_id)
-                except StoreError as exc:
-                    callbacks.append(_bind_failed(source, exc))
-                    continue
-                sid = source.stream_id
-                rows.extend((sid, first + i, p) for i, p in enumerate(batch.payloads))
-                next_offset = first + len(batch.payloads)
-                if batch.generation_id is not None:
-                    snapshots.append((batch.text, next_offset, batch.generation_id))
-                    if batch.fields:
-                        update_fields(conn, batch.generation_id, batch.fields)
-                if batch.close:
-                    conn.execute(_CLOSE_STREAM, (sid,))
-                ctx.record_append(sid, first, batch.payloads, batch.close)
-                taken.append((source, batch, first))
-            conn.executemany(_INSERT_MESSAGE, rows)
-            conn.executemany(_UPDATE_SNAPSHOT, snapshots)
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            logger.error("write transaction failed: %s", exc)
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            ctx.forget()
-            error = StoreUnavailable(f"write failed: {exc}")
-            failures: list[Callable[[], None]] = [_bind_op_failed(op, error) for op in ops]
-            failures.extend(_bind_failed(source, error) for source in sources)
-            self._safe_publish(Outcome([], failures))
+            except Exception as exc:
+                logger.exception("append source for %s failed to hand over", source.stream_id)
+                callbacks.append(_bind(source.failed, StoreError(f"bad append: {exc}")))
+                continue
+            if batch is not None:
+                batches.append((source, batch))
+        try:
+            try:
+                callbacks += self._write(ctx, ops, batches, isolated=False)
+            except _Retry:
+                raise
+            except Exception:
+                # A permanent error somewhere in the fast path: find whose, one by one.
+                self._rollback(ctx)
+                callbacks += self._write(ctx, ops, batches, isolated=True)
+        except _Retry as retry:
+            self._rollback(ctx)
+            self._failures += 1
+            self.retries += 1
+            logger.warning("write failed (%s); retrying, attempt %d", retry, self._failures)
+            for source, _ in batches:
+                source.untake()
+            self._requeue(ops, [source for source, _ in batches])
+            self._safe_publish(Outcome([], callbacks))
             return
+        self._failures = 0
         self.commits += 1
-        self.rows_written += len(rows)
-        for source, batch, first in taken:
-            callbacks.append(_bind_committed(source, first, first + len(batch.payloads)))
         changes = list(ctx.changes.values())
         ctx.changes = {}
         self._safe_publish(Outcome(changes, callbacks))
+
+    def _rollback(self, ctx: WriterContext) -> None:
+        if ctx.conn.in_transaction:
+            ctx.conn.execute("ROLLBACK")
+        ctx.reset()
+
+    def _write(
+        self,
+        ctx: WriterContext,
+        ops: list[_PendingOp],
+        batches: list[tuple[AppendSource, AppendBatch]],
+        *,
+        isolated: bool,
+    ) -> list[Callable[[], None]]:
+        """One transaction: ops, then appends, then COMMIT. Raises ``_Retry`` on a transient
+        error; otherwise returns the callbacks to run once published."""
+        conn = ctx.conn
+        callbacks: list[Callable[[], None]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            callbacks.extend(self._run_op(ctx, op) for op in ops)
+            if isolated:
+                callbacks.extend(self._append_one(ctx, source, batch) for source, batch in batches)
+            else:
+                callbacks += self._append_all(ctx, batches)
+            conn.execute("COMMIT")
+        except _Retry:
+            raise
+        except Exception as exc:
+            if is_transient(exc):
+                raise _Retry(str(exc)) from exc
+            raise
+        return callbacks
 
     def _run_op(self, ctx: WriterContext, op: _PendingOp) -> Callable[[], None]:
         conn = ctx.conn
@@ -358,15 +490,89 @@ class Writer:
         saved_changes = dict(ctx.changes)
         try:
             result = op.fn(ctx)
-        except (StoreError, sqlite3.IntegrityError, ValueError) as exc:
+        except Exception as exc:
+            if is_transient(exc):
+                raise _Retry(str(exc)) from exc
             # Ops change the offset bookkeeping only after their SQL succeeded, so undoing
             # the savepoint and the batch's change list is all a failed op needs.
             conn.execute("ROLLBACK TO op")
             conn.execute("RELEASE op")
             ctx.changes = saved_changes
-            return _bind_op_failed(op, exc)
+            error = exc if isinstance(exc, StoreError | ValueError) else _store_error(exc)
+            return _bind(op.done, None, error)
         conn.execute("RELEASE op")
-        return _bind_op_done(op, result)
+        return _bind(op.done, result, None)
+
+    def _append_all(
+        self, ctx: WriterContext, batches: list[tuple[AppendSource, AppendBatch]]
+    ) -> list[Callable[[], None]]:
+        """The fast path: every batch's rows in one ``executemany``."""
+        conn = ctx.conn
+        callbacks: list[Callable[[], None]] = []
+        rows: list[tuple[str, int, bytes]] = []
+        snapshots: list[tuple[str, int, str]] = []
+        for source, batch in batches:
+            sid = source.stream_id
+            try:
+                first = ctx.next_offset(sid)
+            except StoreError as exc:
+                callbacks.append(self._permanently_failed(ctx, source, exc))
+                continue
+            rows.extend((sid, first + i, p) for i, p in enumerate(batch.payloads))
+            if batch.generation_id is not None:
+                snapshots.append((batch.text, first + len(batch.payloads), batch.generation_id))
+                if batch.fields:
+                    update_fields(conn, batch.generation_id, batch.fields)
+            if batch.close:
+                conn.execute(CLOSE_STREAM, (sid,))
+            ctx.record_append(sid, first, batch.payloads, close=batch.close)
+            callbacks.append(
+                _bind(source.committed, AppendResult(first, first + len(batch.payloads)))
+            )
+        conn.executemany(INSERT_MESSAGE, rows)
+        conn.executemany(_UPDATE_SNAPSHOT, snapshots)
+        self.rows_written += len(rows)
+        return callbacks
+
+    def _append_one(
+        self, ctx: WriterContext, source: AppendSource, batch: AppendBatch
+    ) -> Callable[[], None]:
+        """The slow path: one batch in its own savepoint, failing alone."""
+        conn = ctx.conn
+        sid = source.stream_id
+        conn.execute("SAVEPOINT append")
+        try:
+            first = ctx.next_offset(sid)
+            conn.executemany(
+                INSERT_MESSAGE, [(sid, first + i, p) for i, p in enumerate(batch.payloads)]
+            )
+            if batch.generation_id is not None:
+                next_offset = first + len(batch.payloads)
+                conn.execute(_UPDATE_SNAPSHOT, (batch.text, next_offset, batch.generation_id))
+                if batch.fields:
+                    update_fields(conn, batch.generation_id, batch.fields)
+            if batch.close:
+                conn.execute(CLOSE_STREAM, (sid,))
+        except Exception as exc:
+            if is_transient(exc):
+                raise _Retry(str(exc)) from exc
+            conn.execute("ROLLBACK TO append")
+            conn.execute("RELEASE append")
+            if isinstance(exc, sqlite3.IntegrityError):
+                exc = StreamConflict(sid)  # another writer took offsets we thought were ours
+            return self._permanently_failed(ctx, source, exc)
+        conn.execute("RELEASE append")
+        ctx.record_append(sid, first, batch.payloads, close=batch.close)
+        self.rows_written += len(batch.payloads)
+        return _bind(source.committed, AppendResult(first, first + len(batch.payloads)))
+
+    def _permanently_failed(
+        self, ctx: WriterContext, source: AppendSource, exc: BaseException
+    ) -> Callable[[], None]:
+        error = exc if isinstance(exc, StoreError) else _store_error(exc)
+        if isinstance(error, StreamClosed | StreamNotFound | StreamConflict):
+            ctx.mark_stale(source.stream_id)
+        return _bind(source.failed, error)
 
 
 def update_fields(conn: sqlite3.Connection, generation_id: str, fields: dict[str, Any]) -> int:
@@ -378,20 +584,12 @@ def update_fields(conn: sqlite3.Connection, generation_id: str, fields: dict[str
     return conn.execute(sql, (*values, generation_id)).rowcount
 
 
-def _bind_failed(source: AppendSource, error: StoreError) -> Callable[[], None]:
-    return lambda: source.failed(error)
+def _store_error(exc: BaseException) -> StoreError:
+    return StoreError(f"write refused: {type(exc).__name__}: {exc}")
 
 
-def _bind_committed(source: AppendSource, first: int, next_offset: int) -> Callable[[], None]:
-    return lambda: source.committed(AppendResult(first, next_offset))
-
-
-def _bind_op_done(op: _PendingOp, result: Any) -> Callable[[], None]:
-    return lambda: op.done(result, None)
-
-
-def _bind_op_failed(op: _PendingOp, error: BaseException) -> Callable[[], None]:
-    return lambda: op.done(None, error)
+def _bind(fn: Callable[..., None], *args: Any) -> Callable[[], None]:
+    return lambda: fn(*args)
 
 
 class _Checkpointer:

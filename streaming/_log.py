@@ -28,8 +28,27 @@ MAX_DELTA_CHARS = 8192
 
 
 def encode_event(event: JSONDict) -> bytes:
-    """The stored form of an event: compact UTF-8 JSON."""
-    return json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode()
+    """The stored form of an event: compact UTF-8 JSON.
+
+    Text that cannot be UTF-8 (a lone surrogate from an upstream's error message, say)
+    is stored with U+FFFD in its place rather than failing the event.
+    """
+    text = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        return _pair_surrogates(text).encode()
+
+
+def scrub(value: Any) -> Any:
+    """``value`` with every string made valid text (lone surrogates become U+FFFD)."""
+    if isinstance(value, str):
+        return _pair_surrogates(value)
+    if isinstance(value, dict):
+        return {scrub(k): scrub(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [scrub(v) for v in value]
+    return value
 
 
 def decode_event(payload: bytes) -> JSONDict:
@@ -95,11 +114,12 @@ class GenerationLog:
         self._fields: JSONDict = {}
         self._close = False
         self._added = 0
-        self._taken: deque[int] = deque()
+        # Batches handed to the writer and not yet committed, oldest first:
+        # (items added up to here, the items, their fields, their close flag).
+        self._inflight: deque[tuple[int, list[str | bytes], JSONDict, bool]] = deque()
         self._committed = 0
         self._committed_event = anyio.Event()
         self.error: StoreError | None = None
-        self.next_offset = 0
 
     def add_text(self, text: str) -> None:
         """Buffer a text delta."""
@@ -124,25 +144,28 @@ class GenerationLog:
         self._store.mark_dirty(self)
 
     async def flush(self) -> None:
-        """Wait until everything added so far is committed; raise the store's error if not."""
+        """Wait until everything added so far is committed.
+
+        A write the store must retry (disk full, I/O error) is simply waited for; a batch
+        that can never be written (its stream was closed or deleted elsewhere) raises.
+        """
         target = self._added
         while self._committed < target:
             if self.error is not None:
                 raise self.error
             await self._committed_event.wait()
-        if self.error is not None:
-            raise self.error
 
     # -- the writer's side --------------------------------------------------------------------
 
     def take(self) -> AppendBatch | None:
+        """Everything buffered, with consecutive text coalesced into delta events."""
         with self._lock:
             if not self._items and not self._fields and not self._close:
                 return None
             items, self._items = self._items, []
             fields, self._fields = self._fields, {}
             close, self._close = self._close, False
-            self._taken.append(self._added)
+            self._inflight.append((self._added, items, fields, close))
         payloads: list[bytes] = []
         run: list[str] = []
         text: list[str] = []
@@ -160,14 +183,25 @@ class GenerationLog:
             text.extend(run)
         return AppendBatch(payloads, self.generation_id, "".join(text), fields, close)
 
+    def untake(self) -> None:
+        """The last batch taken was rolled back: hold its items again, ahead of newer ones."""
+        with self._lock:
+            _, items, fields, close = self._inflight.pop()
+            self._items[0:0] = items
+            self._fields = {**fields, **self._fields}
+            self._close = self._close or close
+
     def committed(self, result: AppendResult) -> None:
-        self._committed = self._taken.popleft()
-        self.next_offset = result.next_offset
+        """The oldest batch in flight is durable."""
+        with self._lock:
+            self._committed = self._inflight.popleft()[0]
         self._wake()
 
     def failed(self, error: StoreError) -> None:
-        if self._taken:
-            self._committed = self._taken.popleft()
+        """The oldest batch in flight can never be written: ``flush`` raises from now on."""
+        with self._lock:
+            if self._inflight:
+                self._committed = self._inflight.popleft()[0]
         self.error = error
         self._wake()
 

@@ -20,7 +20,8 @@ from .types import GenerationRequest, ProviderChunk
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_READ_TIMEOUT = 120.0
 
-# Request params passed through to the upstream as they are.
+# Request params passed through to the upstream as they are. ``n`` is not among them: one
+# generation is one answer.
 PASSTHROUGH_PARAMS = frozenset(
     {
         "temperature",
@@ -33,7 +34,6 @@ PASSTHROUGH_PARAMS = frozenset(
         "frequency_penalty",
         "logit_bias",
         "user",
-        "n",
         "response_format",
         "reasoning_effort",
     }

@@ -25,7 +25,7 @@ from store import (
 from store.types import JSONDict
 
 from ._exceptions import PoolClosed, PoolFull, ProviderError, UnknownProvider
-from ._log import GenerationLog, TextSanitizer, encode_event, status_event
+from ._log import GenerationLog, TextSanitizer, encode_event, scrub, status_event
 from ._provider import Provider
 from ._workers import DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_LEASE_TIMEOUT, is_dead, this_host
 from .types import GenerationRequest
@@ -38,6 +38,10 @@ DEFAULT_SHUTDOWN_GRACE = 10.0
 DEFAULT_RETRY_AFTER = 1.0
 FINALIZE_TIMEOUT = 10.0
 ACTIVE_STATUSES = ("queued", "running")
+INTERRUPTED_ERROR: JSONDict = {
+    "type": "interrupted",
+    "message": "the server process running this generation stopped",
+}
 
 
 def new_generation_id() -> str:
@@ -160,8 +164,10 @@ class GenerationPool:
                 await handle.done.wait()
         for handle in list(self._handles.values()):
             handle.stop("interrupted")
-        for handle in list(self._handles.values()):
-            await handle.done.wait()
+        # Each supervisor bounds its own final write; this bound is only a backstop.
+        with anyio.move_on_after(FINALIZE_TIMEOUT + 1):
+            for handle in list(self._handles.values()):
+                await handle.done.wait()
 
     @property
     def running(self) -> int:
@@ -250,23 +256,27 @@ class GenerationPool:
         record = handle.record
         outcome: tuple[str, JSONDict | None, JSONDict | None] = ("interrupted", None, None)
         try:
-            with handle.scope:
-                async with self._slots:
-                    handle.started = True
-                    outcome = await self._run(handle)
-            if handle.scope.cancelled_caught:
-                outcome = (handle.stop_reason or "interrupted", None, None)
-        except Exception as exc:
-            logger.exception("generation %s crashed", record.id)
-            crash = {"type": "internal_error", "message": f"{type(exc).__name__}: {exc}"}
-            outcome = ("failed", crash, None)
-        finally:
+            try:
+                with handle.scope:
+                    async with self._slots:
+                        handle.started = True
+                        outcome = await self._run(handle)
+                if handle.scope.cancelled_caught:
+                    outcome = (handle.stop_reason or "interrupted", None, None)
+            except Exception as exc:
+                logger.exception("generation %s crashed", record.id)
+                crash = {"type": "internal_error", "message": f"{type(exc).__name__}: {exc}"}
+                outcome = ("failed", crash, None)
             status, error, usage = outcome
-            with anyio.move_on_after(FINALIZE_TIMEOUT, shield=True):
+            with anyio.move_on_after(FINALIZE_TIMEOUT, shield=True) as waited:
                 try:
-                    await self._finish(handle, status, error=error, usage=usage)
-                except StoreError:
+                    await self._finish(handle, status, error=scrub(error), usage=scrub(usage))
+                except Exception:
                     logger.exception("could not record the end of generation %s", record.id)
+            if waited.cancelled_caught:
+                # The store keeps retrying the write; the generation ends when it lands.
+                logger.error("recording the end of generation %s is still pending", record.id)
+        finally:
             self._handles.pop(record.id, None)
             handle.done.set()
 
@@ -310,10 +320,16 @@ class GenerationPool:
         await handle.log.flush()
 
     async def _finish_unstarted(self, record: GenerationRecord, status: str) -> None:
-        await self.store.finish_generation(
-            record.id,
-            encode_event(status_event(status)),
-            {"status": status, "finished_at": self._clock()},
+        await self._end_elsewhere(record.id, status)
+
+    async def _end_elsewhere(self, generation_id: str, status: str) -> bool:
+        """End a generation no task of ours runs (never started, or orphaned): final event,
+        close and row in one commit, and only if it is still active. Returns whether it did."""
+        error = INTERRUPTED_ERROR if status == "interrupted" else None
+        return await self.store.finish_generation(
+            generation_id,
+            encode_event(status_event(status, error=error)),
+            {"status": status, "error": error, "finished_at": self._clock()},
             only_if=ACTIVE_STATUSES,
         )
 
@@ -341,18 +357,7 @@ class GenerationPool:
             if owner == self.worker.id or (owner in workers and owner not in dead):
                 continue
             status = "cancelled" if record.cancel_requested else "interrupted"
-            error: JSONDict | None = None
-            if status == "interrupted":
-                error = {
-                    "type": "interrupted",
-                    "message": "the server process running this generation stopped",
-                }
-            ended += await self.store.finish_generation(
-                record.id,
-                encode_event(status_event(status, error=error)),
-                {"status": status, "error": error, "finished_at": now},
-                only_if=ACTIVE_STATUSES,
-            )
+            ended += await self._end_elsewhere(record.id, status)
         for worker_id in dead:
             await self.store.remove_worker(worker_id)
             logger.info("recovered the generations of dead worker %s", worker_id)
@@ -362,11 +367,23 @@ class GenerationPool:
         while True:
             await anyio.sleep(self.heartbeat_interval)
             try:
-                await self.store.heartbeat(self.worker.id, self._clock())
+                if not await self.store.heartbeat(self.worker, self._clock()):
+                    self._taken_over()
                 await self._apply_remote_cancels()
                 await self.recover()
             except StoreError:
                 logger.exception("heartbeat sweep failed")
+
+    def _taken_over(self) -> None:
+        """A peer took us for dead (we stalled past the lease) and may have ended our
+        generations. Theirs is the record now: stop ours, whose writes would conflict."""
+        logger.warning(
+            "worker %s was taken for dead by a peer; stopping its %d generations",
+            self.worker.id,
+            len(self._handles),
+        )
+        for handle in list(self._handles.values()):
+            handle.stop("interrupted")
 
     async def _apply_remote_cancels(self) -> None:
         """Cancel requests made through another process reach us through the database."""

@@ -65,7 +65,7 @@ HTTP_TYPES = {404: "not_found", 405: "method_not_allowed", 400: "bad_request"}
 
 
 def error_response(
-    status: int, kind: str, message: str, headers: dict[str, str] | None = None
+    status: int, kind: str, message: str, *, headers: dict[str, str] | None = None
 ) -> JSONResponse:
     """The JSON error body every failure answers with."""
     return JSONResponse({"error": {"type": kind, "message": message}}, status, headers=headers)
@@ -87,7 +87,7 @@ async def handle_error(request: Request, exc: Exception) -> Response:
             headers = None
             if isinstance(exc, PoolFull):
                 headers = {"Retry-After": str(max(1, round(exc.retry_after)))}
-            return error_response(status, kind, str(exc), headers)
+            return error_response(status, kind, str(exc), headers=headers)
     logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(500, "internal_error", "internal server error")
 

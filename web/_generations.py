@@ -72,10 +72,10 @@ async def read_json_body(request: Request, limit: int) -> Any:
         raise BadRequest("the request body is empty; send a JSON object")
     try:
         return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"malformed JSON: {exc}") from None
     except RecursionError:
         raise BadRequest("malformed JSON: nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, integers too long
+        raise BadRequest(f"malformed JSON: {exc}") from None
 
 
 def wants_event_stream(request: Request) -> bool:
@@ -96,8 +96,9 @@ def parse_offset(value: str, name: str) -> int:
 def event_stream(
     state: AppState,
     record: GenerationRecord,
+    *,
     offset: int,
-    skip_chars: int,
+    skip_chars: int = 0,
     headers: dict[str, str] | None = None,
 ) -> EventSourceResponse:
     """An SSE response following ``record`` from ``offset``."""
@@ -132,8 +133,7 @@ async def create_generation(request: Request) -> Response:
         return event_stream(
             state,
             record,
-            0,
-            0,
+            offset=0,
             headers={"Location": location, "Keepstream-Generation-Id": record.id},
         )
     return JSONResponse(generation_json(record, request), 202, headers={"Location": location})
@@ -170,7 +170,7 @@ async def generation_events(request: Request) -> Response:
         raise BadRequest(f"offset {offset} is beyond the end of the stream (next offset {length})")
     if closed and offset == length:
         return Response(status_code=204)
-    return event_stream(state, record, offset, skip)
+    return event_stream(state, record, offset=offset, skip_chars=skip)
 
 
 async def locate_text_offset(

@@ -66,6 +66,7 @@ class Settings:
             "flush_interval",
             "shutdown_grace",
             "sse_send_timeout",
+            "sse_ping",
             "upstream_read_timeout",
         ):
             if getattr(self, name) < 0:

@@ -1,0 +1,107 @@
+"""SQL shared by the store: statements run inside writer ops, and reads on reader threads."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from typing import Any
+
+from ._exceptions import GenerationNotFound, StreamExists, StreamNotFound
+from ._writer import LAST_OFFSET, WriterContext
+from .types import ActiveGeneration, GenerationRecord, ReadResult, WorkerRecord
+
+# -- SQL run on the writer thread --------------------------------------------------------------
+
+
+def insert_stream(
+    ctx: WriterContext, stream_id: str, content_type: str, *, mark: bool = True
+) -> None:
+    """Create a stream row; raises ``StreamExists``."""
+    try:
+        ctx.conn.execute(
+            "INSERT INTO streams (id, content_type, closed, created_at) VALUES (?, ?, 0, ?)",
+            (stream_id, content_type, time.time()),
+        )
+    except sqlite3.IntegrityError as exc:
+        raise StreamExists(stream_id) from exc
+    if mark:
+        ctx.mark_created(stream_id)
+
+
+def delete_stream(ctx: WriterContext, stream_id: str) -> None:
+    """Delete a stream and its messages; raises ``StreamNotFound``."""
+    if ctx.conn.execute("DELETE FROM streams WHERE id = ?", (stream_id,)).rowcount == 0:
+        raise StreamNotFound(stream_id)
+    ctx.conn.execute("DELETE FROM messages WHERE stream_id = ?", (stream_id,))
+    ctx.mark_deleted(stream_id)
+
+
+# -- SQL run on reader threads -----------------------------------------------------------------
+
+
+def read_messages(conn: sqlite3.Connection, stream_id: str, offset: int, limit: int) -> ReadResult:
+    """Up to ``limit`` messages from ``offset``, and whether they end a closed stream."""
+    conn.execute("BEGIN")  # one snapshot for the closed flag and the messages
+    row = conn.execute("SELECT closed FROM streams WHERE id = ?", (stream_id,)).fetchone()
+    if row is None:
+        raise StreamNotFound(stream_id)
+    messages = [
+        data
+        for (data,) in conn.execute(
+            "SELECT data FROM messages WHERE stream_id = ? AND offset >= ? ORDER BY offset LIMIT ?",
+            (stream_id, offset, limit),
+        )
+    ]
+    conn.execute("COMMIT")
+    return ReadResult(offset, messages, bool(row[0]) and len(messages) < limit)
+
+
+def stream_length(conn: sqlite3.Connection, stream_id: str) -> tuple[int, bool]:
+    """``(next_offset, closed)`` in one snapshot."""
+    conn.execute("BEGIN")
+    row = conn.execute("SELECT closed FROM streams WHERE id = ?", (stream_id,)).fetchone()
+    if row is None:
+        raise StreamNotFound(stream_id)
+    (last,) = conn.execute(LAST_OFFSET, (stream_id,)).fetchone()
+    conn.execute("COMMIT")
+    return (0 if last is None else last + 1), bool(row[0])
+
+
+def get_generation(conn: sqlite3.Connection, generation_id: str) -> GenerationRecord:
+    """One generation row; raises ``GenerationNotFound``."""
+    conn.row_factory = sqlite3.Row
+    try:
+        row = conn.execute("SELECT * FROM generations WHERE id = ?", (generation_id,)).fetchone()
+    finally:
+        conn.row_factory = None
+    if row is None:
+        raise GenerationNotFound(generation_id)
+    return GenerationRecord.from_row(row)
+
+
+def query_generations(
+    conn: sqlite3.Connection, sql: str, params: list[Any]
+) -> list[GenerationRecord]:
+    """Generation rows for a ``SELECT * FROM generations`` query."""
+    conn.row_factory = sqlite3.Row
+    try:
+        return [GenerationRecord.from_row(row) for row in conn.execute(sql, params)]
+    finally:
+        conn.row_factory = None
+
+
+def query_active(conn: sqlite3.Connection, sql: str, params: list[Any]) -> list[ActiveGeneration]:
+    """Active-generation summaries for an ``id, worker_id, cancel_requested`` query."""
+    return [
+        ActiveGeneration(gid, worker, bool(flag)) for gid, worker, flag in conn.execute(sql, params)
+    ]
+
+
+def list_workers(conn: sqlite3.Connection) -> list[WorkerRecord]:
+    """Every registered worker, oldest first."""
+    return [
+        WorkerRecord(*row)
+        for row in conn.execute(
+            "SELECT id, hostname, pid, started_at, heartbeat_at FROM workers ORDER BY started_at"
+        )
+    ]
