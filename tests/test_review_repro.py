@@ -21,7 +21,6 @@ from store import (
     TERMINAL_STATUSES,
     GenerationRecord,
     StoreError,
-    StoreUnavailable,
     StreamStore,
 )
 from store._writer import WriterContext

@@ -139,7 +139,12 @@ async def test_generation_snapshot_moves_with_its_messages(store: StreamStore) -
             self.done = anyio.Event()
 
         def take(self) -> AppendBatch | None:
-            return self.batches.pop(0) if self.batches else None
+            self.last = self.batches.pop(0) if self.batches else None
+            return self.last
+
+        def untake(self) -> None:
+            if self.last is not None:
+                self.batches.insert(0, self.last)
 
         def committed(self, result: AppendResult) -> None:
             self.results.append(result)
@@ -198,6 +203,9 @@ async def test_a_busy_source_is_taken_at_most_once_per_coalesce_window(tmp_path:
             def take(self) -> AppendBatch | None:
                 self.takes += 1
                 return AppendBatch([b"x"])
+
+            def untake(self) -> None:
+                self.takes -= 1
 
             def committed(self, result: AppendResult) -> None:
                 pass
