@@ -11,9 +11,13 @@ from .types import Synchronous
 
 migrations = Migrations("keepstream")
 
+# How long a connection waits for another process's write lock before SQLITE_BUSY.
+BUSY_TIMEOUT = 30.0
+
 
 @migrations()
 def m001_streams_and_generations(db: Database) -> None:
+    """Streams, their messages, generation snapshots and workers."""
     # The log is keyed WITHOUT ROWID on (stream_id, offset): a range read of one stream is one
     # b-tree walk, and there is no second index to keep up on the hot append.
     db.executescript(
@@ -69,8 +73,10 @@ def connect(
     Transactions are explicit (``isolation_level=None``): the writer issues its own
     ``BEGIN IMMEDIATE`` / ``COMMIT``, readers wrap multi-statement reads in ``BEGIN``.
     """
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
-    conn.execute("PRAGMA busy_timeout = 30000")
+    conn = sqlite3.connect(
+        path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT
+    )
+    conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
     conn.execute(f"PRAGMA synchronous = {synchronous}")
     if readonly:
         conn.execute("PRAGMA query_only = ON")

@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from ._checkpoint import Checkpointer
 from ._exceptions import (
     StoreError,
     StoreUnavailable,
@@ -294,7 +295,7 @@ class Writer:
         self._started.set()
         last_commit = 0.0
         last_takeover_check = 0.0
-        checkpointer = _Checkpointer(self._path, self._checkpoint_every)
+        checkpointer = Checkpointer(self._path, self._checkpoint_every)
         try:
             while True:
                 self._wake.wait(self._poll_interval)
@@ -590,43 +591,3 @@ def _store_error(exc: BaseException) -> StoreError:
 
 def _bind(fn: Callable[..., None], *args: Any) -> Callable[[], None]:
     return lambda: fn(*args)
-
-
-class _Checkpointer:
-    """Runs a PASSIVE WAL checkpoint every ``every`` commits, on a thread of its own.
-
-    Left alone under load the WAL grows without bound (automatic checkpoints are off);
-    checkpointing on the writer's connection would stall commits, so it happens beside it.
-    PASSIVE never takes the write lock; once a pass completes, the next commit reuses the WAL
-    from its start, and ``journal_size_limit`` trims the file.
-    """
-
-    def __init__(self, path: str, every: int) -> None:
-        self._path = path
-        self._every = every
-        self._busy = threading.Lock()
-        self._commits = 0
-        self._closed = False
-
-    def maybe_run(self) -> None:
-        self._commits += 1
-        if self._closed or self._commits % self._every or not self._busy.acquire(blocking=False):
-            return
-        threading.Thread(target=self._checkpoint, name="keepstream-checkpoint", daemon=True).start()
-
-    def _checkpoint(self) -> None:
-        try:
-            conn = connect(self._path)
-            try:
-                conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-            finally:
-                conn.close()
-        except sqlite3.Error as exc:
-            logger.warning("WAL checkpoint failed: %s", exc)
-        finally:
-            self._busy.release()
-
-    def close(self) -> None:
-        self._closed = True
-        with self._busy:
-            pass

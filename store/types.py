@@ -10,7 +10,6 @@ from typing import Any, Literal
 JSONDict = dict[str, Any]
 Synchronous = Literal["NORMAL", "FULL"]
 
-GENERATION_STATUSES = ("queued", "running", "completed", "failed", "cancelled", "interrupted")
 TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled", "interrupted"})
 
 

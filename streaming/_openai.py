@@ -73,6 +73,7 @@ class OpenAIProvider:
         )
 
     def validate(self, request: GenerationRequest) -> None:
+        """Raise ``ValueError`` for params not passed through, or when no model is known."""
         unknown = set(request.params) - PASSTHROUGH_PARAMS
         if unknown:
             raise ValueError(f"unsupported openai params: {', '.join(sorted(unknown))}")
@@ -90,6 +91,7 @@ class OpenAIProvider:
         return body
 
     async def stream(self, request: GenerationRequest) -> AsyncGenerator[ProviderChunk, None]:
+        """The upstream's answer; every failure becomes ``ProviderError``."""
         url = f"{self.base_url}/chat/completions"
         finished = False
         try:
@@ -130,6 +132,7 @@ class OpenAIProvider:
             )
 
     async def aclose(self) -> None:
+        """Close the HTTP connection pool."""
         await self._client.aclose()
 
 

@@ -75,6 +75,7 @@ class SimulatedProvider:
         self.max_tokens = max_tokens
 
     def validate(self, request: GenerationRequest) -> None:
+        """Raise ``ValueError`` for params the simulated model does not take."""
         self._settings(request.params)
 
     def _settings(self, params: dict[str, Any]) -> tuple[float, int, bool, int | None, bool]:
@@ -104,6 +105,7 @@ class SimulatedProvider:
         return float(rate), count, echo, fail_after, stamp
 
     async def stream(self, request: GenerationRequest) -> AsyncGenerator[ProviderChunk, None]:
+        """The deterministic answer, paced at ``tokens_per_second``."""
         rate, count, echo, fail_after, stamp = self._settings(request.params)
         prompt = request.prompt
         words = prompt.split() if echo else []
@@ -131,4 +133,5 @@ class SimulatedProvider:
         yield ProviderChunk(usage={"input_tokens": input_tokens, "output_tokens": count})
 
     async def aclose(self) -> None:
+        """Nothing to release."""
         return None

@@ -17,6 +17,7 @@ from streaming import decode_event, encode_event
 # One write to a client carries at most about this much: a reader that falls behind costs
 # one bounded chunk of memory, and a send timeout can cut off a client that stopped reading.
 CHUNK_BYTES = 64 * 1024
+FRAME_OVERHEAD = 32  # "id: …\nevent: …\ndata: " and the blank line, roughly
 
 _DELTA_PREFIX = b'{"type":"delta"'
 _STATUS_PREFIX = b'{"type":"status"'
@@ -52,7 +53,7 @@ def _chunk_sizes(payloads: list[bytes]) -> list[int]:
             sizes.append(count)
             count = size = 0
         count += 1
-        size += len(payload) + 32
+        size += len(payload) + FRAME_OVERHEAD
     if count:
         sizes.append(count)
     return sizes

@@ -1,5 +1,8 @@
-"""Reproductions for the review findings: each test states a guarantee and fails while the bug
-it names is present. Real objects only (stores on real files, pools, real servers).
+"""Faults: full disks, peers that take a stream over, bad upstream text, hostile bodies.
+
+Each test states a guarantee and failed while the bug it was written for was present. Real
+objects only (stores on real files, pools, real servers); a full disk is SQLite's own
+``max_page_count`` limit on the writer's connection.
 
 Some tests poll committed state (``noqa: ASYNC110``): what they wait for has no event, which
 is the point of the bug they show.
