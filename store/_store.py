@@ -44,10 +44,14 @@ DEFAULT_COALESCE_WINDOW = 0.05
 DEFAULT_MAX_BATCH = 8192
 DEFAULT_READ_LIMIT = 4096
 DEFAULT_TAIL_MESSAGES = 8192
-DEFAULT_TAIL_BYTES = 1024 * 1024
+DEFAULT_TAIL_BYTES = 256 * 1024
 DEFAULT_READERS = 4
 DEFAULT_CHECKPOINT_EVERY = 64
 MIN_POLL_INTERVAL = 0.005
+# A closed stream's tail stays in memory this long (and within this many bytes in all), so
+# the followers that were live when it closed read its end without a query.
+CLOSED_GRACE = 2.0
+CLOSED_TAIL_BYTES = 64 * 1024 * 1024
 
 _GENERATION_COLUMNS = tuple(GenerationRecord("", "", "", "").to_row())
 _INSERT_GENERATION = "INSERT INTO generations ({}) VALUES ({})".format(
@@ -107,21 +111,22 @@ class _OneShotAppend:
 
 
 class _StreamState:
-    """What this process knows of an open stream it writes: recent messages and a wake-up
-    event.
+    """What this process knows of a stream it writes: recent messages and a wake-up event.
 
-    Only open streams this process appended to have a state; their committed length is known
-    exactly. The tail is capped in messages and bytes; older offsets are read from SQLite.
-    The event is *replaced* on every commit: a reader takes the current one before it reads,
-    so a commit between its read and its wait still wakes it.
+    Only streams this process appended to have a state (a closed one for ``CLOSED_GRACE``
+    more); their committed length is known exactly. The tail is capped in messages and
+    bytes; older offsets are read from SQLite. The event is *replaced* on every commit: a
+    reader takes the current one before it reads, so a commit between its read and its wait
+    still wakes it.
     """
 
-    __slots__ = ("event", "tail", "tail_bytes", "tail_start")
+    __slots__ = ("closed", "event", "tail", "tail_bytes", "tail_start")
 
     def __init__(self, tail_start: int) -> None:
         self.tail: list[bytes] = []
         self.tail_bytes = 0
         self.tail_start = tail_start
+        self.closed = False
         self.event = anyio.Event()
 
     @property
@@ -213,6 +218,8 @@ class StreamStore:
         self._reader_count = readers
         self._checkpoint_every = checkpoint_every
         self._states: dict[str, _StreamState] = {}
+        self._closed: dict[str, tuple[float, int]] = {}  # closed states by closing time
+        self._closed_bytes = 0
         self._external_event = anyio.Event()
         self._writer: Writer | None = None
         self._readers: _Readers | None = None
@@ -271,7 +278,7 @@ class StreamStore:
         return {
             "commits": writer.commits if writer else 0,
             "rows_written": writer.rows_written if writer else 0,
-            "live_streams": len(self._states),
+            "live_streams": len(self._states) - len(self._closed),
             "write_retries": writer.retries if writer else 0,
         }
 
@@ -392,14 +399,15 @@ class StreamStore:
         if state is not None and offset >= state.tail_start:
             start = offset - state.tail_start
             messages = state.tail[start : start + limit]
-            return ReadResult(offset, messages, False)  # a state only exists while open
+            at_end = state.closed and offset + len(messages) >= state.next_offset
+            return ReadResult(offset, messages, at_end)
         return await self._run_read(queries.read_messages, stream_id, offset, limit)
 
     async def stream_length(self, stream_id: str) -> tuple[int, bool]:
         """``(next_offset, closed)`` of a stream as committed. Raises ``StreamNotFound``."""
         state = self._states.get(stream_id)
         if state is not None:
-            return state.next_offset, False
+            return state.next_offset, state.closed
         return await self._run_read(queries.stream_length, stream_id)
 
     async def _run_read(self, fn: Callable[..., T], *args: Any) -> T:
@@ -556,6 +564,27 @@ class StreamStore:
 
     # -- publishing (event loop side of the writer) -------------------------------------------
 
+    def _keep_closed(self, stream_id: str, state: _StreamState) -> None:
+        self._closed[stream_id] = (time.monotonic(), state.tail_bytes)
+        self._closed_bytes += state.tail_bytes
+
+    def _forget_closed(self, stream_id: str) -> None:
+        kept = self._closed.pop(stream_id, None)
+        if kept is not None:
+            self._closed_bytes -= kept[1]
+
+    def _expire_closed(self) -> None:
+        """Drop closed streams' tails after ``CLOSED_GRACE`` or past ``CLOSED_TAIL_BYTES``."""
+        now = time.monotonic()
+        closed = self._closed
+        while closed:
+            stream_id, (at, size) = next(iter(closed.items()))
+            if now - at < CLOSED_GRACE and self._closed_bytes <= CLOSED_TAIL_BYTES:
+                break
+            del closed[stream_id]
+            self._closed_bytes -= size
+            self._states.pop(stream_id, None)
+
     def _publish_threadsafe(self, outcome: Outcome) -> None:
         loop = self._loop
         if loop is None or loop.is_closed():
@@ -566,10 +595,10 @@ class StreamStore:
         wake_external = outcome.external_change
         for change in outcome.changes:
             sid = change.stream_id
-            if change.deleted or change.stale or change.closed:
-                # A closed stream is served from SQLite from now on (its readers are woken
-                # to read its end there); a deleted or stale one must not be served at all.
+            if change.deleted or change.stale:
+                # What this process knew no longer holds: SQLite serves it from now on.
                 state = self._states.pop(sid, None)
+                self._forget_closed(sid)
                 if state is not None:
                     state.wake()
                 wake_external = True
@@ -591,7 +620,12 @@ class StreamStore:
             state.extend(
                 change.payloads, max_messages=self._tail_messages, max_bytes=self._tail_bytes
             )
+            if change.closed:
+                # Its live followers are about to read the end: keep the tail a moment.
+                state.closed = True
+                self._keep_closed(sid, state)
             state.wake()
+        self._expire_closed()
         if wake_external:
             self._external_event.set()
             self._external_event = anyio.Event()

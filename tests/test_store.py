@@ -255,3 +255,21 @@ async def test_a_cancel_request_never_touches_a_finished_generation(store: Strea
         await store.request_cancel("missing", only_if=["running"])
     active = await store.active_generations(["queued", "running"])
     assert [(a.id, a.cancel_requested) for a in active] == [("live", True)]
+
+
+async def test_payloads_are_stored_byte_for_byte_utf8_or_not(store: StreamStore) -> None:
+    await store.create_stream("s")
+    payloads = [
+        '{"text":"café \\"q\\" 🙂 \\u00e9 \\n"}'.encode(),
+        b"\xff\xfe not utf-8 \x00",
+        "plain ünïcödé".encode(),
+    ]
+    async with anyio.create_task_group() as tg:  # one commit for all three
+        for payload in payloads:
+            tg.start_soon(store.append, "s", [payload])
+    stored = (await store.read("s", 0)).messages
+    assert sorted(stored) == sorted(payloads)
+    conn = sqlite3.connect(store.path)
+    rows = conn.execute("SELECT data FROM messages WHERE stream_id = 's'").fetchall()
+    conn.close()
+    assert sorted(data for (data,) in rows) == sorted(payloads)
