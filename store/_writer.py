@@ -61,8 +61,9 @@ _INSERT_MESSAGES_JSON = (
     " SELECT value ->> 0, value ->> 1, CAST(value ->> 2 AS BLOB) FROM json_each(?)"
 )
 _UPDATE_SNAPSHOTS_JSON = (
-    "UPDATE generations SET text = generations.text || j.value ->> 1, next_offset = j.value ->> 2"
-    " FROM json_each(?) AS j WHERE generations.id = j.value ->> 0"
+    # Parentheses matter: || and ->> share a precedence level and group left to right.
+    "UPDATE generations SET text = generations.text || (j.value ->> 1),"
+    " next_offset = j.value ->> 2 FROM json_each(?) AS j WHERE generations.id = j.value ->> 0"
 )
 
 # SQLite primary result codes worth retrying: the same statements can succeed later.
@@ -444,8 +445,11 @@ class Writer:
                 callbacks += self._write(ctx, ops, batches, isolated=False)
             except _Retry:
                 raise
-            except Exception:
+            except Exception as exc:
                 # A permanent error somewhere in the fast path: find whose, one by one.
+                logger.warning(
+                    "batch refused (%s: %s); writing it source by source", type(exc).__name__, exc
+                )
                 self._rollback(ctx)
                 callbacks += self._write(ctx, ops, batches, isolated=True)
         except _Retry as retry:

@@ -20,6 +20,7 @@ from store import (
     StreamNotFound,
     StreamStore,
 )
+from streaming import GenerationLog
 
 
 @pytest.fixture
@@ -273,3 +274,19 @@ async def test_payloads_are_stored_byte_for_byte_utf8_or_not(store: StreamStore)
     rows = conn.execute("SELECT data FROM messages WHERE stream_id = 's'").fetchall()
     conn.close()
     assert sorted(data for (data,) in rows) == sorted(payloads)
+
+
+async def test_many_generations_commit_together_on_the_fast_path(
+    store: StreamStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    for gid in ("a", "b", "c"):
+        await store.create_generation(GenerationRecord(gid, gid, "running", "simulated"))
+    logs = {gid: GenerationLog(store, gid, gid) for gid in ("a", "b", "c")}
+    for round_ in range(3):  # each round appends to text that is already there
+        for gid, log in logs.items():
+            log.add_text(f"{gid}{round_} ")
+        for log in logs.values():
+            await log.flush()
+    for gid in logs:
+        assert (await store.get_generation(gid)).text == f"{gid}0 {gid}1 {gid}2 "
+    assert "batch refused" not in caplog.text  # nothing fell back to the slow path
