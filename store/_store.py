@@ -46,7 +46,7 @@ DEFAULT_READ_LIMIT = 4096
 DEFAULT_TAIL_MESSAGES = 8192
 DEFAULT_TAIL_BYTES = 256 * 1024
 DEFAULT_READERS = 4
-DEFAULT_CHECKPOINT_EVERY = 64
+DEFAULT_CHECKPOINT_EVERY = 16
 MIN_POLL_INTERVAL = 0.005
 # A closed stream's tail stays in memory this long (and within this many bytes in all), so
 # the followers that were live when it closed read its end without a query.

@@ -250,6 +250,19 @@ class GenerationPool:
             raise GenerationNotFound(generation_id)
         return record
 
+    async def locate(self, generation_id: str, *, owner: str | None = None) -> GenerationRecord:
+        """Who a generation belongs to and which stream it writes — without its text.
+
+        For a generation this process runs, no query is made; otherwise the committed row is
+        read. Use ``get`` for the snapshot (status, text, offsets).
+        """
+        handle = self._handles.get(generation_id)
+        if handle is None:
+            return await self.get(generation_id, owner=owner)
+        if owner is not None and handle.record.owner != owner:
+            raise GenerationNotFound(generation_id)
+        return handle.record
+
     # -- running ------------------------------------------------------------------------------
 
     async def _supervise(self, handle: _Handle) -> None:

@@ -153,7 +153,7 @@ async def generation_events(request: Request) -> Response:
     left for this client.
     """
     state = app_state(request)
-    record = await state.pool.get(request.path_params["generation_id"])
+    record = await state.pool.locate(request.path_params["generation_id"])
     length, closed = await state.store.stream_length(record.stream_id)
     skip = 0
     last_event_id = request.headers.get("last-event-id")
