@@ -68,6 +68,12 @@ def upstream() -> Iterator[FakeUpstream]:
 
 UPSTREAM_READ_TIMEOUT = 1.0
 
+
+def openai_args(upstream: FakeUpstream) -> tuple[str, ...]:
+    """Server flags that make ``upstream`` the default (openai) provider, model ``test-model``."""
+    return ("--provider", "openai", "--model", "test-model", "--upstream-url", upstream.base_url)
+
+
 # --coalesce-window 0: commit text as it arrives, so answers span many delta events and the
 # text-offset sweeps cross event boundaries.
 OPENAI_SERVER_ARGS: Sequence[str] = (

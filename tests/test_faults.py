@@ -38,7 +38,7 @@ from streaming import (
     status_event,
 )
 
-from .conftest import ServerFactory
+from .conftest import ServerFactory, openai_args
 from .fake_upstream import FakeUpstream, error_reply
 from .support import start_generation, wait_for_status
 
@@ -68,17 +68,11 @@ async def stream_text(store: StreamStore, stream_id: str) -> str:
 async def test_upstream_error_with_a_lone_surrogate_fails_only_that_generation(
     server_factory: ServerFactory, upstream: FakeUpstream
 ) -> None:
-    """JSON may escape half a surrogate pair; the upstream's error text is stored unsanitised,
-    ``encode_event`` raises UnicodeEncodeError inside ``_supervise``'s ``finally`` and the
-    exception escapes into the pool's task group."""
+    """An upstream error message may hold half a surrogate pair (JSON ``\\ud800``): that one
+    generation fails with the text scrubbed, and the server goes on serving."""
     prompt = upstream.expect(error_reply(500, "bad \ud800 news"), label="surrogate")
     server = server_factory(
-        "--provider",
-        "openai",
-        "--model",
-        "test-model",
-        "--upstream-url",
-        upstream.base_url,
+        *openai_args(upstream),
         "--shutdown-grace",
         "1",
     )
@@ -222,11 +216,8 @@ async def test_a_failed_batch_is_not_silently_dropped_while_later_ones_commit(
 
 
 async def test_a_peer_closing_our_stream_wakes_and_ends_our_followers(tmp_path: Path) -> None:
-    """Guarantee (4) as seen by a reader. ``recover()`` in another process (after this one's
-    lease ran out: a stall, a suspend, clock skew) appends the final event with
-    ``finish_generation``. This process keeps a ``_StreamState`` for the stream: ``read`` serves
-    the stale tail (``at_end`` never true) and ``change_event`` returns the state's own event,
-    which only this process's commits set. The follower waits forever."""
+    """Guarantee (4) as seen by a reader. When a peer ends a generation this process wrote
+    (it took us for dead), our followers notice the close and end too."""
     path = str(tmp_path / "two.db")
     async with StreamStore(path) as mine, StreamStore(path) as peer:
         await mine.create_generation(new_record("g", worker_id="wrk_mine"))
@@ -255,9 +246,8 @@ async def test_a_peer_closing_our_stream_wakes_and_ends_our_followers(tmp_path: 
 
 
 async def test_one_streams_conflict_does_not_drop_other_generations_text(tmp_path: Path) -> None:
-    """The writer's cached next offset of a stream a peer appended to is stale, so the next
-    INSERT hits the primary key: ``IntegrityError`` fails the *whole* transaction, and every
-    other generation's batch taken into it is dropped for good (see also the sticky error)."""
+    """A stream whose offsets a peer took fails alone: the other generations' text in the
+    same commit is written."""
     path = str(tmp_path / "two.db")
     async with (
         StreamStore(path, flush_interval=0.3, coalesce_window=0) as mine,
@@ -297,10 +287,8 @@ async def test_one_streams_conflict_does_not_drop_other_generations_text(tmp_pat
 async def test_a_worker_removed_by_a_peer_is_registered_again_by_its_heartbeat(
     tmp_path: Path,
 ) -> None:
-    """After one stall longer than ``lease_timeout`` (a suspend, a long disk stall, an NTP
-    step), a peer's ``recover()`` deletes this worker's row. ``heartbeat`` is a bare UPDATE, so
-    the row never comes back: from then on every peer sweep treats every generation this live
-    process runs as an orphan and ends it ``interrupted`` under its feet."""
+    """After a stall longer than ``lease_timeout`` a peer removes this worker's row; the
+    next heartbeat registers it again, so its later generations are not taken for orphans."""
     path = str(tmp_path / "lease.db")
     skew = [100.0]  # the peer sees our heartbeat as 100 s old: we were stalled
 
@@ -343,10 +331,8 @@ async def test_a_worker_removed_by_a_peer_is_registered_again_by_its_heartbeat(
 async def test_an_op_that_raises_a_non_sqlite_error_does_not_kill_the_writer(
     tmp_path: Path,
 ) -> None:
-    """``_run_op`` catches StoreError, IntegrityError and ValueError; ``_run_batch`` catches
-    sqlite3.Error. Anything else (OverflowError binding a big int, TypeError from json.dumps,
-    RecursionError, an exception from a source's ``take``) ends the writer thread with the
-    transaction open: that op's caller and every later write wait forever."""
+    """An op that raises anything (here OverflowError binding a huge int) fails alone; the
+    writer thread lives on and later writes go through."""
     async with StreamStore(str(tmp_path / "dead.db")) as store:
         await store.create_generation(new_record("g"))
         with anyio.move_on_after(3) as first:
@@ -363,8 +349,7 @@ async def test_an_op_that_raises_a_non_sqlite_error_does_not_kill_the_writer(
 
 
 async def test_a_body_with_a_huge_integer_is_a_4xx_not_a_500(client: httpx.AsyncClient) -> None:
-    """``json.loads`` raises a plain ValueError (int max-str-digits, 4300) that
-    ``read_json_body`` does not catch."""
+    """An integer past Python's 4,300-digit limit in a body is a 400, not a 500."""
     content = b'{"prompt": "hi", "params": {"max_tokens": ' + b"1" * 5000 + b"}}"
     response = await client.post(
         "/v1/generations", content=content, headers={"Content-Type": "application/json"}
@@ -378,9 +363,7 @@ async def test_a_body_with_a_huge_integer_is_a_4xx_not_a_500(client: httpx.Async
 async def test_a_stream_deleted_and_created_again_in_one_commit_reads_as_new(
     tmp_path: Path,
 ) -> None:
-    """``WriterContext.mark_created`` overwrites the batch's ``deleted`` change, so ``_publish``
-    keeps the old ``_StreamState``: its tail, offsets and closed flag outlive the delete and
-    are served as the new stream's content."""
+    """A stream deleted and created again in one commit reads as the new, empty stream."""
     async with StreamStore(str(tmp_path / "re.db"), flush_interval=0.3) as store:
         await store.create_stream("s")
         await store.append("s", [b"old-0", b"old-1"], close=True)
@@ -399,10 +382,8 @@ async def test_a_stream_deleted_and_created_again_in_one_commit_reads_as_new(
 async def test_a_reader_that_read_a_new_stream_before_publish_is_woken_by_its_first_append(
     tmp_path: Path,
 ) -> None:
-    """A reader takes ``change_event`` (the shared external event: no state yet), reads from
-    SQLite and finds the stream committed but empty. ``_publish`` then creates the state for a
-    ``created`` change without setting the external event, and every later commit sets only
-    the state's event: the reader is never woken (in a single process)."""
+    """A reader that found a new stream in SQLite before its creation was published is still
+    woken by the stream's first append."""
     path = str(tmp_path / "new.db")
     async with StreamStore(path, flush_interval=0.005) as store:
         creating = anyio.Event()

@@ -2,54 +2,69 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import httpx
+import pytest
 
 from .conftest import DEFAULT_ARGS, ServerFactory
-from .support import final_status, read_events, start_generation, text_of, wait_for_status
+from .support import Server, final_status, read_events, start_generation, text_of, wait_for_status
+
+
+@pytest.fixture
+def peers(server_factory: ServerFactory) -> tuple[Server, Server]:
+    """Two servers on one database file."""
+    first = server_factory(*DEFAULT_ARGS)
+    return first, server_factory(*DEFAULT_ARGS, db=first.db)
+
+
+@pytest.fixture
+async def peer_clients(
+    peers: tuple[Server, Server],
+) -> AsyncIterator[tuple[httpx.AsyncClient, httpx.AsyncClient]]:
+    """A client for each of ``peers``."""
+    first, second = peers
+    async with (
+        httpx.AsyncClient(base_url=first.url, timeout=30) as one,
+        httpx.AsyncClient(base_url=second.url, timeout=30) as two,
+    ):
+        yield one, two
 
 
 async def test_a_second_process_follows_a_generation_the_first_is_running(
-    server_factory: ServerFactory,
+    peer_clients: tuple[httpx.AsyncClient, httpx.AsyncClient],
 ) -> None:
-    first = server_factory(*DEFAULT_ARGS)
-    second = server_factory(*DEFAULT_ARGS, db=first.db)
-    async with (
-        httpx.AsyncClient(base_url=first.url, timeout=30) as one,
-        httpx.AsyncClient(base_url=second.url, timeout=30) as two,
-    ):
-        generation = await start_generation(
-            one, prompt="shared", params={"tokens_per_second": 50, "max_tokens": 50}
-        )
-        gid = generation["id"]
-        # The follower joins while the generation is live, resumes part-way through, and
-        # sees every later event as it is committed by the other process.
-        early = await read_events(two, gid, max_events=3)
-        assert (await two.get(f"/v1/generations/{gid}")).json()["status"] == "running"
-        rest = await read_events(two, gid, headers={"Last-Event-ID": early[-1].id})
-        assert final_status(rest) == "completed"
-        snapshot = await wait_for_status(one, gid, {"completed"})
-        assert text_of(early + rest) == snapshot["text"]
-        assert [int(e.id) for e in early + rest] == list(range(1, snapshot["next_offset"] + 1))
-        # The second process did not take the live generation for a dead one.
-        assert snapshot["error"] is None
+    one, two = peer_clients
+    generation = await start_generation(
+        one, prompt="shared", params={"tokens_per_second": 50, "max_tokens": 50}
+    )
+    gid = generation["id"]
+    # The follower joins while the generation is live, resumes part-way through, and
+    # sees every later event as it is committed by the other process.
+    early = await read_events(two, gid, max_events=3)
+    assert (await two.get(f"/v1/generations/{gid}")).json()["status"] == "running"
+    rest = await read_events(two, gid, headers={"Last-Event-ID": early[-1].id})
+    assert final_status(rest) == "completed"
+    snapshot = await wait_for_status(one, gid, {"completed"})
+    assert text_of(early + rest) == snapshot["text"]
+    assert [int(e.id) for e in early + rest] == list(range(1, snapshot["next_offset"] + 1))
+    # The second process did not take the live generation for a dead one.
+    assert snapshot["error"] is None
 
 
-async def test_cancel_through_the_other_process(server_factory: ServerFactory) -> None:
-    first = server_factory(*DEFAULT_ARGS)
-    second = server_factory(*DEFAULT_ARGS, db=first.db)
-    async with (
-        httpx.AsyncClient(base_url=first.url, timeout=30) as one,
-        httpx.AsyncClient(base_url=second.url, timeout=30) as two,
-    ):
-        generation = await start_generation(
-            one, prompt="remote", params={"tokens_per_second": 20, "max_tokens": 1000}
-        )
-        await read_events(two, generation["id"], max_events=2)
-        response = await two.post(f"/v1/generations/{generation['id']}/cancel")
-        assert response.status_code == 200
-        snapshot = await wait_for_status(one, generation["id"], {"cancelled"}, timeout=15)
-        assert snapshot["text"]
-        assert final_status(await read_events(two, generation["id"])) == "cancelled"
+async def test_cancel_through_the_other_process(
+    peer_clients: tuple[httpx.AsyncClient, httpx.AsyncClient],
+) -> None:
+    one, two = peer_clients
+    generation = await start_generation(
+        one, prompt="remote", params={"tokens_per_second": 20, "max_tokens": 1000}
+    )
+    await read_events(two, generation["id"], max_events=2)
+    response = await two.post(f"/v1/generations/{generation['id']}/cancel")
+    assert response.status_code == 200
+    snapshot = await wait_for_status(one, generation["id"], {"cancelled"}, timeout=15)
+    assert snapshot["text"]
+    assert final_status(await read_events(two, generation["id"])) == "cancelled"
 
 
 async def test_the_survivor_recovers_a_dead_peers_generations(

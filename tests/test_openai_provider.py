@@ -13,7 +13,7 @@ import httpx
 import pytest
 from httpx_sse import ServerSentEvent, aconnect_sse
 
-from .conftest import UPSTREAM_READ_TIMEOUT, ServerFactory
+from .conftest import UPSTREAM_READ_TIMEOUT, ServerFactory, openai_args
 from .fake_upstream import (
     DONE,
     FakeUpstream,
@@ -181,12 +181,7 @@ async def test_api_key_is_sent_as_a_bearer_token(
     server_factory: ServerFactory, upstream: FakeUpstream
 ) -> None:
     server = server_factory(
-        "--provider",
-        "openai",
-        "--model",
-        "test-model",
-        "--upstream-url",
-        upstream.base_url,
+        *openai_args(upstream),
         env={"KEEPSTREAM_UPSTREAM_API_KEY": "sk-test-123"},
     )
     prompt = upstream.expect(Reply(answer(DELTAS)), label="key")
@@ -200,12 +195,7 @@ async def test_zero_read_timeout_means_no_limit(
     server_factory: ServerFactory, upstream: FakeUpstream
 ) -> None:
     server = server_factory(
-        "--provider",
-        "openai",
-        "--model",
-        "test-model",
-        "--upstream-url",
-        upstream.base_url,
+        *openai_args(upstream),
         "--upstream-read-timeout",
         "0",
     )
