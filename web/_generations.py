@@ -37,7 +37,7 @@ def app_state(request: Request) -> AppState:
     return state
 
 
-def generation_json(record: GenerationRecord, request: Request) -> dict[str, Any]:
+def generation_json(record: GenerationRecord) -> dict[str, Any]:
     """The public form of a generation snapshot."""
     return {
         "id": record.id,
@@ -136,13 +136,13 @@ async def create_generation(request: Request) -> Response:
             offset=0,
             headers={"Location": location, "Keepstream-Generation-Id": record.id},
         )
-    return JSONResponse(generation_json(record, request), 202, headers={"Location": location})
+    return JSONResponse(generation_json(record), 202, headers={"Location": location})
 
 
 async def get_generation(request: Request) -> Response:
     """``GET /v1/generations/{id}``: the snapshot (status, text so far, next_offset, …)."""
     record = await app_state(request).pool.get(request.path_params["generation_id"])
-    return JSONResponse(generation_json(record, request))
+    return JSONResponse(generation_json(record))
 
 
 async def generation_events(request: Request) -> Response:
@@ -204,7 +204,7 @@ async def locate_text_offset(
 async def cancel_generation(request: Request) -> Response:
     """``POST /v1/generations/{id}/cancel``: stop it; idempotent; a finished one is unchanged."""
     record = await app_state(request).pool.cancel(request.path_params["generation_id"])
-    return JSONResponse(generation_json(record, request))
+    return JSONResponse(generation_json(record))
 
 
 async def healthz(request: Request) -> Response:
