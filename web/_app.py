@@ -12,6 +12,7 @@ from starlette.applications import Starlette
 from store import StreamStore
 from streaming import GenerationPool, OpenAIProvider, Provider, SimulatedProvider
 
+from ._auth import ApiKeys
 from ._errors import handled_exceptions
 from ._generations import AppState, routes
 from ._settings import Settings
@@ -44,6 +45,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     """A keepstream ASGI app. Nothing is opened until its lifespan starts."""
     settings = settings or Settings()
     settings.validate()
+    api_keys = ApiKeys.load(inline=settings.api_keys, file=settings.api_keys_file)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -80,8 +82,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
             logger.info("keepstream ready: db=%s worker=%s", settings.db, pool.worker.id)
             yield
 
-    return Starlette(
+    app = Starlette(
         routes=routes,
         lifespan=lifespan,
         exception_handlers=handled_exceptions(),  # type: ignore[arg-type]
     )
+    app.state.api_keys = api_keys
+    return app

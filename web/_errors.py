@@ -2,6 +2,7 @@
 
 WebError
 ├── BadRequest        400: malformed JSON, bad offsets
+├── Unauthorized      401: a missing or unknown API key
 ├── InvalidRequest    422: a well-formed body that does not describe a valid request
 └── PayloadTooLarge   413: the body exceeds ``max_body_bytes``
 
@@ -27,6 +28,7 @@ class WebError(Exception):
 
     status = 400
     type = "bad_request"
+    headers: dict[str, str] | None = None
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -35,6 +37,14 @@ class WebError(Exception):
 
 class BadRequest(WebError):
     """The request cannot be parsed (malformed JSON, a bad offset)."""
+
+
+class Unauthorized(WebError):
+    """No API key, or one this server does not know."""
+
+    status = 401
+    type = "unauthorized"
+    headers = {"WWW-Authenticate": "Bearer"}
 
 
 class InvalidRequest(WebError):
@@ -74,7 +84,7 @@ def error_response(
 async def handle_error(request: Request, exc: Exception) -> Response:
     """Starlette exception handler: map ``exc`` through the table."""
     if isinstance(exc, WebError):
-        return error_response(exc.status, exc.type, exc.message)
+        return error_response(exc.status, exc.type, exc.message, headers=exc.headers)
     if isinstance(exc, HTTPException):
         return error_response(
             exc.status_code,

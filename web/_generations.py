@@ -14,6 +14,7 @@ from starlette.routing import Route
 from store import GenerationRecord, StreamStore
 from streaming import GenerationPool, GenerationRequest, decode_event
 
+from ._auth import current_user
 from ._errors import BadRequest, InvalidRequest, PayloadTooLarge
 from ._settings import Settings
 from ._sse import follow
@@ -121,13 +122,14 @@ def event_stream(
 async def create_generation(request: Request) -> Response:
     """``POST /v1/generations``: start a generation; 202 with it, or its events as SSE."""
     state = app_state(request)
+    user = current_user(request)
     body = await read_json_body(request, state.settings.max_body_bytes)
     try:
         generation_request = GenerationRequest.from_json(body)
         state.pool.resolve_provider(generation_request)
     except ValueError as exc:
         raise InvalidRequest(str(exc)) from None
-    record = await state.pool.submit(generation_request)
+    record = await state.pool.submit(generation_request, owner=user)
     location = f"/v1/generations/{record.id}"
     if wants_event_stream(request):
         return event_stream(
@@ -141,7 +143,8 @@ async def create_generation(request: Request) -> Response:
 
 async def get_generation(request: Request) -> Response:
     """``GET /v1/generations/{id}``: the snapshot (status, text so far, next_offset, …)."""
-    record = await app_state(request).pool.get(request.path_params["generation_id"])
+    pool = app_state(request).pool
+    record = await pool.get(request.path_params["generation_id"], owner=current_user(request))
     return JSONResponse(generation_json(record))
 
 
@@ -153,7 +156,9 @@ async def generation_events(request: Request) -> Response:
     left for this client.
     """
     state = app_state(request)
-    record = await state.pool.locate(request.path_params["generation_id"])
+    record = await state.pool.locate(
+        request.path_params["generation_id"], owner=current_user(request)
+    )
     length, closed = await state.store.stream_length(record.stream_id)
     skip = 0
     last_event_id = request.headers.get("last-event-id")
@@ -203,7 +208,8 @@ async def locate_text_offset(
 
 async def cancel_generation(request: Request) -> Response:
     """``POST /v1/generations/{id}/cancel``: stop it; idempotent; a finished one is unchanged."""
-    record = await app_state(request).pool.cancel(request.path_params["generation_id"])
+    pool = app_state(request).pool
+    record = await pool.cancel(request.path_params["generation_id"], owner=current_user(request))
     return JSONResponse(generation_json(record))
 
 

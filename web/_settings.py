@@ -51,8 +51,12 @@ class Settings:
         30.0, "drop an SSE client that accepts nothing for this long"
     )
     sse_retry_ms: int = _setting(1000, "reconnect delay suggested to SSE clients (retry:)")
+    api_keys: str | None = _setting(
+        None, "comma-separated user=key pairs (prefer the env var or --api-keys-file)"
+    )
+    api_keys_file: str | None = _setting(None, "a file of user=key lines, one per API key")
     allow_remote: bool = _setting(
-        False, "allow binding beyond loopback (there is no authentication yet)"
+        False, "allow binding beyond loopback without API keys (anyone could use it)"
     )
     loop: str = _setting("auto", "uvicorn event loop", choices=("auto", "asyncio", "uvloop"))
     http: str = _setting("auto", "uvicorn HTTP parser", choices=("auto", "h11", "httptools"))
@@ -76,10 +80,12 @@ class Settings:
                 raise ValueError(f"{name} must be >= 1")
         if self.max_queued < 0:
             raise ValueError("max_queued must be >= 0")
-        if not self.allow_remote and self.host not in ("127.0.0.1", "localhost", "::1"):
+        has_keys = bool(self.api_keys or self.api_keys_file)
+        loopback = self.host in ("127.0.0.1", "localhost", "::1")
+        if not (loopback or has_keys or self.allow_remote):
             raise ValueError(
-                f"refusing to bind {self.host}: keepstream has no authentication yet; "
-                "bind to loopback or pass --allow-remote"
+                f"refusing to bind {self.host} without API keys: configure --api-keys-file "
+                "(or KEEPSTREAM_API_KEYS), bind to loopback, or pass --allow-remote"
             )
 
     @classmethod
