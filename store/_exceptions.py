@@ -6,6 +6,7 @@ StoreError
 ├── StreamClosed        append to a stream that was closed
 ├── StreamConflict      another writer appended at offsets this one expected to use
 ├── GenerationNotFound  no generation with that id
+├── SessionNotFound     no session with that id
 └── StoreUnavailable    SQLite failed (disk full, I/O error, store closed)
 """
 
@@ -54,6 +55,14 @@ class GenerationNotFound(StoreError):
     def __init__(self, generation_id: str) -> None:
         super().__init__(f"generation {generation_id!r} not found")
         self.generation_id = generation_id
+
+
+class SessionNotFound(StoreError):
+    """No session with this id."""
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__(f"session {session_id!r} not found")
+        self.session_id = session_id
 
 
 class StoreUnavailable(StoreError):

@@ -65,6 +65,60 @@ def m001_streams_and_generations(db: Database) -> None:
     )
 
 
+@migrations()
+def m002_sessions(db: Database) -> None:
+    """Sessions (conversations), their messages, and idempotency keys."""
+    # An assistant message stores no text of its own: it names its generation, whose
+    # snapshot row holds the text (so the message shows an answer in progress as it grows).
+    db.executescript(
+        """
+        CREATE TABLE sessions (
+            id TEXT PRIMARY KEY,
+            owner TEXT,
+            title TEXT NOT NULL DEFAULT '',
+            status TEXT NOT NULL,
+            closed_reason TEXT,
+            context TEXT NOT NULL DEFAULT '{}',
+            keep_open INTEGER NOT NULL DEFAULT 0,
+            on_closed TEXT NOT NULL,
+            on_busy TEXT NOT NULL,
+            close_on_complete INTEGER NOT NULL DEFAULT 0,
+            previous_session_id TEXT,
+            message_count INTEGER NOT NULL DEFAULT 0,
+            trimmed_messages INTEGER NOT NULL DEFAULT 0,
+            next_seq INTEGER NOT NULL DEFAULT 0,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            last_activity_at REAL NOT NULL,
+            closed_at REAL
+        );
+        CREATE INDEX sessions_by_owner ON sessions (owner, last_activity_at);
+        CREATE INDEX sessions_by_activity ON sessions (status, last_activity_at);
+        CREATE TABLE session_messages (
+            session_id TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            id TEXT NOT NULL UNIQUE,
+            role TEXT NOT NULL,
+            content TEXT,
+            generation_id TEXT,
+            created_at REAL NOT NULL,
+            PRIMARY KEY (session_id, seq)
+        ) WITHOUT ROWID;
+        CREATE TABLE idempotency_keys (
+            owner TEXT NOT NULL,
+            key TEXT NOT NULL,
+            session_id TEXT NOT NULL,
+            response TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            PRIMARY KEY (owner, key)
+        ) WITHOUT ROWID;
+        ALTER TABLE generations ADD COLUMN session_id TEXT;
+        CREATE INDEX generations_by_session ON generations (session_id, created_at)
+            WHERE session_id IS NOT NULL;
+        """
+    )
+
+
 def connect(
     path: str, *, synchronous: Synchronous = "NORMAL", readonly: bool = False
 ) -> sqlite3.Connection:

@@ -410,6 +410,10 @@ class StreamStore:
             return state.next_offset, state.closed
         return await self._run_read(queries.stream_length, stream_id)
 
+    async def query(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(conn, *args)`` on a read-only connection off the event loop."""
+        return await self._run_read(fn, *args)
+
     async def _run_read(self, fn: Callable[..., T], *args: Any) -> T:
         if self._readers is None:
             raise StoreUnavailable("the store is not open")
@@ -418,14 +422,21 @@ class StreamStore:
     # -- generations --------------------------------------------------------------------------
 
     async def create_generation(
-        self, record: GenerationRecord, *, content_type: str = "application/json"
+        self,
+        record: GenerationRecord,
+        *,
+        content_type: str = "application/json",
+        also: Op | None = None,
     ) -> None:
-        """Insert a generation and create its (empty) stream in one transaction."""
+        """Insert a generation and create its (empty) stream in one transaction, together
+        with whatever ``also`` writes (a session's messages, say)."""
 
         def op(ctx: WriterContext) -> None:
             queries.insert_stream(ctx, record.stream_id, content_type, mark=False)
             row = record.to_row()
             ctx.conn.execute(_INSERT_GENERATION, [row[c] for c in _GENERATION_COLUMNS])
+            if also is not None:
+                also(ctx)
             ctx.mark_created(record.stream_id)
 
         await self.execute(op)

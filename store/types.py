@@ -75,6 +75,7 @@ class GenerationRecord:
     created_at: float = 0.0
     started_at: float | None = None
     finished_at: float | None = None
+    session_id: str | None = None
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> GenerationRecord:
@@ -96,6 +97,7 @@ class GenerationRecord:
             created_at=row["created_at"],
             started_at=row["started_at"],
             finished_at=row["finished_at"],
+            session_id=row["session_id"],
         )
 
     def to_row(self) -> JSONDict:
@@ -117,6 +119,7 @@ class GenerationRecord:
             "created_at": self.created_at,
             "started_at": self.started_at,
             "finished_at": self.finished_at,
+            "session_id": self.session_id,
         }
 
 
@@ -150,3 +153,104 @@ def encode_field(name: str, value: Any) -> Any:
     if isinstance(value, bool):
         return int(value)
     return value
+
+
+SESSION_STATUSES = ("active", "paused", "closed")
+
+
+@dataclass(slots=True)
+class SessionRecord:
+    """A conversation: who owns it, where it stands, its context and its policies."""
+
+    id: str
+    owner: str | None
+    title: str
+    status: str
+    on_closed: str
+    on_busy: str
+    created_at: float
+    updated_at: float
+    last_activity_at: float
+    context: JSONDict = field(default_factory=dict)
+    keep_open: bool = False
+    close_on_complete: bool = False
+    closed_reason: str | None = None
+    closed_at: float | None = None
+    previous_session_id: str | None = None
+    message_count: int = 0
+    trimmed_messages: int = 0
+    next_seq: int = 0
+
+    @classmethod
+    def blank(cls, session_id: str) -> SessionRecord:
+        """An empty record (for the column list)."""
+        return cls(session_id, None, "", "active", "reopen", "reject", 0.0, 0.0, 0.0)
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> SessionRecord:
+        """Build a record from a ``sessions`` row."""
+        return cls(
+            id=row["id"],
+            owner=row["owner"],
+            title=row["title"],
+            status=row["status"],
+            on_closed=row["on_closed"],
+            on_busy=row["on_busy"],
+            created_at=row["created_at"],
+            updated_at=row["updated_at"],
+            last_activity_at=row["last_activity_at"],
+            context=json.loads(row["context"]),
+            keep_open=bool(row["keep_open"]),
+            close_on_complete=bool(row["close_on_complete"]),
+            closed_reason=row["closed_reason"],
+            closed_at=row["closed_at"],
+            previous_session_id=row["previous_session_id"],
+            message_count=row["message_count"],
+            trimmed_messages=row["trimmed_messages"],
+            next_seq=row["next_seq"],
+        )
+
+    def to_row(self) -> JSONDict:
+        """The record as a ``sessions`` row."""
+        return {
+            "id": self.id,
+            "owner": self.owner,
+            "title": self.title,
+            "status": self.status,
+            "closed_reason": self.closed_reason,
+            "context": json.dumps(self.context),
+            "keep_open": int(self.keep_open),
+            "on_closed": self.on_closed,
+            "on_busy": self.on_busy,
+            "close_on_complete": int(self.close_on_complete),
+            "previous_session_id": self.previous_session_id,
+            "message_count": self.message_count,
+            "trimmed_messages": self.trimmed_messages,
+            "next_seq": self.next_seq,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "last_activity_at": self.last_activity_at,
+            "closed_at": self.closed_at,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class SessionMessage:
+    """One message of a session; an assistant message's text is its generation's so far."""
+
+    id: str
+    seq: int
+    role: str
+    content: str
+    generation_id: str | None
+    generation_status: str | None
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSummary:
+    """A session as a list shows it: the record and its newest generation."""
+
+    session: SessionRecord
+    latest_generation_id: str | None
+    latest_generation_status: str | None

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from ._exceptions import LimitExceeded as LimitExceeded
 from ._exceptions import PoolClosed as PoolClosed
 from ._exceptions import PoolFull as PoolFull
 from ._exceptions import ProviderError as ProviderError
+from ._exceptions import SessionBusy as SessionBusy
+from ._exceptions import SessionClosed as SessionClosed
 from ._exceptions import StreamingError as StreamingError
 from ._exceptions import UnknownProvider as UnknownProvider
 from ._log import GenerationLog as GenerationLog
@@ -16,6 +19,10 @@ from ._openai import OpenAIProvider as OpenAIProvider
 from ._pool import GenerationPool as GenerationPool
 from ._pool import new_generation_id as new_generation_id
 from ._provider import Provider as Provider
+from ._sessions import PostedMessage as PostedMessage
+from ._sessions import SessionLimits as SessionLimits
+from ._sessions import SessionManager as SessionManager
+from ._sessions import merge_patch as merge_patch
 from ._simulated import SimulatedProvider as SimulatedProvider
 from .types import ChatMessage as ChatMessage
 from .types import GenerationRequest as GenerationRequest
@@ -26,18 +33,25 @@ __all__ = [
     "GenerationLog",
     "GenerationPool",
     "GenerationRequest",
+    "LimitExceeded",
     "OpenAIProvider",
     "PoolClosed",
     "PoolFull",
+    "PostedMessage",
     "Provider",
     "ProviderChunk",
     "ProviderError",
+    "SessionBusy",
+    "SessionClosed",
+    "SessionLimits",
+    "SessionManager",
     "SimulatedProvider",
     "StreamingError",
     "TextSanitizer",
     "UnknownProvider",
     "decode_event",
     "encode_event",
+    "merge_patch",
     "new_generation_id",
     "status_event",
 ]

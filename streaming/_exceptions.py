@@ -4,6 +4,9 @@ StreamingError
 ├── PoolFull           too many generations running and queued (retry later)
 ├── PoolClosed         the pool is shutting down and takes no new work
 ├── UnknownProvider    the request names a provider that is not configured
+├── SessionClosed      a message to a closed session whose policy is to reject it
+├── SessionBusy        a message while the session's answer runs, under on_busy=reject
+├── LimitExceeded      a configured bound (sessions per user, context size, ...) was reached
 └── ProviderError      the model provider failed (HTTP error, dropped stream, bad chunk)
 
 Invalid requests raise ``ValueError``.
@@ -52,3 +55,37 @@ class ProviderError(StreamingError):
         self.message = message
         self.status = status
         self.kind = kind
+
+
+class SessionClosed(StreamingError):
+    """The session is closed and its ``on_closed`` policy rejects new messages."""
+
+    def __init__(self, session_id: str, reason: str | None) -> None:
+        super().__init__(
+            f"session {session_id!r} is closed ({reason or 'no reason'}) and rejects new "
+            "messages (on_closed=reject); reopen it with PATCH status=active"
+        )
+        self.session_id = session_id
+        self.reason = reason
+
+
+class SessionBusy(StreamingError):
+    """A generation is running in the session and ``on_busy`` is ``reject``."""
+
+    def __init__(self, session_id: str, generation_id: str) -> None:
+        super().__init__(
+            f"session {session_id!r} is still answering (generation {generation_id}); "
+            "wait for it, cancel it, or set on_busy=interrupt"
+        )
+        self.session_id = session_id
+        self.generation_id = generation_id
+
+
+class LimitExceeded(StreamingError):
+    """A configured limit was reached; ``too_large`` when it bounds a size."""
+
+    def __init__(self, limit: str, maximum: int, *, too_large: bool = False) -> None:
+        super().__init__(f"limit {limit} reached: at most {maximum}")
+        self.limit = limit
+        self.maximum = maximum
+        self.too_large = too_large

@@ -18,6 +18,7 @@ from store import (
     TERMINAL_STATUSES,
     GenerationNotFound,
     GenerationRecord,
+    Op,
     StoreError,
     StreamStore,
     WorkerRecord,
@@ -191,9 +192,18 @@ class GenerationPool:
         return provider
 
     async def submit(
-        self, request: GenerationRequest, *, owner: str | None = None
+        self,
+        request: GenerationRequest,
+        *,
+        owner: str | None = None,
+        session_id: str | None = None,
+        also: Callable[[GenerationRecord], Op] | None = None,
     ) -> GenerationRecord:
-        """Persist a new generation and schedule it; return its ``queued`` record."""
+        """Persist a new generation and schedule it; return its ``queued`` record.
+
+        ``also(record)`` gives an op written in the same transaction as the generation (a
+        session's messages, say): both exist, or neither.
+        """
         if self._closing or self._tg is None:
             raise PoolClosed()
         provider = self.resolve_provider(request)
@@ -210,10 +220,13 @@ class GenerationPool:
             owner=owner,
             worker_id=self.worker.id,
             created_at=self._clock(),
+            session_id=session_id,
         )
         self._reserved += 1
         try:
-            await self.store.create_generation(record)
+            await self.store.create_generation(
+                record, also=also(record) if also is not None else None
+            )
         finally:
             self._reserved -= 1
         if self._closing:

@@ -9,12 +9,21 @@ from contextlib import AsyncExitStack, asynccontextmanager
 
 from starlette.applications import Starlette
 
-from store import StreamStore
-from streaming import GenerationPool, OpenAIProvider, Provider, SimulatedProvider
+from store import SessionStore, StreamStore
+from streaming import (
+    GenerationPool,
+    OpenAIProvider,
+    Provider,
+    SessionLimits,
+    SessionManager,
+    SimulatedProvider,
+)
 
 from ._auth import ApiKeys
 from ._errors import handled_exceptions
-from ._generations import AppState, routes
+from ._generations import AppState
+from ._generations import routes as generation_routes
+from ._sessions import routes as session_routes
 from ._settings import Settings
 
 logger = logging.getLogger("keepstream")
@@ -71,7 +80,18 @@ def create_app(settings: Settings | None = None) -> Starlette:
                     shutdown_grace=settings.shutdown_grace,
                 )
             )
-            app.state.keepstream = AppState(settings, store, pool)
+            sessions = SessionManager(
+                SessionStore(store),
+                pool,
+                limits=SessionLimits(
+                    active_sessions_per_user=settings.max_sessions_per_user,
+                    messages_per_session=settings.max_session_messages,
+                    context_bytes=settings.max_context_bytes,
+                    message_chars=settings.max_message_chars,
+                    history_chars=settings.history_chars,
+                ),
+            )
+            app.state.keepstream = AppState(settings, store, pool, sessions)
             # Long-lived start-up objects never need collecting; freezing them keeps the
             # collector's full passes (which stall every stream at once) short, and the
             # thresholds make those passes rare: with a thousand live streams the default
@@ -83,7 +103,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             yield
 
     app = Starlette(
-        routes=routes,
+        routes=[*generation_routes, *session_routes],
         lifespan=lifespan,
         exception_handlers=handled_exceptions(),  # type: ignore[arg-type]
     )

@@ -17,8 +17,15 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from store import GenerationNotFound, StoreUnavailable, StreamNotFound
-from streaming import PoolClosed, PoolFull, UnknownProvider
+from store import GenerationNotFound, SessionNotFound, StoreUnavailable, StreamNotFound
+from streaming import (
+    LimitExceeded,
+    PoolClosed,
+    PoolFull,
+    SessionBusy,
+    SessionClosed,
+    UnknownProvider,
+)
 
 logger = logging.getLogger("keepstream.web")
 
@@ -65,6 +72,9 @@ class PayloadTooLarge(WebError):
 ERROR_TABLE: tuple[tuple[type[BaseException], int, str], ...] = (
     (GenerationNotFound, 404, "not_found"),
     (StreamNotFound, 404, "not_found"),
+    (SessionNotFound, 404, "not_found"),
+    (SessionClosed, 409, "session_closed"),
+    (SessionBusy, 409, "session_busy"),
     (UnknownProvider, 422, "invalid_request"),
     (PoolFull, 429, "pool_full"),
     (PoolClosed, 503, "shutting_down"),
@@ -92,6 +102,9 @@ async def handle_error(request: Request, exc: Exception) -> Response:
             str(exc.detail),
             headers=dict(exc.headers) if exc.headers else None,
         )
+    if isinstance(exc, LimitExceeded):
+        status = 413 if exc.too_large else 409
+        return error_response(status, "limit_exceeded", str(exc))
     for cls, status, kind in ERROR_TABLE:
         if isinstance(exc, cls):
             headers = None
@@ -109,6 +122,6 @@ def handled_exceptions() -> dict[type[Exception] | int, object]:
         HTTPException: handle_error,
         Exception: handle_error,
     }
-    for cls, _, _ in ERROR_TABLE:
+    for cls in (LimitExceeded, *(row[0] for row in ERROR_TABLE)):
         handlers[cls] = handle_error  # type: ignore[index]
     return handlers

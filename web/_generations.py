@@ -12,7 +12,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from store import GenerationRecord, StreamStore
-from streaming import GenerationPool, GenerationRequest, decode_event
+from streaming import GenerationPool, GenerationRequest, SessionManager, decode_event
 
 from ._auth import current_user
 from ._errors import BadRequest, InvalidRequest, PayloadTooLarge
@@ -25,11 +25,12 @@ MAX_OFFSET_DIGITS = 18
 
 @dataclass(frozen=True)
 class AppState:
-    """What the handlers share: settings, the store and the pool."""
+    """What the handlers share: settings, the store, the pool and the sessions."""
 
     settings: Settings
     store: StreamStore
     pool: GenerationPool
+    sessions: SessionManager
 
 
 def app_state(request: Request) -> AppState:

@@ -51,6 +51,11 @@ class Settings:
         30.0, "drop an SSE client that accepts nothing for this long"
     )
     sse_retry_ms: int = _setting(1000, "reconnect delay suggested to SSE clients (retry:)")
+    max_sessions_per_user: int = _setting(10, "open (active or paused) sessions per user")
+    max_session_messages: int = _setting(1000, "stored messages per session (oldest trimmed)")
+    max_context_bytes: int = _setting(1_000_000, "largest session context, as JSON bytes")
+    max_message_chars: int = _setting(100_000, "longest message a session accepts")
+    history_chars: int = _setting(32_000, "history sent to the model with a new message")
     api_keys: str | None = _setting(
         None, "comma-separated user=key pairs (prefer the env var or --api-keys-file)"
     )
@@ -75,7 +80,15 @@ class Settings:
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
-        for name in ("max_running", "max_body_bytes"):
+        for name in (
+            "max_running",
+            "max_body_bytes",
+            "max_sessions_per_user",
+            "max_session_messages",
+            "max_context_bytes",
+            "max_message_chars",
+            "history_chars",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.max_queued < 0:

@@ -1,0 +1,282 @@
+"""SessionStore: conversations, their messages and idempotency keys, on the stream store's
+writer and readers. Persistence only: the rules live in ``streaming``."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Sequence
+from typing import Any
+
+from ._exceptions import SessionNotFound
+from ._store import StreamStore
+from ._writer import WriterContext
+from .types import JSONDict, SessionMessage, SessionRecord, SessionSummary
+
+SESSION_COLUMNS = tuple(SessionRecord.blank("").to_row())
+_INSERT_SESSION = "INSERT INTO sessions ({}) VALUES ({})".format(
+    ", ".join(SESSION_COLUMNS), ", ".join("?" for _ in SESSION_COLUMNS)
+)
+# The newest generation of each session, for lists: what a sidebar shows a spinner for.
+_LATEST_GENERATION = (
+    "(SELECT g.id || ' ' || g.status FROM generations g WHERE g.session_id = s.id"
+    " ORDER BY g.created_at DESC, g.rowid DESC LIMIT 1)"
+)
+
+
+def insert_messages(
+    ctx: WriterContext,
+    session_id: str,
+    messages: Sequence[tuple[str, str, str | None, str | None]],
+    *,
+    now: float,
+    max_messages: int,
+) -> list[int]:
+    """Append ``(id, role, content, generation_id)`` messages; trim the oldest past
+    ``max_messages``; touch the session. Returns the new messages' sequence numbers."""
+    conn = ctx.conn
+    row = conn.execute(
+        "SELECT next_seq, message_count FROM sessions WHERE id = ?", (session_id,)
+    ).fetchone()
+    if row is None:
+        raise SessionNotFound(session_id)
+    next_seq, count = row
+    seqs = list(range(next_seq, next_seq + len(messages)))
+    conn.executemany(
+        "INSERT INTO session_messages (session_id, seq, id, role, content, generation_id,"
+        " created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [(session_id, seq, *message, now) for seq, message in zip(seqs, messages, strict=True)],
+    )
+    count += len(messages)
+    trimmed = max(0, count - max_messages)
+    if trimmed:
+        conn.execute(
+            "DELETE FROM session_messages WHERE session_id = ? AND seq IN"
+            " (SELECT seq FROM session_messages WHERE session_id = ? ORDER BY seq LIMIT ?)",
+            (session_id, session_id, trimmed),
+        )
+    conn.execute(
+        "UPDATE sessions SET next_seq = ?, message_count = ?,"
+        " trimmed_messages = trimmed_messages + ?, updated_at = ?, last_activity_at = ?"
+        " WHERE id = ?",
+        (next_seq + len(messages), count - trimmed, trimmed, now, now, session_id),
+    )
+    return seqs
+
+
+class SessionStore:
+    """Sessions and their messages, in the same database (and transactions) as the streams."""
+
+    def __init__(self, streams: StreamStore) -> None:
+        self.streams = streams
+
+    async def create(self, record: SessionRecord) -> None:
+        """Insert a new session."""
+        row = record.to_row()
+
+        def op(ctx: WriterContext) -> None:
+            ctx.conn.execute(_INSERT_SESSION, [row[c] for c in SESSION_COLUMNS])
+
+        await self.streams.execute(op)
+
+    async def get(self, session_id: str) -> SessionRecord:
+        """A session. Raises ``SessionNotFound``."""
+        return await self.streams.query(_get_session, session_id)
+
+    async def update(self, session_id: str, fields: JSONDict) -> None:
+        """Set columns of a session (``context`` as a dict). Raises ``SessionNotFound``."""
+        names = sorted(fields)
+        if not names or set(names) - set(SESSION_COLUMNS) or "id" in fields:
+            raise ValueError(f"cannot set session fields {names}")
+        values = [json.dumps(fields[n]) if n == "context" else _plain(fields[n]) for n in names]
+        sql = "UPDATE sessions SET {} WHERE id = ?".format(", ".join(f"{n} = ?" for n in names))
+
+        def op(ctx: WriterContext) -> None:
+            if ctx.conn.execute(sql, (*values, session_id)).rowcount == 0:
+                raise SessionNotFound(session_id)
+
+        await self.streams.execute(op)
+
+    async def add_messages(
+        self,
+        session_id: str,
+        messages: Sequence[tuple[str, str, str | None, str | None]],
+        *,
+        now: float,
+        max_messages: int,
+    ) -> list[int]:
+        """Append messages (no generation); see ``insert_messages``."""
+
+        def op(ctx: WriterContext) -> list[int]:
+            return insert_messages(ctx, session_id, messages, now=now, max_messages=max_messages)
+
+        seqs: list[int] = await self.streams.execute(op)
+        return seqs
+
+    async def messages(self, session_id: str) -> list[SessionMessage]:
+        """The stored messages, oldest first; assistant text from its generation's snapshot."""
+        return await self.streams.query(_messages, session_id)
+
+    async def list_for(
+        self, owner: str | None, *, status: str | None = None, limit: int = 100
+    ) -> list[SessionSummary]:
+        """An owner's sessions, most recent activity first, with their newest generation."""
+        return await self.streams.query(_list_sessions, owner, status, limit)
+
+    async def count(self, owner: str | None, *, statuses: Sequence[str]) -> int:
+        """How many of an owner's sessions are in ``statuses``."""
+        return await self.streams.query(_count_sessions, owner, list(statuses))
+
+    async def generations(self, session_id: str) -> list[tuple[str, str]]:
+        """``(generation id, status)`` of every generation of a session, oldest first."""
+        return await self.streams.query(_session_generations, session_id)
+
+    async def delete(self, session_id: str) -> None:
+        """Delete a session, its messages, its generations and their streams."""
+
+        def op(ctx: WriterContext) -> None:
+            conn = ctx.conn
+            if conn.execute("DELETE FROM sessions WHERE id = ?", (session_id,)).rowcount == 0:
+                raise SessionNotFound(session_id)
+            conn.execute("DELETE FROM session_messages WHERE session_id = ?", (session_id,))
+            conn.execute("DELETE FROM idempotency_keys WHERE session_id = ?", (session_id,))
+            streams = [
+                sid
+                for (sid,) in conn.execute(
+                    "SELECT stream_id FROM generations WHERE session_id = ?", (session_id,)
+                )
+            ]
+            conn.execute("DELETE FROM generations WHERE session_id = ?", (session_id,))
+            for stream_id in streams:
+                conn.execute("DELETE FROM messages WHERE stream_id = ?", (stream_id,))
+                conn.execute("DELETE FROM streams WHERE id = ?", (stream_id,))
+                ctx.mark_deleted(stream_id)
+
+        await self.streams.execute(op)
+
+    async def idle(self, *, before: float, limit: int = 1000) -> list[str]:
+        """Open sessions (not ``keep_open``) with no activity since ``before``."""
+        return await self.streams.query(_idle_sessions, before, limit)
+
+    async def closed_before(self, before: float, *, limit: int = 1000) -> list[str]:
+        """Closed sessions closed before ``before``."""
+        return await self.streams.query(_closed_sessions, before, limit)
+
+    async def recall(self, owner: str | None, key: str) -> JSONDict | None:
+        """The response stored for an idempotency key, if any."""
+        return await self.streams.query(_recall, owner or "", key)
+
+
+def remember(
+    ctx: WriterContext, owner: str | None, key: str, session_id: str, response: JSONDict, now: float
+) -> None:
+    """Store the response for an idempotency key (inside another op's transaction)."""
+    ctx.conn.execute(
+        "INSERT INTO idempotency_keys (owner, key, session_id, response, created_at)"
+        " VALUES (?, ?, ?, ?, ?)",
+        (owner or "", key, session_id, json.dumps(response), now),
+    )
+
+
+def _plain(value: Any) -> Any:
+    return int(value) if isinstance(value, bool) else value
+
+
+def _rows(conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> list[Any]:
+    conn.row_factory = sqlite3.Row
+    try:
+        return conn.execute(sql, params).fetchall()
+    finally:
+        conn.row_factory = None
+
+
+def _get_session(conn: sqlite3.Connection, session_id: str) -> SessionRecord:
+    rows = _rows(conn, "SELECT * FROM sessions WHERE id = ?", (session_id,))
+    if not rows:
+        raise SessionNotFound(session_id)
+    return SessionRecord.from_row(rows[0])
+
+
+def _messages(conn: sqlite3.Connection, session_id: str) -> list[SessionMessage]:
+    rows = _rows(
+        conn,
+        "SELECT m.id, m.seq, m.role, coalesce(m.content, g.text, '') AS content,"
+        " m.generation_id, g.status AS generation_status, m.created_at"
+        " FROM session_messages m LEFT JOIN generations g ON g.id = m.generation_id"
+        " WHERE m.session_id = ? ORDER BY m.seq",
+        (session_id,),
+    )
+    return [SessionMessage(**dict(row)) for row in rows]
+
+
+def _list_sessions(
+    conn: sqlite3.Connection, owner: str | None, status: str | None, limit: int
+) -> list[SessionSummary]:
+    where = "s.owner IS ?"
+    params: list[Any] = [owner]
+    if status is not None:
+        where += " AND s.status = ?"
+        params.append(status)
+    rows = _rows(
+        conn,
+        f"SELECT s.*, {_LATEST_GENERATION} AS latest FROM sessions s WHERE {where}"
+        " ORDER BY s.last_activity_at DESC, s.id LIMIT ?",
+        [*params, limit],
+    )
+    summaries = []
+    for row in rows:
+        latest = row["latest"]
+        gid, _, gstatus = latest.partition(" ") if latest else (None, "", None)
+        summaries.append(SessionSummary(SessionRecord.from_row(row), gid, gstatus or None))
+    return summaries
+
+
+def _count_sessions(conn: sqlite3.Connection, owner: str | None, statuses: list[str]) -> int:
+    marks = ", ".join("?" for _ in statuses)
+    (count,) = conn.execute(
+        f"SELECT count(*) FROM sessions WHERE owner IS ? AND status IN ({marks})",
+        (owner, *statuses),
+    ).fetchone()
+    return int(count)
+
+
+def _session_generations(conn: sqlite3.Connection, session_id: str) -> list[tuple[str, str]]:
+    return [
+        (gid, status)
+        for gid, status in conn.execute(
+            "SELECT id, status FROM generations WHERE session_id = ? ORDER BY created_at, rowid",
+            (session_id,),
+        )
+    ]
+
+
+def _idle_sessions(conn: sqlite3.Connection, before: float, limit: int) -> list[str]:
+    return [
+        sid
+        for (sid,) in conn.execute(
+            "SELECT id FROM sessions WHERE status != 'closed' AND keep_open = 0"
+            " AND last_activity_at < ? ORDER BY last_activity_at LIMIT ?",
+            (before, limit),
+        )
+    ]
+
+
+def _closed_sessions(conn: sqlite3.Connection, before: float, limit: int) -> list[str]:
+    return [
+        sid
+        for (sid,) in conn.execute(
+            "SELECT id FROM sessions WHERE status = 'closed' AND closed_at < ?"
+            " ORDER BY closed_at LIMIT ?",
+            (before, limit),
+        )
+    ]
+
+
+def _recall(conn: sqlite3.Connection, owner: str, key: str) -> JSONDict | None:
+    row = conn.execute(
+        "SELECT response FROM idempotency_keys WHERE owner = ? AND key = ?", (owner, key)
+    ).fetchone()
+    if row is None:
+        return None
+    response: JSONDict = json.loads(row[0])
+    return response

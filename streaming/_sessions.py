@@ -1,0 +1,392 @@
+"""SessionManager: the rules of conversations — lifecycle, policies, limits, prompts.
+
+What existing chat systems get wrong, and what this module promises instead:
+
+* switching away never stops an answer (generations belong to the pool, not to a client);
+* a message is never silently dropped: a closed session follows ``on_closed`` (reopen, start
+  a linked new session, or reject with an error), a paused one stores it;
+* finishing a generation never closes its session unless ``close_on_complete`` is set;
+* one generation at a time per session; a second message follows ``on_busy`` (reject or
+  interrupt the running one), and concurrent requests on one session are serialised;
+* history, context and the number of open sessions are bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+
+from store import (
+    TERMINAL_STATUSES,
+    GenerationRecord,
+    Op,
+    SessionMessage,
+    SessionNotFound,
+    SessionRecord,
+    SessionStore,
+    SessionSummary,
+    WriterContext,
+    insert_messages,
+)
+from store.types import JSONDict
+
+from ._exceptions import LimitExceeded, SessionBusy, SessionClosed
+from ._pool import GenerationPool
+from .types import ChatMessage, GenerationRequest
+
+ON_CLOSED = ("reopen", "new", "reject")
+ON_BUSY = ("reject", "interrupt")
+SETTABLE_STATUSES = ("active", "paused", "closed")
+ACTIVE_GENERATION = frozenset({"queued", "running"})
+INTERRUPT_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class SessionLimits:
+    """Bounds on what one user and one session may hold (defaults from common practice)."""
+
+    active_sessions_per_user: int = 10
+    messages_per_session: int = 1000
+    context_bytes: int = 1_000_000
+    message_chars: int = 100_000
+    history_chars: int = 32_000
+
+
+@dataclass(frozen=True)
+class PostedMessage:
+    """What posting a message did: where it went and which generation (if any) answers it."""
+
+    session: SessionRecord
+    message_id: str
+    generation: GenerationRecord | None
+    reopened: bool = False
+
+
+def new_session_id() -> str:
+    """A random, unguessable session id."""
+    return "ses_" + secrets.token_urlsafe(16)
+
+
+def new_message_id() -> str:
+    """A random message id."""
+    return "msg_" + secrets.token_urlsafe(12)
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7396 JSON Merge Patch: ``patch`` applied to ``target`` (neither is modified)."""
+    if not isinstance(patch, dict):
+        return patch
+    result = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+class SessionManager:
+    """Sessions for owners, on a ``SessionStore`` and a ``GenerationPool``.
+
+    Every method takes the caller's ``owner``; a session of another owner is reported as not
+    found, exactly like a missing one.
+    """
+
+    def __init__(
+        self,
+        store: SessionStore,
+        pool: GenerationPool,
+        *,
+        limits: SessionLimits | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.pool = pool
+        self.limits = limits or SessionLimits()
+        self._clock = clock
+        self._locks: dict[str, tuple[anyio.Lock, int]] = {}
+
+    # -- sessions -----------------------------------------------------------------------------
+
+    async def create(self, owner: str | None, settings: Mapping[str, Any]) -> SessionRecord:
+        """Open a new session. ``settings``: title, context, keep_open, on_closed, on_busy,
+        close_on_complete (all optional). Raises ``ValueError`` or ``LimitExceeded``."""
+        values = self._validated(settings, creating=True)
+        self._check_context(values.setdefault("context", {}))
+        await self._check_active_limit(owner)
+        now = self._clock()
+        record = SessionRecord(
+            id=new_session_id(),
+            owner=owner,
+            title=values.get("title", ""),
+            status="active",
+            on_closed=values.get("on_closed", "reopen"),
+            on_busy=values.get("on_busy", "reject"),
+            created_at=now,
+            updated_at=now,
+            last_activity_at=now,
+            context=values.get("context", {}),
+            keep_open=values.get("keep_open", False),
+            close_on_complete=values.get("close_on_complete", False),
+        )
+        await self.store.create(record)
+        return record
+
+    async def get(self, session_id: str, *, owner: str | None) -> SessionRecord:
+        """A session of ``owner``. Raises ``SessionNotFound`` (also for another's)."""
+        record = await self.store.get(session_id)
+        if record.owner != owner:
+            raise SessionNotFound(session_id)
+        return record
+
+    async def list_for(
+        self, *, owner: str | None, status: str | None = None, limit: int = 100
+    ) -> list[SessionSummary]:
+        """An owner's sessions, most recent activity first."""
+        if status is not None and status not in SETTABLE_STATUSES:
+            raise ValueError(f"status must be one of {', '.join(SETTABLE_STATUSES)}")
+        return await self.store.list_for(owner, status=status, limit=limit)
+
+    async def messages(self, session_id: str, *, owner: str | None) -> list[SessionMessage]:
+        """A session's stored messages, oldest first (an answer in progress shows its text)."""
+        await self.get(session_id, owner=owner)
+        return await self.store.messages(session_id)
+
+    async def update(
+        self, session_id: str, changes: Mapping[str, Any], *, owner: str | None, merge: bool
+    ) -> SessionRecord:
+        """Change title, context, status, keep_open or a policy.
+
+        With ``merge``, ``changes["context"]`` is an RFC 7396 merge patch of the context;
+        otherwise it replaces it. Closing sets ``closed_reason`` "user"; reopening clears it.
+        """
+        async with self._serialised(session_id):
+            record = await self.get(session_id, owner=owner)
+            values = self._validated(changes, creating=False)
+            if "context" in values:
+                if merge:
+                    values["context"] = merge_patch(record.context, values["context"])
+                self._check_context(values["context"])
+            now = self._clock()
+            fields: JSONDict = {**values, "updated_at": now}
+            status = values.get("status")
+            if status == "active" and record.status == "closed":
+                await self._check_active_limit(owner)
+            if status is not None and status != record.status:
+                fields["closed_reason"] = "user" if status == "closed" else None
+                fields["closed_at"] = now if status == "closed" else None
+            await self.store.update(session_id, fields)
+            return await self.store.get(session_id)
+
+    async def delete(self, session_id: str, *, owner: str | None) -> None:
+        """Cancel the session's running generation, then delete it and all it holds."""
+        async with self._serialised(session_id):
+            await self.get(session_id, owner=owner)
+            for generation_id, status in await self.store.generations(session_id):
+                if status in ACTIVE_GENERATION:
+                    await self.pool.cancel(generation_id)
+            await self.store.delete(session_id)
+
+    # -- messages -----------------------------------------------------------------------------
+
+    async def post(
+        self,
+        session_id: str,
+        content: str,
+        *,
+        owner: str | None,
+        role: str = "user",
+    ) -> PostedMessage:
+        """Store a message and, unless the session is paused, start its answer.
+
+        A closed session follows its ``on_closed``; a session with a running generation
+        follows its ``on_busy``. Never drops the message silently: it is stored, or an
+        error says why not.
+        """
+        if not isinstance(content, str) or not content:
+            raise ValueError("'content' must be a non-empty string")
+        if len(content) > self.limits.message_chars:
+            raise LimitExceeded("message_chars", self.limits.message_chars, too_large=True)
+        async with self._serialised(session_id):
+            record = await self.get(session_id, owner=owner)
+            reopened = False
+            if record.status == "closed":
+                if record.on_closed == "reject":
+                    raise SessionClosed(session_id, record.closed_reason)
+                if record.on_closed == "new":
+                    successor = await self._successor(record)
+                    # The message goes to the new session; its own lock is not needed yet,
+                    # nobody else knows its id.
+                    return await self._post_unlocked(successor, content, role, reopened=False)
+                await self._check_active_limit(owner)
+                await self.store.update(
+                    session_id,
+                    {"status": "active", "closed_reason": None, "closed_at": None},
+                )
+                record = await self.store.get(session_id)
+                reopened = True
+            return await self._post_unlocked(record, content, role, reopened=reopened)
+
+    async def _post_unlocked(
+        self, record: SessionRecord, content: str, role: str, *, reopened: bool
+    ) -> PostedMessage:
+        now = self._clock()
+        message_id = new_message_id()
+        if record.status == "paused":
+            await self.store.add_messages(
+                record.id,
+                [(message_id, role, content, None)],
+                now=now,
+                max_messages=self.limits.messages_per_session,
+            )
+            return PostedMessage(await self.store.get(record.id), message_id, None, reopened)
+        running = await self._running_generation(record.id)
+        if running is not None:
+            if record.on_busy == "reject":
+                raise SessionBusy(record.id, running)
+            await self._interrupt(running)
+        request = GenerationRequest(await self._prompt(record.id, content, role))
+        limit = self.limits.messages_per_session
+
+        def also(generation: GenerationRecord) -> Op:
+            def op(ctx: WriterContext) -> None:
+                insert_messages(
+                    ctx,
+                    record.id,
+                    [
+                        (message_id, role, content, None),
+                        (new_message_id(), "assistant", None, generation.id),
+                    ],
+                    now=now,
+                    max_messages=limit,
+                )
+
+            return op
+
+        generation = await self.pool.submit(
+            request, owner=record.owner, session_id=record.id, also=also
+        )
+        return PostedMessage(await self.store.get(record.id), message_id, generation, reopened)
+
+    async def _successor(self, record: SessionRecord) -> SessionRecord:
+        """The fresh session a message to a closed ``on_closed="new"`` session opens."""
+        await self._check_active_limit(record.owner)
+        now = self._clock()
+        successor = SessionRecord(
+            id=new_session_id(),
+            owner=record.owner,
+            title=record.title,
+            status="active",
+            on_closed=record.on_closed,
+            on_busy=record.on_busy,
+            created_at=now,
+            updated_at=now,
+            last_activity_at=now,
+            context=record.context,
+            keep_open=record.keep_open,
+            close_on_complete=record.close_on_complete,
+            previous_session_id=record.id,
+        )
+        await self.store.create(successor)
+        return successor
+
+    async def _running_generation(self, session_id: str) -> str | None:
+        for generation_id, status in reversed(await self.store.generations(session_id)):
+            if status in ACTIVE_GENERATION:
+                return generation_id
+        return None
+
+    async def _interrupt(self, generation_id: str) -> None:
+        """Cancel the running answer (its partial text is kept) before starting the next."""
+        with anyio.fail_after(INTERRUPT_TIMEOUT):
+            record = await self.pool.cancel(generation_id)
+            while record.status not in TERMINAL_STATUSES:  # a peer process is stopping it
+                await anyio.sleep(0.05)
+                record = await self.pool.get(generation_id)
+
+    async def _prompt(self, session_id: str, content: str, role: str) -> tuple[ChatMessage, ...]:
+        """The most recent history that fits ``history_chars``, then the new message."""
+        budget = self.limits.history_chars - len(content)
+        history: list[ChatMessage] = []
+        for message in reversed(await self.store.messages(session_id)):
+            if not message.content:
+                continue  # an answer that has not produced text yet
+            if len(message.content) > budget:
+                break
+            budget -= len(message.content)
+            history.append(ChatMessage(message.role, message.content))
+        history.reverse()
+        return (*history, ChatMessage(role, content))
+
+    # -- checks -------------------------------------------------------------------------------
+
+    async def _check_active_limit(self, owner: str | None) -> None:
+        active = await self.store.count(owner, statuses=("active", "paused"))
+        if active >= self.limits.active_sessions_per_user:
+            raise LimitExceeded("active_sessions_per_user", self.limits.active_sessions_per_user)
+
+    def _check_context(self, context: Any) -> None:
+        if not isinstance(context, dict):
+            raise ValueError("'context' must be a JSON object")
+        size = len(json.dumps(context, ensure_ascii=False).encode())
+        if size > self.limits.context_bytes:
+            raise LimitExceeded("context_bytes", self.limits.context_bytes, too_large=True)
+
+    def _validated(self, settings: Mapping[str, Any], *, creating: bool) -> JSONDict:
+        allowed = {"title", "context", "keep_open", "on_closed", "on_busy", "close_on_complete"}
+        if not creating:
+            allowed.add("status")
+        unknown = set(settings) - allowed
+        if unknown:
+            raise ValueError(f"unknown field(s): {', '.join(sorted(unknown))}")
+        values: JSONDict = dict(settings)
+        if "title" in values and not isinstance(values["title"], str):
+            raise ValueError("'title' must be a string")
+        for flag in ("keep_open", "close_on_complete"):
+            if flag in values and not isinstance(values[flag], bool):
+                raise ValueError(f"'{flag}' must be a boolean")
+        if values.get("on_closed", "reopen") not in ON_CLOSED:
+            raise ValueError(f"'on_closed' must be one of {', '.join(ON_CLOSED)}")
+        if values.get("on_busy", "reject") not in ON_BUSY:
+            raise ValueError(f"'on_busy' must be one of {', '.join(ON_BUSY)}")
+        if values.get("status", "active") not in SETTABLE_STATUSES:
+            raise ValueError(f"'status' must be one of {', '.join(SETTABLE_STATUSES)}")
+        return values
+
+    def _serialised(self, session_id: str) -> _SessionLock:
+        return _SessionLock(self._locks, session_id)
+
+
+class _SessionLock:
+    """One lock per session id, created on first use and dropped when nobody holds it."""
+
+    def __init__(self, locks: dict[str, tuple[anyio.Lock, int]], session_id: str) -> None:
+        self._locks = locks
+        self._id = session_id
+
+    async def __aenter__(self) -> None:
+        lock, users = self._locks.get(self._id, (anyio.Lock(), 0))
+        self._locks[self._id] = (lock, users + 1)
+        try:
+            await lock.acquire()
+        except BaseException:
+            self._release_user()
+            raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        lock, _ = self._locks[self._id]
+        lock.release()
+        self._release_user()
+
+    def _release_user(self) -> None:
+        lock, users = self._locks[self._id]
+        if users <= 1:
+            del self._locks[self._id]
+        else:
+            self._locks[self._id] = (lock, users - 1)

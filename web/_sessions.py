@@ -1,0 +1,205 @@
+"""The sessions API: conversations, their messages, and their answers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from store import SessionMessage, SessionRecord, SessionSummary
+from streaming import PostedMessage
+
+from ._auth import current_user
+from ._errors import InvalidRequest
+from ._generations import (
+    app_state,
+    event_stream,
+    generation_json,
+    read_json_body,
+    wants_event_stream,
+)
+
+MERGE_PATCH = "application/merge-patch+json"
+MAX_LIST_LIMIT = 1000
+
+
+def session_json(record: SessionRecord) -> dict[str, Any]:
+    """The public form of a session."""
+    return {
+        "id": record.id,
+        "object": "session",
+        "title": record.title,
+        "status": record.status,
+        "closed_reason": record.closed_reason,
+        "context": record.context,
+        "keep_open": record.keep_open,
+        "on_closed": record.on_closed,
+        "on_busy": record.on_busy,
+        "close_on_complete": record.close_on_complete,
+        "previous_session_id": record.previous_session_id,
+        "message_count": record.message_count,
+        "trimmed_messages": record.trimmed_messages,
+        "created_at": record.created_at,
+        "updated_at": record.updated_at,
+        "last_activity_at": record.last_activity_at,
+        "closed_at": record.closed_at,
+        "url": f"/v1/sessions/{record.id}",
+    }
+
+
+def summary_json(summary: SessionSummary) -> dict[str, Any]:
+    """A session as a list shows it: with its newest generation and whether it is running."""
+    latest = None
+    if summary.latest_generation_id is not None:
+        latest = {"id": summary.latest_generation_id, "status": summary.latest_generation_status}
+    active = latest is not None and latest["status"] in ("queued", "running")
+    return {
+        **session_json(summary.session),
+        "latest_generation": latest,
+        "active_generation_id": summary.latest_generation_id if active else None,
+    }
+
+
+def message_json(message: SessionMessage) -> dict[str, Any]:
+    """The public form of a session message."""
+    return {
+        "id": message.id,
+        "role": message.role,
+        "content": message.content,
+        "generation_id": message.generation_id,
+        "generation_status": message.generation_status,
+        "created_at": message.created_at,
+    }
+
+
+def body_object(body: Any) -> dict[str, Any]:
+    """The body as an object, or 422."""
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    return body
+
+
+async def create_session(request: Request) -> Response:
+    """``POST /v1/sessions``: open a session; 201 with it."""
+    state = app_state(request)
+    user = current_user(request)
+    body = body_object(await read_json_body(request, state.settings.max_body_bytes))
+    try:
+        record = await state.sessions.create(user, body)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
+    return JSONResponse(
+        session_json(record), 201, headers={"Location": f"/v1/sessions/{record.id}"}
+    )
+
+
+async def list_sessions(request: Request) -> Response:
+    """``GET /v1/sessions``: the caller's sessions, newest activity first (``?status=``)."""
+    state = app_state(request)
+    user = current_user(request)
+    status = request.query_params.get("status")
+    raw_limit = request.query_params.get("limit", "100")
+    if (
+        not raw_limit.isascii()
+        or not raw_limit.isdigit()
+        or not 1 <= int(raw_limit) <= (MAX_LIST_LIMIT)
+    ):
+        raise InvalidRequest(f"limit must be an integer from 1 to {MAX_LIST_LIMIT}")
+    try:
+        summaries = await state.sessions.list_for(owner=user, status=status, limit=int(raw_limit))
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
+    return JSONResponse({"object": "list", "data": [summary_json(s) for s in summaries]})
+
+
+async def get_session(request: Request) -> Response:
+    """``GET /v1/sessions/{id}``: the session with its messages."""
+    state = app_state(request)
+    user = current_user(request)
+    session_id = request.path_params["session_id"]
+    record = await state.sessions.get(session_id, owner=user)
+    messages = await state.sessions.messages(session_id, owner=user)
+    return JSONResponse({**session_json(record), "messages": [message_json(m) for m in messages]})
+
+
+async def update_session(request: Request) -> Response:
+    """``PATCH /v1/sessions/{id}``: title, context, status, keep_open, policies.
+
+    With ``Content-Type: application/merge-patch+json`` the context is merged (RFC 7396);
+    with ``application/json`` a given context replaces the old one.
+    """
+    state = app_state(request)
+    user = current_user(request)
+    body = body_object(await read_json_body(request, state.settings.max_body_bytes))
+    merge = request.headers.get("content-type", "").split(";")[0].strip() == MERGE_PATCH
+    try:
+        record = await state.sessions.update(
+            request.path_params["session_id"], body, owner=user, merge=merge
+        )
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
+    return JSONResponse(session_json(record))
+
+
+async def delete_session(request: Request) -> Response:
+    """``DELETE /v1/sessions/{id}``: cancel its answer, delete it and all it holds."""
+    state = app_state(request)
+    await state.sessions.delete(request.path_params["session_id"], owner=current_user(request))
+    return Response(status_code=204)
+
+
+async def post_message(request: Request) -> Response:
+    """``POST /v1/sessions/{id}/messages`` ``{content}``: store it and start the answer.
+
+    202 with the session, the message id and the generation (``null`` while paused); with
+    ``Accept: text/event-stream``, the answer's events.
+    """
+    state = app_state(request)
+    user = current_user(request)
+    body = body_object(await read_json_body(request, state.settings.max_body_bytes))
+    unknown = set(body) - {"content"}
+    if unknown:
+        raise InvalidRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
+    content = body.get("content")
+    if not isinstance(content, str) or not content:
+        raise InvalidRequest("'content' must be a non-empty string")
+    try:
+        posted = await state.sessions.post(request.path_params["session_id"], content, owner=user)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
+    if posted.generation is not None and wants_event_stream(request):
+        return event_stream(
+            state,
+            posted.generation,
+            offset=0,
+            headers={
+                "Keepstream-Session-Id": posted.session.id,
+                "Keepstream-Message-Id": posted.message_id,
+                "Keepstream-Generation-Id": posted.generation.id,
+            },
+        )
+    return JSONResponse(posted_json(posted), 202)
+
+
+def posted_json(posted: PostedMessage) -> dict[str, Any]:
+    """What ``POST .../messages`` answers."""
+    return {
+        "session": session_json(posted.session),
+        "session_id": posted.session.id,
+        "message_id": posted.message_id,
+        "generation": generation_json(posted.generation) if posted.generation else None,
+        "generation_id": posted.generation.id if posted.generation else None,
+        "reopened": posted.reopened,
+    }
+
+
+routes = [
+    Route("/v1/sessions", create_session, methods=["POST"]),
+    Route("/v1/sessions", list_sessions, methods=["GET"]),
+    Route("/v1/sessions/{session_id}", get_session, methods=["GET"]),
+    Route("/v1/sessions/{session_id}", update_session, methods=["PATCH"]),
+    Route("/v1/sessions/{session_id}", delete_session, methods=["DELETE"]),
+    Route("/v1/sessions/{session_id}/messages", post_message, methods=["POST"]),
+]
