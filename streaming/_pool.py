@@ -6,7 +6,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack, aclosing
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -38,6 +38,7 @@ DEFAULT_MAX_QUEUED = 1024
 DEFAULT_SHUTDOWN_GRACE = 10.0
 DEFAULT_RETRY_AFTER = 1.0
 FINALIZE_TIMEOUT = 10.0
+REMOTE_POLL_INTERVAL = 0.1
 ACTIVE_STATUSES = ("queued", "running")
 INTERRUPTED_ERROR: JSONDict = {
     "type": "interrupted",
@@ -57,6 +58,8 @@ class _Handle:
     record: GenerationRecord
     request: GenerationRequest
     log: GenerationLog
+    after: str | None = None  # a generation to wait for before starting
+    prepare: Callable[[], Awaitable[GenerationRequest]] | None = None  # the request, at start
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     stop_reason: str | None = None  # "cancelled" or "interrupted"
     started: bool = False
@@ -120,6 +123,8 @@ class GenerationPool:
         self._closing = False
         self._stack = AsyncExitStack()
         self._tg: TaskGroup | None = None
+        self._listeners: list[Callable[[GenerationRecord, str], Awaitable[None]]] = []
+        self._periodic: list[tuple[float, Callable[[], Awaitable[object]]]] = []
         self.worker = WorkerRecord(
             id="wrk_" + secrets.token_urlsafe(9),
             hostname=this_host(),
@@ -135,7 +140,27 @@ class GenerationPool:
         await self.recover()
         self._tg = await self._stack.enter_async_context(anyio.create_task_group())
         self._tg.start_soon(self._sweep_forever)
+        for interval, job in self._periodic:
+            self._tg.start_soon(self._repeat, interval, job)
         return self
+
+    def on_finished(self, listener: Callable[[GenerationRecord, str], Awaitable[None]]) -> None:
+        """Call ``listener(record, status)`` after each generation this pool ran has ended
+        (its final event committed). Failures are logged, never propagated."""
+        self._listeners.append(listener)
+
+    def every(self, interval: float, job: Callable[[], Awaitable[object]]) -> None:
+        """Run ``job`` every ``interval`` seconds in the pool's task group (register before
+        entering the pool). Failures are logged and the job runs again next time."""
+        self._periodic.append((interval, job))
+
+    async def _repeat(self, interval: float, job: Callable[[], Awaitable[object]]) -> None:
+        while True:
+            await anyio.sleep(interval)
+            try:
+                await job()
+            except Exception:
+                logger.exception("periodic job %s failed", getattr(job, "__name__", job))
 
     async def __aexit__(
         self,
@@ -198,11 +223,16 @@ class GenerationPool:
         owner: str | None = None,
         session_id: str | None = None,
         also: Callable[[GenerationRecord], Op] | None = None,
+        after: str | None = None,
+        prepare: Callable[[], Awaitable[GenerationRequest]] | None = None,
     ) -> GenerationRecord:
         """Persist a new generation and schedule it; return its ``queued`` record.
 
         ``also(record)`` gives an op written in the same transaction as the generation (a
-        session's messages, say): both exist, or neither.
+        session's messages, say): both exist, or neither. With ``after``, the generation
+        waits (queued) until that one has ended. ``prepare()`` builds the request when the
+        generation starts, replacing ``request`` (a conversation's prompt must include the
+        answer it waited for).
         """
         if self._closing or self._tg is None:
             raise PoolClosed()
@@ -232,7 +262,13 @@ class GenerationPool:
         if self._closing:
             await self._finish_unstarted(record, "interrupted")
             raise PoolClosed()
-        handle = _Handle(record, request, GenerationLog(self.store, record.id, record.stream_id))
+        handle = _Handle(
+            record,
+            request,
+            GenerationLog(self.store, record.id, record.stream_id),
+            after=after,
+            prepare=prepare,
+        )
         self._handles[record.id] = handle
         self._tg.start_soon(self._supervise, handle, name=f"generation {record.id}")
         return record
@@ -284,7 +320,15 @@ class GenerationPool:
         try:
             try:
                 with handle.scope:
+                    if handle.after is not None:
+                        await self._wait_until_ended(handle.after)
                     async with self._slots:
+                        if handle.prepare is not None:
+                            handle.request = await handle.prepare()
+                            self.resolve_provider(handle.request)
+                            await self.store.update_generation(
+                                record.id, {"request": handle.request.to_json()}
+                            )
                         handle.started = True
                         outcome = await self._run(handle)
                 if handle.scope.cancelled_caught:
@@ -302,9 +346,34 @@ class GenerationPool:
             if waited.cancelled_caught:
                 # The store keeps retrying the write; the generation ends when it lands.
                 logger.error("recording the end of generation %s is still pending", record.id)
+            else:
+                await self._notify(record, status)
         finally:
             self._handles.pop(record.id, None)
             handle.done.set()
+
+    async def _notify(self, record: GenerationRecord, status: str) -> None:
+        for listener in self._listeners:
+            with anyio.move_on_after(FINALIZE_TIMEOUT, shield=True):
+                try:
+                    await listener(record, status)
+                except Exception:
+                    logger.exception("a listener failed for generation %s", record.id)
+
+    async def _wait_until_ended(self, generation_id: str) -> None:
+        """Until a generation has a terminal status (or no longer exists)."""
+        handle = self._handles.get(generation_id)
+        if handle is not None:
+            await handle.done.wait()
+            return
+        while True:  # another process runs it: its row tells when it ends
+            try:
+                record = await self.store.get_generation(generation_id)
+            except GenerationNotFound:
+                return
+            if record.status in TERMINAL_STATUSES:
+                return
+            await anyio.sleep(REMOTE_POLL_INTERVAL)
 
     async def _run(self, handle: _Handle) -> tuple[str, JSONDict | None, JSONDict | None]:
         """Stream the provider's answer into the log; return (status, error, usage)."""

@@ -6,8 +6,9 @@ What existing chat systems get wrong, and what this module promises instead:
 * a message is never silently dropped: a closed session follows ``on_closed`` (reopen, start
   a linked new session, or reject with an error), a paused one stores it;
 * finishing a generation never closes its session unless ``close_on_complete`` is set;
-* one generation at a time per session; a second message follows ``on_busy`` (reject or
-  interrupt the running one), and concurrent requests on one session are serialised;
+* one generation at a time per session; a second message follows ``on_busy`` (reject it,
+  queue it after the running one, or interrupt the running one), and concurrent requests on
+  one session are serialised;
 * history, context and the number of open sessions are bounded.
 """
 
@@ -33,6 +34,7 @@ from store import (
     SessionSummary,
     WriterContext,
     insert_messages,
+    remember,
 )
 from store.types import JSONDict
 
@@ -41,7 +43,7 @@ from ._pool import GenerationPool
 from .types import ChatMessage, GenerationRequest
 
 ON_CLOSED = ("reopen", "new", "reject")
-ON_BUSY = ("reject", "interrupt")
+ON_BUSY = ("reject", "queue", "interrupt")
 SETTABLE_STATUSES = ("active", "paused", "closed")
 ACTIVE_GENERATION = frozenset({"queued", "running"})
 INTERRUPT_TIMEOUT = 10.0
@@ -49,23 +51,59 @@ INTERRUPT_TIMEOUT = 10.0
 
 @dataclass(frozen=True)
 class SessionLimits:
-    """Bounds on what one user and one session may hold (defaults from common practice)."""
+    """Bounds on what one user and one session may hold (defaults from common practice),
+    and how long sessions live: closed after ``idle_timeout`` seconds without activity
+    (unless ``keep_open``), deleted ``retention`` seconds after closing when ``auto_clean``."""
 
     active_sessions_per_user: int = 10
     messages_per_session: int = 1000
     context_bytes: int = 1_000_000
     message_chars: int = 100_000
     history_chars: int = 32_000
+    idle_timeout: float = 1800.0
+    retention: float = 30 * 24 * 3600.0
+    auto_clean: bool = False
 
 
 @dataclass(frozen=True)
 class PostedMessage:
-    """What posting a message did: where it went and which generation (if any) answers it."""
+    """What posting a message did: where it went and which generation (if any) answers it.
+    ``replayed``: an earlier request with the same idempotency key did this."""
 
     session: SessionRecord
     message_id: str
     generation: GenerationRecord | None
     reopened: bool = False
+    replayed: bool = False
+
+
+@dataclass(frozen=True)
+class _Idempotency:
+    owner: str | None
+    key: str
+    requested_session_id: str
+
+    def remember(
+        self,
+        ctx: WriterContext,
+        session_id: str,
+        message_id: str,
+        generation_id: str | None,
+        now: float,
+    ) -> None:
+        remember(
+            ctx,
+            self.owner,
+            self.key,
+            session_id,
+            {
+                "requested_session_id": self.requested_session_id,
+                "session_id": session_id,
+                "message_id": message_id,
+                "generation_id": generation_id,
+            },
+            now,
+        )
 
 
 def new_session_id() -> str:
@@ -111,6 +149,7 @@ class SessionManager:
         self.limits = limits or SessionLimits()
         self._clock = clock
         self._locks: dict[str, tuple[anyio.Lock, int]] = {}
+        pool.on_finished(self._generation_finished)
 
     # -- sessions -----------------------------------------------------------------------------
 
@@ -193,6 +232,50 @@ class SessionManager:
                     await self.pool.cancel(generation_id)
             await self.store.delete(session_id)
 
+    async def _generation_finished(self, generation: GenerationRecord, status: str) -> None:
+        """``close_on_complete``: a completed answer closes its session — only when asked."""
+        if generation.session_id is None or status != "completed":
+            return
+        async with self._serialised(generation.session_id):
+            try:
+                record = await self.store.get(generation.session_id)
+            except SessionNotFound:
+                return
+            if record.close_on_complete and record.status != "closed":
+                if await self._running_generation(record.id) is None:  # nothing queued
+                    await self._close(record.id, "completed")
+
+    async def sweep(self) -> tuple[int, int]:
+        """Close sessions idle past ``idle_timeout`` (not ``keep_open``, nothing running);
+        with ``auto_clean``, delete those closed longer than ``retention``.
+
+        Returns (closed, deleted). The pool runs this periodically; tests call it with a
+        controlled clock.
+        """
+        now = self._clock()
+        closed = deleted = 0
+        for session_id in await self.store.idle(before=now - self.limits.idle_timeout):
+            async with self._serialised(session_id):
+                if await self._running_generation(session_id) is not None:
+                    continue
+                record = await self.store.get(session_id)
+                if record.status != "closed" and not record.keep_open:
+                    await self._close(session_id, "expired")
+                    closed += 1
+        if self.limits.auto_clean:
+            for session_id in await self.store.closed_before(now - self.limits.retention):
+                async with self._serialised(session_id):
+                    await self.store.delete(session_id)
+                    deleted += 1
+        return closed, deleted
+
+    async def _close(self, session_id: str, reason: str) -> None:
+        now = self._clock()
+        await self.store.update(
+            session_id,
+            {"status": "closed", "closed_reason": reason, "closed_at": now, "updated_at": now},
+        )
+
     # -- messages -----------------------------------------------------------------------------
 
     async def post(
@@ -202,12 +285,14 @@ class SessionManager:
         *,
         owner: str | None,
         role: str = "user",
+        idempotency_key: str | None = None,
     ) -> PostedMessage:
         """Store a message and, unless the session is paused, start its answer.
 
         A closed session follows its ``on_closed``; a session with a running generation
         follows its ``on_busy``. Never drops the message silently: it is stored, or an
-        error says why not.
+        error says why not. A request repeating an ``idempotency_key`` gets what the first
+        one did (same message, same generation) and changes nothing.
         """
         if not isinstance(content, str) or not content:
             raise ValueError("'content' must be a non-empty string")
@@ -215,6 +300,12 @@ class SessionManager:
             raise LimitExceeded("message_chars", self.limits.message_chars, too_large=True)
         async with self._serialised(session_id):
             record = await self.get(session_id, owner=owner)
+            idempotency = None
+            if idempotency_key is not None:
+                replay = await self._replay(session_id, owner, idempotency_key)
+                if replay is not None:
+                    return replay
+                idempotency = _Idempotency(owner, idempotency_key, session_id)
             reopened = False
             if record.status == "closed":
                 if record.on_closed == "reject":
@@ -223,7 +314,9 @@ class SessionManager:
                     successor = await self._successor(record)
                     # The message goes to the new session; its own lock is not needed yet,
                     # nobody else knows its id.
-                    return await self._post_unlocked(successor, content, role, reopened=False)
+                    return await self._post_unlocked(
+                        successor, content, role, reopened=False, idempotency=idempotency
+                    )
                 await self._check_active_limit(owner)
                 await self.store.update(
                     session_id,
@@ -231,28 +324,63 @@ class SessionManager:
                 )
                 record = await self.store.get(session_id)
                 reopened = True
-            return await self._post_unlocked(record, content, role, reopened=reopened)
+            return await self._post_unlocked(
+                record, content, role, reopened=reopened, idempotency=idempotency
+            )
+
+    async def _replay(self, session_id: str, owner: str | None, key: str) -> PostedMessage | None:
+        earlier = await self.store.recall(owner, key)
+        if earlier is None:
+            return None
+        if earlier["requested_session_id"] != session_id:
+            raise ValueError("this Idempotency-Key was already used for another session")
+        generation_id = earlier["generation_id"]
+        return PostedMessage(
+            await self.store.get(earlier["session_id"]),
+            earlier["message_id"],
+            await self.pool.get(generation_id) if generation_id else None,
+            replayed=True,
+        )
 
     async def _post_unlocked(
-        self, record: SessionRecord, content: str, role: str, *, reopened: bool
+        self,
+        record: SessionRecord,
+        content: str,
+        role: str,
+        *,
+        reopened: bool,
+        idempotency: _Idempotency | None,
     ) -> PostedMessage:
         now = self._clock()
         message_id = new_message_id()
+        limit = self.limits.messages_per_session
         if record.status == "paused":
-            await self.store.add_messages(
-                record.id,
-                [(message_id, role, content, None)],
-                now=now,
-                max_messages=self.limits.messages_per_session,
-            )
+
+            def store_only(ctx: WriterContext) -> None:
+                insert_messages(
+                    ctx,
+                    record.id,
+                    [(message_id, role, content, None)],
+                    now=now,
+                    max_messages=limit,
+                )
+                if idempotency is not None:
+                    idempotency.remember(ctx, record.id, message_id, None, now)
+
+            await self.store.streams.execute(store_only)
             return PostedMessage(await self.store.get(record.id), message_id, None, reopened)
         running = await self._running_generation(record.id)
+        after = None
         if running is not None:
             if record.on_busy == "reject":
                 raise SessionBusy(record.id, running)
-            await self._interrupt(running)
-        request = GenerationRequest(await self._prompt(record.id, content, role))
-        limit = self.limits.messages_per_session
+            if record.on_busy == "interrupt":
+                await self._interrupt(running)
+            else:  # queue: answer after the newest answer ends, with it in the history
+                after = running
+
+        async def prepare() -> GenerationRequest:
+            return GenerationRequest(await self._prompt(record.id, message_id, content, role))
 
         def also(generation: GenerationRecord) -> Op:
             def op(ctx: WriterContext) -> None:
@@ -266,11 +394,18 @@ class SessionManager:
                     now=now,
                     max_messages=limit,
                 )
+                if idempotency is not None:
+                    idempotency.remember(ctx, record.id, message_id, generation.id, now)
 
             return op
 
         generation = await self.pool.submit(
-            request, owner=record.owner, session_id=record.id, also=also
+            GenerationRequest((ChatMessage(role, content),)),
+            owner=record.owner,
+            session_id=record.id,
+            also=also,
+            after=after,
+            prepare=prepare,
         )
         return PostedMessage(await self.store.get(record.id), message_id, generation, reopened)
 
@@ -310,11 +445,16 @@ class SessionManager:
                 await anyio.sleep(0.05)
                 record = await self.pool.get(generation_id)
 
-    async def _prompt(self, session_id: str, content: str, role: str) -> tuple[ChatMessage, ...]:
-        """The most recent history that fits ``history_chars``, then the new message."""
+    async def _prompt(
+        self, session_id: str, message_id: str, content: str, role: str
+    ) -> tuple[ChatMessage, ...]:
+        """The most recent history before ``message_id`` that fits ``history_chars``, then
+        the message itself."""
+        stored = await self.store.messages(session_id)
+        position = next((i for i, m in enumerate(stored) if m.id == message_id), len(stored))
         budget = self.limits.history_chars - len(content)
         history: list[ChatMessage] = []
-        for message in reversed(await self.store.messages(session_id)):
+        for message in reversed(stored[:position]):
             if not message.content:
                 continue  # an answer that has not produced text yet
             if len(message.content) > budget:

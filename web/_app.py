@@ -70,15 +70,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
             providers = build_providers(settings)
             for provider in providers.values():
                 stack.push_async_callback(provider.aclose)
-            pool = await stack.enter_async_context(
-                GenerationPool(
-                    store,
-                    providers,
-                    default_provider=settings.provider,
-                    max_running=settings.max_running,
-                    max_queued=settings.max_queued,
-                    shutdown_grace=settings.shutdown_grace,
-                )
+            pool = GenerationPool(
+                store,
+                providers,
+                default_provider=settings.provider,
+                max_running=settings.max_running,
+                max_queued=settings.max_queued,
+                shutdown_grace=settings.shutdown_grace,
             )
             sessions = SessionManager(
                 SessionStore(store),
@@ -89,8 +87,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
                     context_bytes=settings.max_context_bytes,
                     message_chars=settings.max_message_chars,
                     history_chars=settings.history_chars,
+                    idle_timeout=settings.idle_timeout,
+                    retention=settings.retention,
+                    auto_clean=settings.auto_clean,
                 ),
             )
+            pool.every(settings.session_sweep_interval, sessions.sweep)
+            await stack.enter_async_context(pool)
             app.state.keepstream = AppState(settings, store, pool, sessions)
             # Long-lived start-up objects never need collecting; freezing them keeps the
             # collector's full passes (which stall every stream at once) short, and the

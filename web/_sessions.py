@@ -23,6 +23,7 @@ from ._generations import (
 
 MERGE_PATCH = "application/merge-patch+json"
 MAX_LIST_LIMIT = 1000
+MAX_IDEMPOTENCY_KEY = 255
 
 
 def session_json(record: SessionRecord) -> dict[str, Any]:
@@ -154,7 +155,8 @@ async def post_message(request: Request) -> Response:
     """``POST /v1/sessions/{id}/messages`` ``{content}``: store it and start the answer.
 
     202 with the session, the message id and the generation (``null`` while paused); with
-    ``Accept: text/event-stream``, the answer's events.
+    ``Accept: text/event-stream``, the answer's events. A repeated ``Idempotency-Key`` gets
+    the first request's message and generation.
     """
     state = app_state(request)
     user = current_user(request)
@@ -166,7 +168,12 @@ async def post_message(request: Request) -> Response:
     if not isinstance(content, str) or not content:
         raise InvalidRequest("'content' must be a non-empty string")
     try:
-        posted = await state.sessions.post(request.path_params["session_id"], content, owner=user)
+        posted = await state.sessions.post(
+            request.path_params["session_id"],
+            content,
+            owner=user,
+            idempotency_key=idempotency_key(request),
+        )
     except ValueError as exc:
         raise InvalidRequest(str(exc)) from None
     if posted.generation is not None and wants_event_stream(request):
@@ -192,7 +199,20 @@ def posted_json(posted: PostedMessage) -> dict[str, Any]:
         "generation": generation_json(posted.generation) if posted.generation else None,
         "generation_id": posted.generation.id if posted.generation else None,
         "reopened": posted.reopened,
+        "replayed": posted.replayed,
     }
+
+
+def idempotency_key(request: Request) -> str | None:
+    """The ``Idempotency-Key`` header, checked (1 to 255 printable ASCII characters)."""
+    key = request.headers.get("idempotency-key")
+    if key is None:
+        return None
+    if not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY or not key.isascii() or not key.isprintable():
+        raise InvalidRequest(
+            f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII characters"
+        )
+    return key
 
 
 routes = [

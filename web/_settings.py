@@ -56,6 +56,10 @@ class Settings:
     max_context_bytes: int = _setting(1_000_000, "largest session context, as JSON bytes")
     max_message_chars: int = _setting(100_000, "longest message a session accepts")
     history_chars: int = _setting(32_000, "history sent to the model with a new message")
+    idle_timeout: float = _setting(1800.0, "close sessions idle this many seconds")
+    retention: float = _setting(30 * 24 * 3600.0, "delete closed sessions after this many s")
+    auto_clean: bool = _setting(False, "delete closed sessions once past --retention")
+    session_sweep_interval: float = _setting(60.0, "seconds between idle/retention sweeps")
     api_keys: str | None = _setting(
         None, "comma-separated user=key pairs (prefer the env var or --api-keys-file)"
     )
@@ -77,6 +81,8 @@ class Settings:
             "sse_send_timeout",
             "sse_ping",
             "upstream_read_timeout",
+            "idle_timeout",
+            "retention",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
@@ -88,6 +94,7 @@ class Settings:
             "max_context_bytes",
             "max_message_chars",
             "history_chars",
+            "session_sweep_interval",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
