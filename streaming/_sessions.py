@@ -149,7 +149,21 @@ class SessionManager:
         self.limits = limits or SessionLimits()
         self._clock = clock
         self._locks: dict[str, tuple[anyio.Lock, int]] = {}
+        self._changed: dict[str, anyio.Event] = {}
         pool.on_finished(self._generation_finished)
+
+    def changed(self, session_id: str) -> anyio.Event:
+        """Set by the next change to the session in this process (a new generation, a status
+        change, deletion). Take it before reading the session; it is then replaced."""
+        event = self._changed.get(session_id)
+        if event is None:
+            event = self._changed[session_id] = anyio.Event()
+        return event
+
+    def _signal(self, session_id: str) -> None:
+        event = self._changed.pop(session_id, None)
+        if event is not None:
+            event.set()
 
     # -- sessions -----------------------------------------------------------------------------
 
@@ -221,6 +235,7 @@ class SessionManager:
                 fields["closed_reason"] = "user" if status == "closed" else None
                 fields["closed_at"] = now if status == "closed" else None
             await self.store.update(session_id, fields)
+            self._signal(session_id)
             return await self.store.get(session_id)
 
     async def delete(self, session_id: str, *, owner: str | None) -> None:
@@ -266,6 +281,7 @@ class SessionManager:
             for session_id in await self.store.closed_before(now - self.limits.retention):
                 async with self._serialised(session_id):
                     await self.store.delete(session_id)
+                    self._signal(session_id)
                     deleted += 1
         return closed, deleted
 
@@ -275,6 +291,7 @@ class SessionManager:
             session_id,
             {"status": "closed", "closed_reason": reason, "closed_at": now, "updated_at": now},
         )
+        self._signal(session_id)
 
     # -- messages -----------------------------------------------------------------------------
 
@@ -407,6 +424,7 @@ class SessionManager:
             after=after,
             prepare=prepare,
         )
+        self._signal(record.id)
         return PostedMessage(await self.store.get(record.id), message_id, generation, reopened)
 
     async def _successor(self, record: SessionRecord) -> SessionRecord:

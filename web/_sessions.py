@@ -2,24 +2,30 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
+from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from store import SessionMessage, SessionRecord, SessionSummary
+from store import TERMINAL_STATUSES, SessionMessage, SessionNotFound, SessionRecord, SessionSummary
 from streaming import PostedMessage
 
 from ._auth import current_user
-from ._errors import InvalidRequest
+from ._errors import BadRequest, InvalidRequest
 from ._generations import (
+    AppState,
     app_state,
     event_stream,
     generation_json,
+    parse_offset,
     read_json_body,
     wants_event_stream,
 )
+from ._sse import follow
 
 MERGE_PATCH = "application/merge-patch+json"
 MAX_LIST_LIMIT = 1000
@@ -215,6 +221,94 @@ def idempotency_key(request: Request) -> str | None:
     return key
 
 
+SESSION_POLL_INTERVAL = 1.0  # how often a follower looks for another process's new answers
+
+
+def parse_session_event_id(value: str) -> tuple[str, int]:
+    """``<generation id>:<offset>`` from a session stream's ``Last-Event-ID``, or 400."""
+    generation_id, sep, offset = value.strip().rpartition(":")
+    if not sep or not generation_id:
+        raise BadRequest(f"Last-Event-ID must be <generation id>:<offset>, got {value[:80]!r}")
+    return generation_id, parse_offset(offset, "Last-Event-ID offset")
+
+
+async def follow_session(
+    state: AppState, session_id: str, start: tuple[str, int] | None
+) -> AsyncIterator[bytes]:
+    """SSE chunks of a session: its generation at ``start`` (or its latest one) to the end,
+    then each newer one, while the session stays open."""
+    sessions = state.sessions
+    yield b"retry: %d\n\n" % state.settings.sse_retry_ms
+    following, offset = start if start is not None else (None, 0)
+    finished: str | None = None
+    while True:
+        changed = sessions.changed(session_id)
+        try:
+            record = await sessions.store.get(session_id)
+            ids = [gid for gid, _ in await sessions.store.generations(session_id)]
+        except SessionNotFound:
+            return
+        if following not in ids:  # none yet, or it was deleted: the latest one
+            following, offset = (ids[-1], 0) if ids else (None, 0)
+        if following is not None and following != finished:
+            # A session's generation writes the stream named by its id.
+            async for chunk in follow(
+                state.store, following, offset, id_prefix=following.encode() + b":"
+            ):
+                yield chunk
+            finished = following
+        newer = ids[ids.index(following) + 1 :] if following in ids else []
+        if newer:
+            following, offset = newer[0], 0
+            continue
+        if record.status == "closed":
+            return
+        with anyio.move_on_after(SESSION_POLL_INTERVAL):
+            await changed.wait()
+
+
+async def session_events(request: Request) -> Response:
+    """``GET /v1/sessions/{id}/events``: what a client opens when it switches back.
+
+    SSE following the session's latest generation (the running one, or the most recent),
+    then every newer one while the session is open. Event ids are
+    ``<generation id>:<offset>``, so a ``Last-Event-ID`` from an older answer first finishes
+    that answer, then goes on with the newer ones. 204 when a closed session has nothing
+    left for the client.
+    """
+    state = app_state(request)
+    session_id = request.path_params["session_id"]
+    record = await state.sessions.get(session_id, owner=current_user(request))
+    generations = await state.sessions.store.generations(session_id)
+    ids = [gid for gid, _ in generations]
+    start = None
+    last_event_id = request.headers.get("last-event-id", "").strip()
+    if last_event_id:
+        start = parse_session_event_id(last_event_id)
+        if start[0] not in ids:
+            raise BadRequest(f"Last-Event-ID names generation {start[0]!r}, not of this session")
+        length, _ = await state.store.stream_length(start[0])
+        if start[1] > length:
+            raise BadRequest(f"offset {start[1]} is beyond the end of {start[0]} ({length})")
+    if record.status == "closed":
+        nothing_left = not ids or (
+            start is not None
+            and start[0] == ids[-1]
+            and generations[-1][1] in TERMINAL_STATUSES
+            and start[1] == (await state.store.stream_length(start[0]))[0]
+        )
+        if nothing_left:
+            return Response(status_code=204)
+    settings = state.settings
+    return EventSourceResponse(
+        follow_session(state, session_id, start),
+        ping=settings.sse_ping,
+        send_timeout=settings.sse_send_timeout or None,
+        sep="\n",
+        headers={"Cache-Control": "no-cache"},
+    )
+
+
 routes = [
     Route("/v1/sessions", create_session, methods=["POST"]),
     Route("/v1/sessions", list_sessions, methods=["GET"]),
@@ -222,4 +316,5 @@ routes = [
     Route("/v1/sessions/{session_id}", update_session, methods=["PATCH"]),
     Route("/v1/sessions/{session_id}", delete_session, methods=["DELETE"]),
     Route("/v1/sessions/{session_id}/messages", post_message, methods=["POST"]),
+    Route("/v1/sessions/{session_id}/events", session_events, methods=["GET"]),
 ]

@@ -33,13 +33,15 @@ def event_name(payload: bytes) -> str:
     return kind if isinstance(kind, str) and kind.isidentifier() else "message"
 
 
-def format_events(first_offset: int, payloads: list[bytes]) -> bytes:
-    """SSE frames for consecutive messages starting at ``first_offset``."""
+def format_events(first_offset: int, payloads: list[bytes], *, id_prefix: bytes = b"") -> bytes:
+    """SSE frames for consecutive messages starting at ``first_offset``; each ``id:`` is
+    ``id_prefix`` and the offset after the event."""
     parts: list[bytes] = []
     for i, payload in enumerate(payloads, start=first_offset + 1):
         # Stored events are compact JSON: no raw CR or LF can break the ``data:`` line.
         parts.append(
-            b"id: %d\nevent: %s\ndata: %s\n\n" % (i, event_name(payload).encode(), payload)
+            b"id: %s%d\nevent: %s\ndata: %s\n\n"
+            % (id_prefix, i, event_name(payload).encode(), payload)
         )
     return b"".join(parts)
 
@@ -73,6 +75,7 @@ async def follow(
     *,
     skip_chars: int = 0,
     retry_ms: int | None = None,
+    id_prefix: bytes = b"",
 ) -> AsyncIterator[bytes]:
     """SSE chunks from ``offset`` until the stream is closed and fully sent.
 
@@ -93,7 +96,7 @@ async def follow(
                 payloads = [trim_delta(payloads[0], skip_chars), *payloads[1:]]
                 skip_chars = 0
             for count in _chunk_sizes(payloads):
-                yield format_events(offset, payloads[:count])
+                yield format_events(offset, payloads[:count], id_prefix=id_prefix)
                 offset += count
                 payloads = payloads[count:]
         if result.at_end:
