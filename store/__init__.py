@@ -13,7 +13,9 @@ from ._exceptions import StreamClosed as StreamClosed
 from ._exceptions import StreamConflict as StreamConflict
 from ._exceptions import StreamExists as StreamExists
 from ._exceptions import StreamNotFound as StreamNotFound
+from ._exceptions import WriteRejected as WriteRejected
 from ._sessions import SessionStore as SessionStore
+from ._sessions import check_not_busy as check_not_busy
 from ._sessions import insert_messages as insert_messages
 from ._sessions import remember as remember
 from ._store import DEFAULT_FLUSH_INTERVAL as DEFAULT_FLUSH_INTERVAL
@@ -56,7 +58,9 @@ __all__ = [
     "StreamNotFound",
     "StreamStore",
     "WorkerRecord",
+    "WriteRejected",
     "WriterContext",
+    "check_not_busy",
     "insert_messages",
     "remember",
 ]

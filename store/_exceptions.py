@@ -7,6 +7,7 @@ StoreError
 ├── StreamConflict      another writer appended at offsets this one expected to use
 ├── GenerationNotFound  no generation with that id
 ├── SessionNotFound     no session with that id
+├── WriteRejected       a condition checked inside the write's transaction did not hold
 └── StoreUnavailable    SQLite failed (disk full, I/O error, store closed)
 """
 
@@ -63,6 +64,18 @@ class SessionNotFound(StoreError):
     def __init__(self, session_id: str) -> None:
         super().__init__(f"session {session_id!r} not found")
         self.session_id = session_id
+
+
+class WriteRejected(StoreError):
+    """A write refused by a check made in its own transaction (so it holds across processes).
+
+    ``reason`` names the check; ``detail`` carries what it found.
+    """
+
+    def __init__(self, reason: str, detail: str | None = None) -> None:
+        super().__init__(f"write rejected: {reason}")
+        self.reason = reason
+        self.detail = detail
 
 
 class StoreUnavailable(StoreError):

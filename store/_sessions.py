@@ -8,7 +8,7 @@ import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
-from ._exceptions import SessionNotFound
+from ._exceptions import SessionNotFound, WriteRejected
 from ._store import StreamStore
 from ._writer import WriterContext
 from .types import JSONDict, SessionMessage, SessionRecord, SessionSummary
@@ -70,11 +70,15 @@ class SessionStore:
     def __init__(self, streams: StreamStore) -> None:
         self.streams = streams
 
-    async def create(self, record: SessionRecord) -> None:
-        """Insert a new session."""
+    async def create(self, record: SessionRecord, *, max_open: int | None = None) -> None:
+        """Insert a new session; with ``max_open``, only while its owner has fewer open
+        (active or paused) sessions, checked in the same transaction. Raises
+        ``WriteRejected("open_sessions")`` otherwise."""
         row = record.to_row()
 
         def op(ctx: WriterContext) -> None:
+            if max_open is not None:
+                check_open_below(ctx, record.owner, max_open)
             ctx.conn.execute(_INSERT_SESSION, [row[c] for c in SESSION_COLUMNS])
 
         await self.streams.execute(op)
@@ -83,8 +87,14 @@ class SessionStore:
         """A session. Raises ``SessionNotFound``."""
         return await self.streams.query(_get_session, session_id)
 
-    async def update(self, session_id: str, fields: JSONDict) -> None:
-        """Set columns of a session (``context`` as a dict). Raises ``SessionNotFound``."""
+    async def update(
+        self, session_id: str, fields: JSONDict, *, max_open: int | None = None
+    ) -> None:
+        """Set columns of a session (``context`` as a dict). Raises ``SessionNotFound``.
+
+        With ``max_open`` (for a change that opens a closed session), only while its owner
+        has fewer other open sessions, checked in the same transaction.
+        """
         names = sorted(fields)
         if not names or set(names) - set(SESSION_COLUMNS) or "id" in fields:
             raise ValueError(f"cannot set session fields {names}")
@@ -92,6 +102,13 @@ class SessionStore:
         sql = "UPDATE sessions SET {} WHERE id = ?".format(", ".join(f"{n} = ?" for n in names))
 
         def op(ctx: WriterContext) -> None:
+            if max_open is not None:
+                row = ctx.conn.execute(
+                    "SELECT owner FROM sessions WHERE id = ?", (session_id,)
+                ).fetchone()
+                if row is None:
+                    raise SessionNotFound(session_id)
+                check_open_below(ctx, row[0], max_open, excluding=session_id)
             if ctx.conn.execute(sql, (*values, session_id)).rowcount == 0:
                 raise SessionNotFound(session_id)
 
@@ -165,6 +182,32 @@ class SessionStore:
     async def recall(self, owner: str | None, key: str) -> JSONDict | None:
         """The response stored for an idempotency key, if any."""
         return await self.streams.query(_recall, owner or "", key)
+
+
+def check_open_below(
+    ctx: WriterContext, owner: str | None, maximum: int, *, excluding: str | None = None
+) -> None:
+    """Raise ``WriteRejected("open_sessions")`` unless ``owner`` has fewer than ``maximum``
+    open sessions (besides ``excluding``)."""
+    (count,) = ctx.conn.execute(
+        "SELECT count(*) FROM sessions WHERE owner IS ? AND status != 'closed' AND id IS NOT ?",
+        (owner, excluding),
+    ).fetchone()
+    if count >= maximum:
+        raise WriteRejected("open_sessions", str(count))
+
+
+def check_not_busy(ctx: WriterContext, session_id: str, *, new_generation_id: str) -> None:
+    """Raise ``WriteRejected("busy", <generation id>)`` if another generation of the session
+    is queued or running — checked inside the transaction that would start one more, so two
+    processes cannot both start one."""
+    row = ctx.conn.execute(
+        "SELECT id FROM generations WHERE session_id = ? AND id != ?"
+        " AND status IN ('queued', 'running') ORDER BY created_at DESC LIMIT 1",
+        (session_id, new_generation_id),
+    ).fetchone()
+    if row is not None:
+        raise WriteRejected("busy", row[0])
 
 
 def remember(

@@ -33,6 +33,8 @@ from store import (
     SessionStore,
     SessionSummary,
     WriterContext,
+    WriteRejected,
+    check_not_busy,
     insert_messages,
     remember,
 )
@@ -172,7 +174,6 @@ class SessionManager:
         close_on_complete (all optional). Raises ``ValueError`` or ``LimitExceeded``."""
         values = self._validated(settings, creating=True)
         self._check_context(values.setdefault("context", {}))
-        await self._check_active_limit(owner)
         now = self._clock()
         record = SessionRecord(
             id=new_session_id(),
@@ -188,8 +189,27 @@ class SessionManager:
             keep_open=values.get("keep_open", False),
             close_on_complete=values.get("close_on_complete", False),
         )
-        await self.store.create(record)
+        await self._create(record)
         return record
+
+    async def _create(self, record: SessionRecord) -> None:
+        """Insert a session within the owner's open-session limit (checked atomically)."""
+        try:
+            await self.store.create(record, max_open=self.limits.active_sessions_per_user)
+        except WriteRejected:
+            raise self._too_many_open() from None
+
+    async def _reopen(self, session_id: str, fields: JSONDict) -> None:
+        """Apply ``fields`` that open a closed session, within the open-session limit."""
+        try:
+            await self.store.update(
+                session_id, fields, max_open=self.limits.active_sessions_per_user
+            )
+        except WriteRejected:
+            raise self._too_many_open() from None
+
+    def _too_many_open(self) -> LimitExceeded:
+        return LimitExceeded("max_sessions_per_user", self.limits.active_sessions_per_user)
 
     async def get(self, session_id: str, *, owner: str | None) -> SessionRecord:
         """A session of ``owner``. Raises ``SessionNotFound`` (also for another's)."""
@@ -229,12 +249,13 @@ class SessionManager:
             now = self._clock()
             fields: JSONDict = {**values, "updated_at": now}
             status = values.get("status")
-            if status == "active" and record.status == "closed":
-                await self._check_active_limit(owner)
             if status is not None and status != record.status:
                 fields["closed_reason"] = "user" if status == "closed" else None
                 fields["closed_at"] = now if status == "closed" else None
-            await self.store.update(session_id, fields)
+            if record.status == "closed" and status in ("active", "paused"):
+                await self._reopen(session_id, fields)
+            else:
+                await self.store.update(session_id, fields)
             self._signal(session_id)
             return await self.store.get(session_id)
 
@@ -314,7 +335,7 @@ class SessionManager:
         if not isinstance(content, str) or not content:
             raise ValueError("'content' must be a non-empty string")
         if len(content) > self.limits.message_chars:
-            raise LimitExceeded("message_chars", self.limits.message_chars, too_large=True)
+            raise LimitExceeded("max_message_chars", self.limits.message_chars, too_large=True)
         async with self._serialised(session_id):
             record = await self.get(session_id, owner=owner)
             idempotency = None
@@ -334,10 +355,12 @@ class SessionManager:
                     return await self._post_unlocked(
                         successor, content, role, reopened=False, idempotency=idempotency
                     )
-                await self._check_active_limit(owner)
-                await self.store.update(
-                    session_id,
-                    {"status": "active", "closed_reason": None, "closed_at": None},
+                if record.on_busy == "reject":  # refuse before reopening anything
+                    running = await self._running_generation(session_id)
+                    if running is not None:
+                        raise SessionBusy(session_id, running)
+                await self._reopen(
+                    session_id, {"status": "active", "closed_reason": None, "closed_at": None}
                 )
                 record = await self.store.get(session_id)
                 reopened = True
@@ -401,6 +424,8 @@ class SessionManager:
 
         def also(generation: GenerationRecord) -> Op:
             def op(ctx: WriterContext) -> None:
+                if after is None:  # reject, or interrupt: nothing else may be running now
+                    check_not_busy(ctx, record.id, new_generation_id=generation.id)
                 insert_messages(
                     ctx,
                     record.id,
@@ -416,20 +441,22 @@ class SessionManager:
 
             return op
 
-        generation = await self.pool.submit(
-            GenerationRequest((ChatMessage(role, content),)),
-            owner=record.owner,
-            session_id=record.id,
-            also=also,
-            after=after,
-            prepare=prepare,
-        )
+        try:
+            generation = await self.pool.submit(
+                GenerationRequest((ChatMessage(role, content),)),
+                owner=record.owner,
+                session_id=record.id,
+                also=also,
+                after=after,
+                prepare=prepare,
+            )
+        except WriteRejected as exc:  # another process started an answer meanwhile
+            raise SessionBusy(record.id, exc.detail or "?") from None
         self._signal(record.id)
         return PostedMessage(await self.store.get(record.id), message_id, generation, reopened)
 
     async def _successor(self, record: SessionRecord) -> SessionRecord:
         """The fresh session a message to a closed ``on_closed="new"`` session opens."""
-        await self._check_active_limit(record.owner)
         now = self._clock()
         successor = SessionRecord(
             id=new_session_id(),
@@ -446,7 +473,7 @@ class SessionManager:
             close_on_complete=record.close_on_complete,
             previous_session_id=record.id,
         )
-        await self.store.create(successor)
+        await self._create(successor)
         return successor
 
     async def _running_generation(self, session_id: str) -> str | None:
@@ -484,17 +511,12 @@ class SessionManager:
 
     # -- checks -------------------------------------------------------------------------------
 
-    async def _check_active_limit(self, owner: str | None) -> None:
-        active = await self.store.count(owner, statuses=("active", "paused"))
-        if active >= self.limits.active_sessions_per_user:
-            raise LimitExceeded("active_sessions_per_user", self.limits.active_sessions_per_user)
-
     def _check_context(self, context: Any) -> None:
         if not isinstance(context, dict):
             raise ValueError("'context' must be a JSON object")
         size = len(json.dumps(context, ensure_ascii=False).encode())
         if size > self.limits.context_bytes:
-            raise LimitExceeded("context_bytes", self.limits.context_bytes, too_large=True)
+            raise LimitExceeded("max_context_bytes", self.limits.context_bytes, too_large=True)
 
     def _validated(self, settings: Mapping[str, Any], *, creating: bool) -> JSONDict:
         allowed = {"title", "context", "keep_open", "on_closed", "on_busy", "close_on_complete"}
