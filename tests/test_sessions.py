@@ -12,6 +12,7 @@ import itertools
 import json
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -563,6 +564,27 @@ async def post_concurrently(
     return [(f"message {i}", responses[i]) for i in range(count)]
 
 
+async def test_on_busy_queue_answers_a_hundred_concurrent_posts_in_order(
+    fast_server: Server,
+) -> None:
+    async with as_user(fast_server, connections=CONCURRENT_POSTS) as http:
+        session = await create(http, on_busy="queue")
+        results = await post_concurrently([http], session["id"], CONCURRENT_POSTS)
+        assert [r.status_code for _, r in results] == [202] * CONCURRENT_POSTS
+        accepted = {body(r)["generation_id"] for _, r in results}
+        assert len(accepted) == CONCURRENT_POSTS
+        stored = await get_session(http, session["id"])
+        order = [m["generation_id"] for m in stored["messages"] if m["role"] == "assistant"]
+        assert set(order) == accepted  # every message stored, each with its own answer
+        finished = [await wait_for_status(http, gid, {"completed"}) for gid in order]
+        for earlier, later in pairwise(finished):  # one after another, in arrival order
+            assert later["started_at"] >= earlier["finished_at"]
+        stored = await get_session(http, session["id"])
+        answers = [m["content"] for m in stored["messages"] if m["role"] == "assistant"]
+        assert answers == [f["text"] for f in finished] and all(answers)
+        await call(http, "DELETE", f"/v1/sessions/{session['id']}", expect=204)
+
+
 async def test_on_busy_reject_accepts_exactly_one_of_a_hundred_concurrent_posts(
     slow_server: Server,
 ) -> None:
@@ -967,6 +989,7 @@ async def test_users_cannot_reach_each_others_sessions(fast_server: Server) -> N
         for target in (mine["id"], MISSING_SESSION):  # a foreign id looks like a missing one
             for method, url, kwargs in (
                 ("GET", f"/v1/sessions/{target}", {}),
+                ("GET", f"/v1/sessions/{target}/events", {}),
                 ("POST", f"/v1/sessions/{target}/messages", {"json": {"content": "hi"}}),
                 ("PATCH", f"/v1/sessions/{target}", {"json": {"title": "mine now"}}),
                 (
