@@ -11,7 +11,7 @@ from typing import Any
 from ._exceptions import SessionNotFound, WriteRejected
 from ._store import StreamStore
 from ._writer import WriterContext
-from .types import JSONDict, SessionMessage, SessionRecord, SessionSummary
+from .types import JSONDict, SessionMessage, SessionRecord, SessionSummary, encode_field
 
 SESSION_COLUMNS = tuple(SessionRecord.blank("").to_row())
 _INSERT_SESSION = "INSERT INTO sessions ({}) VALUES ({})".format(
@@ -98,7 +98,7 @@ class SessionStore:
         names = sorted(fields)
         if not names or set(names) - set(SESSION_COLUMNS) or "id" in fields:
             raise ValueError(f"cannot set session fields {names}")
-        values = [json.dumps(fields[n]) if n == "context" else _plain(fields[n]) for n in names]
+        values = [encode_field(n, fields[n]) for n in names]
         sql = "UPDATE sessions SET {} WHERE id = ?".format(", ".join(f"{n} = ?" for n in names))
 
         def op(ctx: WriterContext) -> None:
@@ -219,10 +219,6 @@ def remember(
         " VALUES (?, ?, ?, ?, ?)",
         (owner or "", key, session_id, json.dumps(response), now),
     )
-
-
-def _plain(value: Any) -> Any:
-    return int(value) if isinstance(value, bool) else value
 
 
 def _rows(conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> list[Any]:

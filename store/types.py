@@ -4,13 +4,52 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal, TypeVar
 
 JSONDict = dict[str, Any]
 Synchronous = Literal["NORMAL", "FULL"]
 
 TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled", "interrupted"})
+
+
+# Record fields stored as JSON text; every other field maps to its column as it is, but for
+# booleans (stored as 0/1).
+JSON_FIELDS = frozenset({"request", "error", "usage", "context"})
+R = TypeVar("R")
+
+
+def encode_field(name: str, value: Any) -> Any:
+    """Encode one record field for its column (JSON columns as text, bools as ints)."""
+    if name in JSON_FIELDS:
+        return json.dumps(value) if value is not None else None
+    if isinstance(value, bool):
+        return int(value)
+    return value
+
+
+def to_row(record: Any) -> JSONDict:
+    """A record dataclass as a row: each field encoded for its column."""
+    return {f.name: encode_field(f.name, getattr(record, f.name)) for f in fields(record)}
+
+
+def from_row(cls: type[R], row: Mapping[str, Any]) -> R:
+    """A record dataclass from a row (columns the record does not know are ignored)."""
+    values: JSONDict = {}
+    for f in fields(cls):  # type: ignore[arg-type]
+        value = row[f.name]
+        if f.name in JSON_FIELDS:
+            value = (
+                json.loads(value)
+                if value
+                else f.default_factory()
+                if callable(f.default_factory)
+                else None
+            )
+        elif f.type == "bool":
+            value = bool(value)
+        values[f.name] = value
+    return cls(**values)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,47 +119,11 @@ class GenerationRecord:
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> GenerationRecord:
         """Build a record from a ``generations`` row."""
-        return cls(
-            id=row["id"],
-            stream_id=row["stream_id"],
-            status=row["status"],
-            provider=row["provider"],
-            model=row["model"],
-            request=json.loads(row["request"]) if row["request"] else {},
-            owner=row["owner"],
-            text=row["text"],
-            next_offset=row["next_offset"],
-            error=json.loads(row["error"]) if row["error"] else None,
-            usage=json.loads(row["usage"]) if row["usage"] else None,
-            cancel_requested=bool(row["cancel_requested"]),
-            worker_id=row["worker_id"],
-            created_at=row["created_at"],
-            started_at=row["started_at"],
-            finished_at=row["finished_at"],
-            session_id=row["session_id"],
-        )
+        return from_row(cls, row)
 
     def to_row(self) -> JSONDict:
         """The record as a ``generations`` row."""
-        return {
-            "id": self.id,
-            "stream_id": self.stream_id,
-            "status": self.status,
-            "provider": self.provider,
-            "model": self.model,
-            "request": json.dumps(self.request),
-            "owner": self.owner,
-            "text": self.text,
-            "next_offset": self.next_offset,
-            "error": json.dumps(self.error) if self.error is not None else None,
-            "usage": json.dumps(self.usage) if self.usage is not None else None,
-            "cancel_requested": int(self.cancel_requested),
-            "worker_id": self.worker_id,
-            "created_at": self.created_at,
-            "started_at": self.started_at,
-            "finished_at": self.finished_at,
-            "session_id": self.session_id,
-        }
+        return to_row(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,18 +144,6 @@ class WorkerRecord:
     pid: int
     started_at: float
     heartbeat_at: float
-
-
-JSON_FIELDS = frozenset({"request", "error", "usage"})
-
-
-def encode_field(name: str, value: Any) -> Any:
-    """Encode one generation field for its column (JSON columns as text, bools as ints)."""
-    if name in JSON_FIELDS:
-        return json.dumps(value) if value is not None else None
-    if isinstance(value, bool):
-        return int(value)
-    return value
 
 
 SESSION_STATUSES = ("active", "paused", "closed")
@@ -189,49 +180,11 @@ class SessionRecord:
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> SessionRecord:
         """Build a record from a ``sessions`` row."""
-        return cls(
-            id=row["id"],
-            owner=row["owner"],
-            title=row["title"],
-            status=row["status"],
-            on_closed=row["on_closed"],
-            on_busy=row["on_busy"],
-            created_at=row["created_at"],
-            updated_at=row["updated_at"],
-            last_activity_at=row["last_activity_at"],
-            context=json.loads(row["context"]),
-            keep_open=bool(row["keep_open"]),
-            close_on_complete=bool(row["close_on_complete"]),
-            closed_reason=row["closed_reason"],
-            closed_at=row["closed_at"],
-            previous_session_id=row["previous_session_id"],
-            message_count=row["message_count"],
-            trimmed_messages=row["trimmed_messages"],
-            next_seq=row["next_seq"],
-        )
+        return from_row(cls, row)
 
     def to_row(self) -> JSONDict:
         """The record as a ``sessions`` row."""
-        return {
-            "id": self.id,
-            "owner": self.owner,
-            "title": self.title,
-            "status": self.status,
-            "closed_reason": self.closed_reason,
-            "context": json.dumps(self.context),
-            "keep_open": int(self.keep_open),
-            "on_closed": self.on_closed,
-            "on_busy": self.on_busy,
-            "close_on_complete": int(self.close_on_complete),
-            "previous_session_id": self.previous_session_id,
-            "message_count": self.message_count,
-            "trimmed_messages": self.trimmed_messages,
-            "next_seq": self.next_seq,
-            "created_at": self.created_at,
-            "updated_at": self.updated_at,
-            "last_activity_at": self.last_activity_at,
-            "closed_at": self.closed_at,
-        }
+        return to_row(self)
 
 
 @dataclass(frozen=True, slots=True)
