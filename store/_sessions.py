@@ -189,9 +189,12 @@ def check_open_below(
 ) -> None:
     """Raise ``WriteRejected("open_sessions")`` unless ``owner`` has fewer than ``maximum``
     open sessions (besides ``excluding``)."""
+    # Counts at most ``maximum`` rows, through the partial index of open sessions (the
+    # WHERE repeats the index's condition exactly, or SQLite would not use it).
     (count,) = ctx.conn.execute(
-        "SELECT count(*) FROM sessions WHERE owner IS ? AND status != 'closed' AND id IS NOT ?",
-        (owner, excluding),
+        "SELECT count(*) FROM (SELECT 1 FROM sessions WHERE owner IS ? AND status != 'closed'"
+        " AND id IS NOT ? LIMIT ?)",
+        (owner, excluding, maximum),
     ).fetchone()
     if count >= maximum:
         raise WriteRejected("open_sessions", str(count))
