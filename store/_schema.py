@@ -123,9 +123,7 @@ def m002_sessions(db: Database) -> None:
 def m003_open_sessions_index(db: Database) -> None:
     """An index of open sessions by owner: the open-session limit is checked inside the
     writer's transaction on every create, and must not grow with a user's closed history."""
-    db.execute(
-        "CREATE INDEX sessions_open_by_owner ON sessions (owner) WHERE status != 'closed'"
-    )
+    db.execute("CREATE INDEX sessions_open_by_owner ON sessions (owner) WHERE status != 'closed'")
 
 
 def connect(
