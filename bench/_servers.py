@@ -6,6 +6,7 @@ whatever happened; ``kill_all`` is also what the hard deadline calls.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import signal
@@ -20,6 +21,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,6 +63,27 @@ def kill(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(10)
     except subprocess.TimeoutExpired:
         pass
+
+
+class DeadlineExceeded(BaseException):
+    """The run's backstop alarm fired: something blocked past the hard limit."""
+
+
+def _on_alarm(signum: int, frame: FrameType | None) -> None:
+    raise DeadlineExceeded()
+
+
+def _on_term(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+def guard_run(backstop_seconds: float) -> None:
+    """Make a benchmark run safe to interrupt: every server is killed at exit, SIGTERM exits
+    cleanly, and ``DeadlineExceeded`` is raised if the run outlives ``backstop_seconds``."""
+    atexit.register(kill_all)
+    signal.signal(signal.SIGTERM, _on_term)
+    signal.signal(signal.SIGALRM, _on_alarm)
+    signal.alarm(int(backstop_seconds))
 
 
 def kill_all() -> None:

@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import atexit
 import contextlib
 import json
 import os
@@ -67,7 +66,6 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: make ``bench`` (and the core) importable
@@ -81,8 +79,10 @@ from bench._live import percentile  # noqa: E402
 from bench._report import fmt, table  # noqa: E402
 from bench._servers import (  # noqa: E402
     CLOCK_TICKS,
+    DeadlineExceeded,
     Profile,
     Server,
+    guard_run,
     keepstream_server,
     kill,
     kill_all,
@@ -112,10 +112,6 @@ REFERENCE_RATE = 1_000.0
 TARGET_FACTOR = 10.0
 
 PHASES = ("fill", "list", "create", "post", "list-after-posts")
-
-
-class DeadlineExceeded(BaseException):
-    """The invocation's hard time limit passed (raised from SIGALRM, the backstop)."""
 
 
 # -- results --------------------------------------------------------------------------------------
@@ -728,23 +724,12 @@ async def measure(
             await client.aclose()
 
 
-def _on_alarm(signum: int, frame: FrameType | None) -> None:
-    raise DeadlineExceeded()
-
-
-def _on_term(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; return the exit status (0 even when targets are missed)."""
     opts = parse_args(argv)
     started = time.monotonic()
     deadline = started + opts.time_limit
-    atexit.register(kill_all)
-    signal.signal(signal.SIGTERM, _on_term)
-    signal.signal(signal.SIGALRM, _on_alarm)
-    signal.alarm(int(opts.time_limit) + 30)  # backstop if something blocks past the deadline
+    guard_run(opts.time_limit + 30)  # a backstop if something blocks past the deadline
     workdir = Path(tempfile.mkdtemp(prefix="bench-sessions-"))
     results = Results()
 

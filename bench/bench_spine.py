@@ -35,7 +35,6 @@ killed at exit.
 from __future__ import annotations
 
 import argparse
-import atexit
 import os
 import platform
 import shutil
@@ -47,7 +46,6 @@ import time
 from collections.abc import Sequence
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from types import FrameType
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: make ``bench`` (and the core) importable
@@ -56,7 +54,7 @@ if str(ROOT) not in sys.path:  # run as a script: make ``bench`` (and the core) 
 from bench._live import LiveOutcome, run_one_live  # noqa: E402
 from bench._report import fmt, live_report, print_profile, resume_report  # noqa: E402
 from bench._resume import ResumeOutcome, resume_bench  # noqa: E402
-from bench._servers import kill_all  # noqa: E402
+from bench._servers import DeadlineExceeded, guard_run, kill_all  # noqa: E402
 
 DEFAULT_CONCURRENCY = 1000
 DEFAULT_RATE = 50.0
@@ -72,10 +70,6 @@ DEFAULT_RESUME_TOKENS = 100_000
 DEFAULT_RESUME_RUNS = 7
 DEFAULT_START_RATE = 500.0  # generations started (POSTs) per second
 DEFAULT_SAMPLE_INTERVAL = 0.1  # seconds between looks at the server while streaming
-
-
-class DeadlineExceeded(BaseException):
-    """The invocation's hard time limit passed (raised from SIGALRM)."""
 
 
 # -- main -----------------------------------------------------------------------------------------
@@ -266,23 +260,12 @@ def core_revision() -> str:
     return head + ("+dirty" if dirty else "")
 
 
-def _on_alarm(signum: int, frame: FrameType | None) -> None:
-    raise DeadlineExceeded()
-
-
-def _on_term(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; return the exit status (0 even when targets are missed)."""
     opts = parse_args(argv)
     started = time.time()
     global_deadline = started + opts.time_limit
-    atexit.register(kill_all)
-    signal.signal(signal.SIGTERM, _on_term)
-    signal.signal(signal.SIGALRM, _on_alarm)
-    signal.alarm(int(opts.time_limit) + 60)  # backstop if something blocks past the deadline
+    guard_run(opts.time_limit + 60)  # a backstop if something blocks past the deadline
     workdir = Path(tempfile.mkdtemp(prefix="bench-spine-"))
     processes: list[BaseProcess] = []  # client processes of the run in progress
 
