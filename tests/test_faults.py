@@ -10,6 +10,7 @@ is the point of the bug they show.
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import replace
@@ -379,6 +380,18 @@ async def test_a_stream_deleted_and_created_again_in_one_commit_reads_as_new(
 # -- 9. a reader that found a new stream before its creation was published --------------------
 
 
+def hold_loop_until_committed(path: str, stream_id: str) -> None:
+    """Block the event loop (deliberately) until the stream's row is in the file."""
+    deadline = time.monotonic() + TIMEOUT
+    conn = sqlite3.connect(path)
+    try:
+        while conn.execute("SELECT 1 FROM streams WHERE id = ?", (stream_id,)).fetchone() is None:
+            assert time.monotonic() < deadline, "the writer never committed"
+            time.sleep(0.005)
+    finally:
+        conn.close()
+
+
 async def test_a_reader_that_read_a_new_stream_before_publish_is_woken_by_its_first_append(
     tmp_path: Path,
 ) -> None:
@@ -395,8 +408,8 @@ async def test_a_reader_that_read_a_new_stream_before_publish_is_woken_by_its_fi
         async with anyio.create_task_group() as tg:
             tg.start_soon(create)
             await anyio.lowlevel.checkpoint()  # the op is queued
-            # Hold the loop: the writer commits, and its publish waits for us.
-            time.sleep(0.2)  # noqa: ASYNC251
+            # Hold the loop until the writer has committed: its publish then waits for us.
+            hold_loop_until_committed(path, "s")
             changed = store.change_event("s")  # no state yet: the shared event
             result = await store.read("s", 0)  # from SQLite: committed, empty
             assert result.messages == [] and not result.at_end
