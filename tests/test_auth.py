@@ -75,7 +75,9 @@ async def test_a_users_generations_are_invisible_to_another_user(keyed_server: S
                 assert response.status_code == 404, (method, path)
                 assert response.json()["error"]["type"] == "not_found"
         # Bob's cancel did nothing; Alice still sees and controls her generation.
-        assert (await alice.get(f"/v1/generations/{gid}")).json()["status"] == "running"
+        untouched = (await alice.get(f"/v1/generations/{gid}")).json()
+        assert untouched["status"] in ("queued", "running")  # still active
+        assert untouched["cancel_requested"] is False
         assert len(await read_events(alice, gid, max_events=2)) == 2
         assert (await alice.post(f"/v1/generations/{gid}/cancel")).json()["status"] == "cancelled"
         finished = await wait_for_status(alice, gid, {"cancelled"})

@@ -606,7 +606,7 @@ async def test_on_busy_reject_accepts_exactly_one_of_a_hundred_concurrent_posts(
             ("assistant", generation_id),
         ]
         assert stored["messages"][0]["content"] == content
-        assert (await get_generation(http, generation_id))["status"] == "running"
+        assert (await get_generation(http, generation_id))["status"] in ("queued", "running")
         await call(http, "DELETE", f"/v1/sessions/{session['id']}", expect=204)
 
 
