@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ._exceptions import SessionNotFound, WriteRejected
+from ._queries import delete_stream
 from ._store import StreamStore
 from ._writer import WriterContext
 from .types import JSONDict, SessionMessage, SessionRecord, SessionSummary, encode_field
@@ -114,22 +115,6 @@ class SessionStore:
 
         await self.streams.execute(op)
 
-    async def add_messages(
-        self,
-        session_id: str,
-        messages: Sequence[tuple[str, str, str | None, str | None]],
-        *,
-        now: float,
-        max_messages: int,
-    ) -> list[int]:
-        """Append messages (no generation); see ``insert_messages``."""
-
-        def op(ctx: WriterContext) -> list[int]:
-            return insert_messages(ctx, session_id, messages, now=now, max_messages=max_messages)
-
-        seqs: list[int] = await self.streams.execute(op)
-        return seqs
-
     async def messages(self, session_id: str) -> list[SessionMessage]:
         """The stored messages, oldest first; assistant text from its generation's snapshot."""
         return await self.streams.query(_messages, session_id)
@@ -139,10 +124,6 @@ class SessionStore:
     ) -> list[SessionSummary]:
         """An owner's sessions, most recent activity first, with their newest generation."""
         return await self.streams.query(_list_sessions, owner, status, limit)
-
-    async def count(self, owner: str | None, *, statuses: Sequence[str]) -> int:
-        """How many of an owner's sessions are in ``statuses``."""
-        return await self.streams.query(_count_sessions, owner, list(statuses))
 
     async def generations(self, session_id: str) -> list[tuple[str, str]]:
         """``(generation id, status)`` of every generation of a session, oldest first."""
@@ -157,17 +138,12 @@ class SessionStore:
                 raise SessionNotFound(session_id)
             conn.execute("DELETE FROM session_messages WHERE session_id = ?", (session_id,))
             conn.execute("DELETE FROM idempotency_keys WHERE session_id = ?", (session_id,))
-            streams = [
-                sid
-                for (sid,) in conn.execute(
-                    "SELECT stream_id FROM generations WHERE session_id = ?", (session_id,)
-                )
-            ]
+            streams = conn.execute(
+                "SELECT stream_id FROM generations WHERE session_id = ?", (session_id,)
+            ).fetchall()
             conn.execute("DELETE FROM generations WHERE session_id = ?", (session_id,))
-            for stream_id in streams:
-                conn.execute("DELETE FROM messages WHERE stream_id = ?", (stream_id,))
-                conn.execute("DELETE FROM streams WHERE id = ?", (stream_id,))
-                ctx.mark_deleted(stream_id)
+            for (stream_id,) in streams:
+                delete_stream(ctx, stream_id)
 
         await self.streams.execute(op)
 
@@ -271,15 +247,6 @@ def _list_sessions(
         gid, _, gstatus = latest.partition(" ") if latest else (None, "", None)
         summaries.append(SessionSummary(SessionRecord.from_row(row), gid, gstatus or None))
     return summaries
-
-
-def _count_sessions(conn: sqlite3.Connection, owner: str | None, statuses: list[str]) -> int:
-    marks = ", ".join("?" for _ in statuses)
-    (count,) = conn.execute(
-        f"SELECT count(*) FROM sessions WHERE owner IS ? AND status IN ({marks})",
-        (owner, *statuses),
-    ).fetchone()
-    return int(count)
 
 
 def _session_generations(conn: sqlite3.Connection, session_id: str) -> list[tuple[str, str]]:

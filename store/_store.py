@@ -338,20 +338,17 @@ class StreamStore:
             stream_id, status = row
             if status not in allowed:
                 return False
+            row_fields = dict(fields)
             try:
                 first = ctx.next_offset(stream_id)
-            except StoreError:  # stream closed or gone: only the row needs ending
-                next_offset = None
+            except StoreError:
+                pass  # the stream is closed or gone: only the row needs ending
             else:
                 ctx.conn.execute(INSERT_MESSAGE, (stream_id, first, payload))
                 ctx.conn.execute(CLOSE_STREAM, (stream_id,))
-                next_offset = first + 1
-            row_fields = dict(fields)
-            if next_offset is not None:
-                row_fields["next_offset"] = next_offset
+                row_fields["next_offset"] = first + 1
+                ctx.record_append(stream_id, first, [payload], close=True)
             update_fields(ctx.conn, generation_id, row_fields)
-            if next_offset is not None:
-                ctx.record_append(stream_id, next_offset - 1, [payload], close=True)
             return True
 
         result: bool = await self.execute(op)
@@ -401,20 +398,17 @@ class StreamStore:
             messages = state.tail[start : start + limit]
             at_end = state.closed and offset + len(messages) >= state.next_offset
             return ReadResult(offset, messages, at_end)
-        return await self._run_read(queries.read_messages, stream_id, offset, limit)
+        return await self.query(queries.read_messages, stream_id, offset, limit)
 
     async def stream_length(self, stream_id: str) -> tuple[int, bool]:
         """``(next_offset, closed)`` of a stream as committed. Raises ``StreamNotFound``."""
         state = self._states.get(stream_id)
         if state is not None:
             return state.next_offset, state.closed
-        return await self._run_read(queries.stream_length, stream_id)
+        return await self.query(queries.stream_length, stream_id)
 
     async def query(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(conn, *args)`` on a read-only connection off the event loop."""
-        return await self._run_read(fn, *args)
-
-    async def _run_read(self, fn: Callable[..., T], *args: Any) -> T:
         if self._readers is None:
             raise StoreUnavailable("the store is not open")
         return await self._readers.run(lambda conn: fn(conn, *args))
@@ -455,26 +449,19 @@ class StreamStore:
 
     async def get_generation(self, generation_id: str) -> GenerationRecord:
         """The committed snapshot of a generation. Raises ``GenerationNotFound``."""
-        return await self._run_read(queries.get_generation, generation_id)
+        return await self.query(queries.get_generation, generation_id)
 
     async def list_generations(
-        self, *, statuses: Iterable[str] | None = None, worker_id: str | None = None
+        self, *, statuses: Iterable[str] | None = None
     ) -> list[GenerationRecord]:
-        """Generations filtered by status and/or the worker that runs them, oldest first."""
-        where: list[str] = []
+        """Generations, optionally only those in ``statuses``, oldest first."""
         params: list[Any] = []
-        if statuses is not None:
-            wanted = list(statuses)
-            where.append("status IN ({})".format(", ".join("?" for _ in wanted)))
-            params.extend(wanted)
-        if worker_id is not None:
-            where.append("worker_id = ?")
-            params.append(worker_id)
         sql = "SELECT * FROM generations"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
+        if statuses is not None:
+            params = list(statuses)
+            sql += " WHERE status IN ({})".format(", ".join("?" for _ in params))
         sql += " ORDER BY created_at, id"
-        return await self._run_read(queries.query_generations, sql, params)
+        return await self.query(queries.query_generations, sql, params)
 
     async def request_cancel(self, generation_id: str, *, only_if: Iterable[str]) -> bool:
         """Persist a cancel request, only while the status is one of ``only_if``.
@@ -507,21 +494,7 @@ class StreamStore:
         sql = "SELECT id, worker_id, cancel_requested FROM generations WHERE status IN ({})".format(
             ", ".join("?" for _ in wanted)
         )
-        return await self._run_read(queries.query_active, sql, wanted)
-
-    async def delete_generation(self, generation_id: str) -> None:
-        """Delete a generation row and its stream."""
-
-        def op(ctx: WriterContext) -> None:
-            row = ctx.conn.execute(
-                "SELECT stream_id FROM generations WHERE id = ?", (generation_id,)
-            ).fetchone()
-            if row is None:
-                raise GenerationNotFound(generation_id)
-            ctx.conn.execute("DELETE FROM generations WHERE id = ?", (generation_id,))
-            queries.delete_stream(ctx, row[0])
-
-        await self.execute(op)
+        return await self.query(queries.query_active, sql, wanted)
 
     # -- workers ------------------------------------------------------------------------------
 
@@ -571,7 +544,7 @@ class StreamStore:
 
     async def list_workers(self) -> list[WorkerRecord]:
         """Every registered worker."""
-        return await self._run_read(queries.list_workers)
+        return await self.query(queries.list_workers)
 
     # -- publishing (event loop side of the writer) -------------------------------------------
 

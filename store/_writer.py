@@ -523,7 +523,7 @@ class Writer:
     def _append_all(
         self, ctx: WriterContext, batches: list[tuple[AppendSource, AppendBatch]]
     ) -> list[Callable[[], None]]:
-        """The fast path: every batch's rows in one ``executemany``."""
+        """The fast path: every batch's messages in one statement, every snapshot in one."""
         conn = ctx.conn
         callbacks: list[Callable[[], None]] = []
         rows: list[tuple[str, int, str]] = []

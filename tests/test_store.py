@@ -290,3 +290,20 @@ async def test_many_generations_commit_together_on_the_fast_path(
     for gid in logs:
         assert (await store.get_generation(gid)).text == f"{gid}0 {gid}1 {gid}2 "
     assert "batch refused" not in caplog.text  # nothing fell back to the slow path
+
+
+async def test_close_is_idempotent_and_delete_removes_the_stream(store: StreamStore) -> None:
+    await store.create_stream("s")
+    await store.append("s", [b"a"])
+    woken = store.change_event("s")
+    await store.close_stream("s")
+    assert woken.is_set()  # followers learn of the close
+    await store.close_stream("s")  # again: no-op
+    assert await store.stream_length("s") == (1, True)
+    assert (await store.read("s", 0)).at_end
+    with pytest.raises(StreamClosed):
+        await store.append("s", [b"b"])
+    await store.delete_stream("s")
+    for call in (store.read("s", 0), store.close_stream("s"), store.delete_stream("s")):
+        with pytest.raises(StreamNotFound):
+            await call
