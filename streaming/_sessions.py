@@ -393,21 +393,22 @@ class SessionManager:
     ) -> PostedMessage:
         now = self._clock()
         message_id = new_message_id()
-        limit = self.limits.messages_per_session
+
+        def write(ctx: WriterContext, generation_id: str | None) -> None:
+            """The message (and its answer's placeholder) and the idempotency record."""
+            messages: list[tuple[str, str, str | None, str | None]] = [
+                (message_id, role, content, None)
+            ]
+            if generation_id is not None:
+                messages.append((new_message_id(), "assistant", None, generation_id))
+            insert_messages(
+                ctx, record.id, messages, now=now, max_messages=self.limits.messages_per_session
+            )
+            if idempotency is not None:
+                idempotency.remember(ctx, record.id, message_id, generation_id, now)
+
         if record.status == "paused":
-
-            def store_only(ctx: WriterContext) -> None:
-                insert_messages(
-                    ctx,
-                    record.id,
-                    [(message_id, role, content, None)],
-                    now=now,
-                    max_messages=limit,
-                )
-                if idempotency is not None:
-                    idempotency.remember(ctx, record.id, message_id, None, now)
-
-            await self.store.streams.execute(store_only)
+            await self.store.streams.execute(lambda ctx: write(ctx, None))
             return PostedMessage(await self.store.get(record.id), message_id, None, reopened)
         running = await self._running_generation(record.id)
         after = None
@@ -426,18 +427,7 @@ class SessionManager:
             def op(ctx: WriterContext) -> None:
                 if after is None:  # reject, or interrupt: nothing else may be running now
                     check_not_busy(ctx, record.id, new_generation_id=generation.id)
-                insert_messages(
-                    ctx,
-                    record.id,
-                    [
-                        (message_id, role, content, None),
-                        (new_message_id(), "assistant", None, generation.id),
-                    ],
-                    now=now,
-                    max_messages=limit,
-                )
-                if idempotency is not None:
-                    idempotency.remember(ctx, record.id, message_id, generation.id, now)
+                write(ctx, generation.id)
 
             return op
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,6 +96,20 @@ def parse_offset(value: str, name: str) -> int:
     return int(value)
 
 
+def sse_response(
+    settings: Settings, chunks: AsyncIterator[bytes], *, headers: dict[str, str] | None = None
+) -> EventSourceResponse:
+    """An SSE response of pre-formatted ``chunks``, with the server's keep-alive and
+    send-timeout settings."""
+    return EventSourceResponse(
+        chunks,
+        ping=settings.sse_ping,
+        send_timeout=settings.sse_send_timeout or None,
+        sep="\n",
+        headers={"Cache-Control": "no-cache", **(headers or {})},
+    )
+
+
 def event_stream(
     state: AppState,
     record: GenerationRecord,
@@ -104,20 +119,14 @@ def event_stream(
     headers: dict[str, str] | None = None,
 ) -> EventSourceResponse:
     """An SSE response following ``record`` from ``offset``."""
-    settings = state.settings
-    return EventSourceResponse(
-        follow(
-            state.store,
-            record.stream_id,
-            offset,
-            skip_chars=skip_chars,
-            retry_ms=settings.sse_retry_ms,
-        ),
-        ping=settings.sse_ping,
-        send_timeout=settings.sse_send_timeout or None,
-        sep="\n",
-        headers={"Cache-Control": "no-cache", **(headers or {})},
+    chunks = follow(
+        state.store,
+        record.stream_id,
+        offset,
+        skip_chars=skip_chars,
+        retry_ms=state.settings.sse_retry_ms,
     )
+    return sse_response(state.settings, chunks, headers=headers)
 
 
 async def create_generation(request: Request) -> Response:

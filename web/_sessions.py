@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
-from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -23,6 +22,7 @@ from ._generations import (
     generation_json,
     parse_offset,
     read_json_body,
+    sse_response,
     wants_event_stream,
 )
 from ._sse import follow
@@ -299,14 +299,7 @@ async def session_events(request: Request) -> Response:
         )
         if nothing_left:
             return Response(status_code=204)
-    settings = state.settings
-    return EventSourceResponse(
-        follow_session(state, session_id, start),
-        ping=settings.sse_ping,
-        send_timeout=settings.sse_send_timeout or None,
-        sep="\n",
-        headers={"Cache-Control": "no-cache"},
-    )
+    return sse_response(state.settings, follow_session(state, session_id, start))
 
 
 routes = [
