@@ -5,14 +5,33 @@ No policy lives here: the store appends, reads, wakes readers after commits, and
 
 from __future__ import annotations
 
+from ._durable import AppendOutcome as AppendOutcome
+from ._durable import Chunk as Chunk
+from ._durable import CreateRequest as CreateRequest
+from ._durable import DurableStreams as DurableStreams
+from ._durable import Producer as Producer
+from ._durable import StreamInfo as StreamInfo
+from ._durable import format_offset as format_offset
+from ._durable import is_json as is_json
+from ._durable import media_type as media_type
+from ._exceptions import ConfigConflict as ConfigConflict
+from ._exceptions import ContentTypeMismatch as ContentTypeMismatch
+from ._exceptions import EpochSeq as EpochSeq
 from ._exceptions import GenerationNotFound as GenerationNotFound
+from ._exceptions import InvalidFork as InvalidFork
+from ._exceptions import ProducerError as ProducerError
+from ._exceptions import SeqConflict as SeqConflict
+from ._exceptions import SeqGap as SeqGap
 from ._exceptions import SessionNotFound as SessionNotFound
+from ._exceptions import StaleEpoch as StaleEpoch
 from ._exceptions import StoreError as StoreError
 from ._exceptions import StoreUnavailable as StoreUnavailable
 from ._exceptions import StreamClosed as StreamClosed
 from ._exceptions import StreamConflict as StreamConflict
 from ._exceptions import StreamExists as StreamExists
+from ._exceptions import StreamGone as StreamGone
 from ._exceptions import StreamNotFound as StreamNotFound
+from ._exceptions import StreamReadOnly as StreamReadOnly
 from ._exceptions import WriteRejected as WriteRejected
 from ._sessions import SessionStore as SessionStore
 from ._sessions import check_not_busy as check_not_busy
@@ -39,28 +58,47 @@ __all__ = [
     "TERMINAL_STATUSES",
     "ActiveGeneration",
     "AppendBatch",
+    "AppendOutcome",
     "AppendResult",
     "AppendSource",
+    "Chunk",
+    "ConfigConflict",
+    "ContentTypeMismatch",
+    "CreateRequest",
+    "DurableStreams",
+    "EpochSeq",
     "GenerationNotFound",
     "GenerationRecord",
+    "InvalidFork",
     "Op",
+    "Producer",
+    "ProducerError",
     "ReadResult",
+    "SeqConflict",
+    "SeqGap",
     "SessionMessage",
     "SessionNotFound",
     "SessionRecord",
     "SessionStore",
     "SessionSummary",
+    "StaleEpoch",
     "StoreError",
     "StoreUnavailable",
     "StreamClosed",
     "StreamConflict",
     "StreamExists",
+    "StreamGone",
+    "StreamInfo",
     "StreamNotFound",
+    "StreamReadOnly",
     "StreamStore",
     "WorkerRecord",
     "WriteRejected",
     "WriterContext",
     "check_not_busy",
+    "format_offset",
     "insert_messages",
+    "is_json",
+    "media_type",
     "remember",
 ]

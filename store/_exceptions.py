@@ -5,6 +5,16 @@ StoreError
 ├── StreamExists        create of a stream id that is already taken
 ├── StreamClosed        append to a stream that was closed
 ├── StreamConflict      another writer appended at offsets this one expected to use
+├── StreamGone          a soft-deleted stream (kept only for its forks)
+├── StreamReadOnly      a write to a stream only keepstream itself writes (a generation's)
+├── ConfigConflict      create of a name taken by a stream configured differently
+├── ContentTypeMismatch an append whose content type is not the stream's
+├── SeqConflict         a ``Stream-Seq`` not above the last one
+├── InvalidFork         a fork offset or sub-offset the source cannot satisfy
+├── ProducerError       an idempotent producer's epoch or seq out of order
+│   ├── StaleEpoch      an epoch below the producer's current one (a zombie writer)
+│   ├── SeqGap          a seq beyond the next expected one
+│   └── EpochSeq        a new epoch that does not start at seq 0
 ├── GenerationNotFound  no generation with that id
 ├── SessionNotFound     no session with that id
 ├── WriteRejected       a condition checked inside the write's transaction did not hold
@@ -35,11 +45,13 @@ class StreamExists(StoreError):
 
 
 class StreamClosed(StoreError):
-    """The stream is closed: nothing more can be appended."""
+    """The stream is closed: nothing more can be appended. ``next_offset`` is its end, when
+    known."""
 
-    def __init__(self, stream_id: str) -> None:
+    def __init__(self, stream_id: str, next_offset: int | None = None) -> None:
         super().__init__(f"stream {stream_id!r} is closed")
         self.stream_id = stream_id
+        self.next_offset = next_offset
 
 
 class StreamConflict(StoreError):
@@ -48,6 +60,76 @@ class StreamConflict(StoreError):
     def __init__(self, stream_id: str) -> None:
         super().__init__(f"stream {stream_id!r} was written by another process")
         self.stream_id = stream_id
+
+
+class StreamGone(StoreError):
+    """The stream was deleted while forks still read it: it answers only to them."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"stream {name!r} was deleted")
+        self.name = name
+
+
+class StreamReadOnly(StoreError):
+    """The stream is written only by keepstream (a generation's events)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"stream {name!r} is read-only: a generation's events")
+        self.name = name
+
+
+class ConfigConflict(StoreError):
+    """The name is taken by a stream with another configuration (or a soft-deleted one)."""
+
+
+class ContentTypeMismatch(StoreError):
+    """An append's (or a fork's) content type is not the stream's."""
+
+    def __init__(self, expected: str, got: str) -> None:
+        super().__init__(f"content type {got!r} does not match the stream's {expected!r}")
+        self.expected = expected
+        self.got = got
+
+
+class SeqConflict(StoreError):
+    """A ``Stream-Seq`` that is not above the stream's last one."""
+
+    def __init__(self, last: str, got: str) -> None:
+        super().__init__(f"Stream-Seq {got!r} is not above the last one, {last!r}")
+        self.last = last
+        self.got = got
+
+
+class InvalidFork(StoreError):
+    """A fork offset or sub-offset the source cannot satisfy."""
+
+
+class ProducerError(StoreError):
+    """An idempotent producer's append out of order."""
+
+
+class StaleEpoch(ProducerError):
+    """The producer's epoch is below its current one: another instance took over."""
+
+    def __init__(self, current_epoch: int) -> None:
+        super().__init__(f"producer epoch is stale; the current epoch is {current_epoch}")
+        self.current_epoch = current_epoch
+
+
+class SeqGap(ProducerError):
+    """The producer's seq skips ahead of the next expected one."""
+
+    def __init__(self, expected: int, received: int) -> None:
+        super().__init__(f"producer seq {received} is out of order; expected {expected}")
+        self.expected = expected
+        self.received = received
+
+
+class EpochSeq(ProducerError):
+    """A new producer epoch must start at seq 0."""
+
+    def __init__(self) -> None:
+        super().__init__("a new producer epoch must start at Producer-Seq 0")
 
 
 class GenerationNotFound(StoreError):

@@ -39,32 +39,58 @@ def delete_stream(ctx: WriterContext, stream_id: str) -> None:
 # -- SQL run on reader threads -----------------------------------------------------------------
 
 
-def read_messages(conn: sqlite3.Connection, stream_id: str, offset: int, limit: int) -> ReadResult:
-    """Up to ``limit`` messages from ``offset``, and whether they end a closed stream."""
+def count_within(messages: list[bytes], max_bytes: int) -> int:
+    """How many leading messages fit in ``max_bytes`` (at least one, if there is one)."""
+    total = 0
+    for count, message in enumerate(messages):
+        total += len(message)
+        if total > max_bytes and count:
+            return count
+    return len(messages)
+
+
+def read_messages(
+    conn: sqlite3.Connection,
+    stream_id: str,
+    offset: int,
+    limit: int,
+    max_bytes: int | None = None,
+) -> ReadResult:
+    """Up to ``limit`` messages (and about ``max_bytes``) from ``offset``, and whether they
+    end a closed stream."""
     conn.execute("BEGIN")  # one snapshot for the closed flag and the messages
     row = conn.execute("SELECT closed FROM streams WHERE id = ?", (stream_id,)).fetchone()
     if row is None:
         raise StreamNotFound(stream_id)
-    messages = [
-        data
-        for (data,) in conn.execute(
-            "SELECT data FROM messages WHERE stream_id = ? AND offset >= ? ORDER BY offset LIMIT ?",
-            (stream_id, offset, limit),
-        )
-    ]
+    cursor = conn.execute(
+        "SELECT data FROM messages WHERE stream_id = ? AND offset >= ? ORDER BY offset LIMIT ?",
+        (stream_id, offset, limit),
+    )
+    messages: list[bytes] = []
+    size = 0
+    cut = False
+    for (data,) in cursor:
+        if max_bytes is not None and messages and size + len(data) > max_bytes:
+            cut = True
+            break
+        messages.append(data)
+        size += len(data)
+    cursor.close()
     conn.execute("COMMIT")
-    return ReadResult(offset, messages, bool(row[0]) and len(messages) < limit)
+    return ReadResult(offset, messages, bool(row[0]) and not cut and len(messages) < limit)
 
 
 def stream_length(conn: sqlite3.Connection, stream_id: str) -> tuple[int, bool]:
     """``(next_offset, closed)`` in one snapshot."""
     conn.execute("BEGIN")
-    row = conn.execute("SELECT closed FROM streams WHERE id = ?", (stream_id,)).fetchone()
+    row = conn.execute(
+        "SELECT closed, base_offset FROM streams WHERE id = ?", (stream_id,)
+    ).fetchone()
     if row is None:
         raise StreamNotFound(stream_id)
     (last,) = conn.execute(LAST_OFFSET, (stream_id,)).fetchone()
     conn.execute("COMMIT")
-    return (0 if last is None else last + 1), bool(row[0])
+    return (row[1] if last is None else last + 1), bool(row[0])
 
 
 def get_generation(conn: sqlite3.Connection, generation_id: str) -> GenerationRecord:

@@ -126,6 +126,41 @@ def m003_open_sessions_index(db: Database) -> None:
     db.execute("CREATE INDEX sessions_open_by_owner ON sessions (owner) WHERE status != 'closed'")
 
 
+@migrations()
+def m004_durable_streams(db: Database) -> None:
+    """What the Durable Streams protocol adds to a stream: names, forks, expiry, soft delete,
+    ``Stream-Seq`` and idempotent producers."""
+    # base_offset: a fork's first own offset (it reads its source below it). expiry_at: when
+    # the stream expires (Expires-At, or last access + TTL). deleted: 1 soft-deleted (kept for
+    # its forks, 410), 2 expired but kept for its forks (its name is free again).
+    db.executescript(
+        """
+        ALTER TABLE streams ADD COLUMN base_offset INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE streams ADD COLUMN forked_from TEXT;
+        ALTER TABLE streams ADD COLUMN fork_sub_offset INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE streams ADD COLUMN ttl INTEGER;
+        ALTER TABLE streams ADD COLUMN expires_at REAL;
+        ALTER TABLE streams ADD COLUMN expiry_at REAL;
+        ALTER TABLE streams ADD COLUMN deleted INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE streams ADD COLUMN stream_seq TEXT;
+        ALTER TABLE streams ADD COLUMN closed_by TEXT;
+        CREATE INDEX streams_forks ON streams (forked_from) WHERE forked_from IS NOT NULL;
+        CREATE INDEX streams_expiry ON streams (expiry_at) WHERE expiry_at IS NOT NULL;
+        CREATE TABLE stream_names (
+            name TEXT PRIMARY KEY,
+            stream_id TEXT NOT NULL UNIQUE
+        ) WITHOUT ROWID;
+        CREATE TABLE producers (
+            stream_id TEXT NOT NULL,
+            producer_id TEXT NOT NULL,
+            epoch INTEGER NOT NULL,
+            last_seq INTEGER NOT NULL,
+            PRIMARY KEY (stream_id, producer_id)
+        ) WITHOUT ROWID;
+        """
+    )
+
+
 def connect(
     path: str, *, synchronous: Synchronous = "NORMAL", readonly: bool = False
 ) -> sqlite3.Connection:

@@ -384,9 +384,15 @@ class StreamStore:
         return state.event if state is not None else self._external_event
 
     async def read(
-        self, stream_id: str, offset: int, *, limit: int = DEFAULT_READ_LIMIT
+        self,
+        stream_id: str,
+        offset: int,
+        *,
+        limit: int = DEFAULT_READ_LIMIT,
+        max_bytes: int | None = None,
     ) -> ReadResult:
-        """Committed messages from ``offset`` on (at most ``limit``).
+        """Committed messages from ``offset`` on: at most ``limit``, and no more than
+        ``max_bytes`` in all unless the first alone is larger.
 
         Raises ``StreamNotFound``. An offset past the end returns no messages.
         """
@@ -396,9 +402,11 @@ class StreamStore:
         if state is not None and offset >= state.tail_start:
             start = offset - state.tail_start
             messages = state.tail[start : start + limit]
+            if max_bytes is not None:
+                messages = messages[: queries.count_within(messages, max_bytes)]
             at_end = state.closed and offset + len(messages) >= state.next_offset
             return ReadResult(offset, messages, at_end)
-        return await self.query(queries.read_messages, stream_id, offset, limit)
+        return await self.query(queries.read_messages, stream_id, offset, limit, max_bytes)
 
     async def stream_length(self, stream_id: str) -> tuple[int, bool]:
         """``(next_offset, closed)`` of a stream as committed. Raises ``StreamNotFound``."""
@@ -591,6 +599,9 @@ class StreamStore:
             state = self._states.get(sid)
             if state is None:
                 if change.first_offset is None:
+                    # A stream this process holds nothing of (closed, say): its readers
+                    # wait on the shared event.
+                    wake_external = True
                     continue
                 state = self._states[sid] = _StreamState(change.first_offset)
                 # Readers that read the stream before it was ours wait on the shared event.

@@ -147,13 +147,15 @@ class WriterContext:
         """The offset the next message of an open stream gets; raises if closed or missing."""
         if stream_id in self._next_offsets:
             return self._next_offsets[stream_id]
-        row = self.conn.execute("SELECT closed FROM streams WHERE id = ?", (stream_id,)).fetchone()
+        row = self.conn.execute(
+            "SELECT closed, base_offset FROM streams WHERE id = ?", (stream_id,)
+        ).fetchone()
         if row is None:
             raise StreamNotFound(stream_id)
         if row[0]:
             raise StreamClosed(stream_id)
         (last,) = self.conn.execute(LAST_OFFSET, (stream_id,)).fetchone()
-        offset = 0 if last is None else last + 1
+        offset = int(row[1]) if last is None else int(last) + 1
         self._next_offsets[stream_id] = offset
         return offset
 
@@ -173,12 +175,16 @@ class WriterContext:
         if close:
             self.mark_closed(stream_id)
 
-    def mark_created(self, stream_id: str) -> None:
-        """Note a new, empty stream (replacing one deleted earlier in the batch, if any)."""
+    def mark_created(self, stream_id: str, first_offset: int = 0) -> None:
+        """Note a new, empty stream whose first message gets ``first_offset`` (replacing one
+        deleted earlier in the batch, if any)."""
         previous = self.changes.get(stream_id)
-        self._next_offsets[stream_id] = 0
+        self._next_offsets[stream_id] = first_offset
         self.changes[stream_id] = StreamChange(
-            stream_id, 0, created=True, deleted=previous is not None and previous.deleted
+            stream_id,
+            first_offset,
+            created=True,
+            deleted=previous is not None and previous.deleted,
         )
 
     def mark_closed(self, stream_id: str) -> None:

@@ -8,8 +8,9 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 
-from store import SessionStore, StreamStore
+from store import DurableStreams, SessionStore, StreamStore
 from streaming import (
     GenerationPool,
     OpenAIProvider,
@@ -20,9 +21,12 @@ from streaming import (
 )
 
 from ._auth import ApiKeys
+from ._durable import STREAM_PATH
+from ._durable import routes as stream_routes
 from ._errors import handled_exceptions
 from ._generations import AppState
 from ._generations import routes as generation_routes
+from ._security import SecurityHeaders
 from ._sessions import routes as session_routes
 from ._settings import Settings
 
@@ -31,6 +35,8 @@ logger = logging.getLogger("keepstream")
 # Young collections every 50,000 allocations instead of 700; a full one every 50 x 100 of
 # those. Cycles are still collected, just in fewer, larger batches.
 GC_THRESHOLDS = (50_000, 50, 100)
+# Expired Durable Streams are removed this often (any access finds them gone at once).
+EXPIRY_SWEEP_INTERVAL = 1.0
 
 
 def build_providers(settings: Settings) -> dict[str, Provider]:
@@ -92,9 +98,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
                     auto_clean=settings.auto_clean,
                 ),
             )
+            streams = DurableStreams(store)
             pool.every(settings.session_sweep_interval, sessions.sweep)
+            pool.every(EXPIRY_SWEEP_INTERVAL, streams.sweep)
             await stack.enter_async_context(pool)
-            app.state.keepstream = AppState(settings, store, pool, sessions)
+            app.state.keepstream = AppState(settings, store, pool, sessions, streams)
             # Long-lived start-up objects never need collecting; freezing them keeps the
             # collector's full passes (which stall every stream at once) short, and the
             # thresholds make those passes rare: with a thousand live streams the default
@@ -106,8 +114,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
             yield
 
     app = Starlette(
-        routes=[*generation_routes, *session_routes],
+        routes=[*generation_routes, *session_routes, *stream_routes],
         lifespan=lifespan,
+        middleware=[Middleware(SecurityHeaders, cross_origin_prefix=STREAM_PATH)],
         exception_handlers=handled_exceptions(),  # type: ignore[arg-type]
     )
     app.state.api_keys = api_keys

@@ -17,7 +17,23 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from store import GenerationNotFound, SessionNotFound, StoreUnavailable, StreamNotFound
+from store import (
+    ConfigConflict,
+    ContentTypeMismatch,
+    EpochSeq,
+    GenerationNotFound,
+    InvalidFork,
+    SeqConflict,
+    SeqGap,
+    SessionNotFound,
+    StaleEpoch,
+    StoreUnavailable,
+    StreamClosed,
+    StreamGone,
+    StreamNotFound,
+    StreamReadOnly,
+    format_offset,
+)
 from streaming import (
     LimitExceeded,
     PoolClosed,
@@ -73,6 +89,16 @@ ERROR_TABLE: tuple[tuple[type[BaseException], int, str], ...] = (
     (GenerationNotFound, 404, "not_found"),
     (StreamNotFound, 404, "not_found"),
     (SessionNotFound, 404, "not_found"),
+    (StreamGone, 410, "gone"),
+    (StreamReadOnly, 405, "read_only"),
+    (StreamClosed, 409, "stream_closed"),
+    (ConfigConflict, 409, "conflict"),
+    (ContentTypeMismatch, 409, "content_type_mismatch"),
+    (SeqConflict, 409, "sequence_conflict"),
+    (InvalidFork, 400, "invalid_fork"),
+    (StaleEpoch, 403, "stale_producer_epoch"),
+    (SeqGap, 409, "producer_sequence_gap"),
+    (EpochSeq, 400, "invalid_producer_epoch"),
     (SessionClosed, 409, "session_closed"),
     (SessionBusy, 409, "session_busy"),
     (UnknownProvider, 422, "invalid_request"),
@@ -82,6 +108,27 @@ ERROR_TABLE: tuple[tuple[type[BaseException], int, str], ...] = (
 )
 
 HTTP_TYPES = {404: "not_found", 405: "method_not_allowed", 400: "bad_request"}
+
+
+def error_headers(exc: BaseException) -> dict[str, str] | None:
+    """The headers an error answers with besides its body (what a client acts on)."""
+    if isinstance(exc, PoolFull):
+        return {"Retry-After": str(max(1, round(exc.retry_after)))}
+    if isinstance(exc, StreamClosed):
+        headers = {"Stream-Closed": "true"}
+        if exc.next_offset is not None:
+            headers["Stream-Next-Offset"] = format_offset(exc.next_offset)
+        return headers
+    if isinstance(exc, StaleEpoch):
+        return {"Producer-Epoch": str(exc.current_epoch)}
+    if isinstance(exc, SeqGap):
+        return {
+            "Producer-Expected-Seq": str(exc.expected),
+            "Producer-Received-Seq": str(exc.received),
+        }
+    if isinstance(exc, StreamReadOnly):
+        return {"Allow": "GET, HEAD, OPTIONS"}
+    return None
 
 
 def error_response(
@@ -107,10 +154,7 @@ async def handle_error(request: Request, exc: Exception) -> Response:
         return error_response(status, "limit_exceeded", str(exc))
     for cls, status, kind in ERROR_TABLE:
         if isinstance(exc, cls):
-            headers = None
-            if isinstance(exc, PoolFull):
-                headers = {"Retry-After": str(max(1, round(exc.retry_after)))}
-            return error_response(status, kind, str(exc), headers=headers)
+            return error_response(status, kind, str(exc), headers=error_headers(exc))
     logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(500, "internal_error", "internal server error")
 

@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from store import GenerationRecord, StreamStore
+from store import DurableStreams, GenerationRecord, StreamStore
 from streaming import GenerationPool, GenerationRequest, SessionManager, decode_event
 
 from ._auth import current_user
@@ -26,12 +26,14 @@ MAX_OFFSET_DIGITS = 18
 
 @dataclass(frozen=True)
 class AppState:
-    """What the handlers share: settings, the store, the pool and the sessions."""
+    """What the handlers share: settings, the store, the pool, the sessions and the
+    Durable Streams view of the store."""
 
     settings: Settings
     store: StreamStore
     pool: GenerationPool
     sessions: SessionManager
+    streams: DurableStreams
 
 
 def app_state(request: Request) -> AppState:

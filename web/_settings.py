@@ -51,6 +51,15 @@ class Settings:
         30.0, "drop an SSE client that accepts nothing for this long"
     )
     sse_retry_ms: int = _setting(1000, "reconnect delay suggested to SSE clients (retry:)")
+    long_poll_timeout: float = _setting(
+        20.0, "Durable Streams: seconds a long-poll waits for data before 204"
+    )
+    stream_sse_lifetime: float = _setting(
+        60.0, "Durable Streams: seconds before an SSE response ends (clients reconnect)"
+    )
+    max_append_bytes: int = _setting(
+        16 * 1_048_576, "Durable Streams: largest PUT or POST body (413 beyond)"
+    )
     max_sessions_per_user: int = _setting(10, "open (active or paused) sessions per user")
     max_session_messages: int = _setting(1000, "stored messages per session (oldest trimmed)")
     max_context_bytes: int = _setting(1_000_000, "largest session context, as JSON bytes")
@@ -83,12 +92,15 @@ class Settings:
             "upstream_read_timeout",
             "idle_timeout",
             "retention",
+            "long_poll_timeout",
+            "stream_sse_lifetime",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
         for name in (
             "max_running",
             "max_body_bytes",
+            "max_append_bytes",
             "max_sessions_per_user",
             "max_session_messages",
             "max_context_bytes",

@@ -1,0 +1,665 @@
+"""Named durable streams as the Durable Streams protocol sees them.
+
+What the protocol adds to a plain stream: a name in its owner's namespace, forks (a fork
+reads its source below its ``base_offset`` and its own messages above), expiry (a sliding
+TTL or an absolute time), soft delete (a deleted stream that forks still read answers 410
+and is removed with its last fork), ``Stream-Seq`` and idempotent producers. Every check is
+made inside the write's own transaction on the writer thread, so concurrent appends from
+any number of requests (or processes) are serialised exactly once.
+
+A generation's stream is readable here under the generation's id, and never writable.
+
+Storage: one message row per append (for JSON streams, its values joined by commas), so an
+offset is the stream's message index, as everywhere in keepstream.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+
+from ._exceptions import (
+    ConfigConflict,
+    ContentTypeMismatch,
+    EpochSeq,
+    InvalidFork,
+    SeqConflict,
+    SeqGap,
+    StaleEpoch,
+    StreamClosed,
+    StreamGone,
+    StreamNotFound,
+    StreamReadOnly,
+)
+from ._store import StreamStore
+from ._writer import INSERT_MESSAGE, LAST_OFFSET, WriterContext
+
+GENERATION_PREFIX = "gen_"
+OFFSET_WIDTH = 16
+DEFAULT_CONTENT_TYPE = "application/octet-stream"
+SOFT_DELETED = 1  # deleted while forks read it: 410 until the last fork goes
+EXPIRED_KEPT = 2  # expired while forks read it: its name is free again
+
+_COLUMNS = (
+    "id, content_type, closed, base_offset, forked_from, fork_sub_offset, ttl, expires_at,"
+    " expiry_at, deleted, stream_seq, closed_by"
+)
+
+
+def format_offset(offset: int) -> str:
+    """An offset as the protocol shows it: fixed-width, so offsets sort as strings.
+
+    The shape is the reference server's ``<16 digits>_<16 digits>``; the first field is
+    reserved and always zero, the second is the stream's own offset.
+    """
+    return f"{0:0{OFFSET_WIDTH}d}_{offset:0{OFFSET_WIDTH}d}"
+
+
+def media_type(content_type: str) -> str:
+    """The media type alone, lower-cased: ``Text/Plain; charset=utf-8`` → ``text/plain``."""
+    return content_type.split(";", 1)[0].strip().lower()
+
+
+def is_json(content_type: str) -> bool:
+    """Whether a stream of this type keeps JSON message boundaries."""
+    return media_type(content_type) == "application/json"
+
+
+@dataclass(frozen=True, slots=True)
+class Producer:
+    """An idempotent producer's headers: who it is, its epoch, and this append's seq."""
+
+    id: str
+    epoch: int
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class CreateRequest:
+    """What a PUT asks for. ``payloads`` is the initial content, one message (or none)."""
+
+    content_type: str | None = None
+    ttl: int | None = None
+    expires_at: float | None = None
+    closed: bool = False
+    forked_from: str | None = None
+    fork_offset: int | None = None
+    fork_sub_offset: int = 0
+    payloads: list[bytes] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamInfo:
+    """A stream's metadata as committed.
+
+    ``segments`` lists ``(stream id, first offset)`` from the root of its fork chain to the
+    stream itself: offsets from each segment's first up to the next one's are read there.
+    """
+
+    stream_id: str
+    content_type: str
+    closed: bool
+    next_offset: int
+    ttl: int | None
+    expires_at: float | None
+    expiry_at: float | None
+    writable: bool
+    segments: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class AppendOutcome:
+    """Where an append left the stream; ``duplicate`` when a producer retry was dropped."""
+
+    next_offset: int
+    closed: bool
+    duplicate: bool = False
+    producer_epoch: int | None = None
+    producer_seq: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """Messages read from ``offset`` up to ``next_offset``.
+
+    ``up_to_date``: nothing committed lies beyond; ``closed``: nothing ever will.
+    """
+
+    offset: int
+    messages: list[bytes]
+    next_offset: int
+    up_to_date: bool
+    closed: bool
+
+
+@dataclass(slots=True)
+class _Row:
+    id: str
+    content_type: str
+    closed: bool
+    base_offset: int
+    forked_from: str | None
+    fork_sub_offset: int
+    ttl: int | None
+    expires_at: float | None
+    expiry_at: float | None
+    deleted: int
+    stream_seq: str | None
+    closed_by: list[Any] | None
+
+    @classmethod
+    def of(cls, row: tuple[Any, ...]) -> _Row:
+        values = list(row)
+        values[2] = bool(values[2])
+        values[11] = json.loads(values[11]) if values[11] else None
+        return cls(*values)
+
+    def expired(self, now: float, touched: float | None) -> bool:
+        if self.expiry_at is None:
+            return False
+        expiry = self.expiry_at
+        if touched is not None and self.ttl is not None:
+            expiry = max(expiry, touched + self.ttl)
+        return now >= expiry
+
+
+def _name_key(owner: str | None, name: str) -> str:
+    return f"{owner or ''}/{name}"
+
+
+def _load(conn: sqlite3.Connection, stream_id: str) -> _Row | None:
+    row = conn.execute(f"SELECT {_COLUMNS} FROM streams WHERE id = ?", (stream_id,)).fetchone()
+    return None if row is None else _Row.of(row)
+
+
+def _load_named(conn: sqlite3.Connection, key: str) -> _Row | None:
+    row = conn.execute(
+        f"SELECT {_COLUMNS} FROM streams WHERE id = (SELECT stream_id FROM stream_names"
+        " WHERE name = ?)",
+        (key,),
+    ).fetchone()
+    return None if row is None else _Row.of(row)
+
+
+def _load_generation(conn: sqlite3.Connection, owner: str | None, name: str) -> _Row | None:
+    row = conn.execute(
+        f"SELECT {_COLUMNS} FROM streams WHERE id = (SELECT stream_id FROM generations"
+        " WHERE id = ? AND owner IS ?)",
+        (name, owner),
+    ).fetchone()
+    return None if row is None else _Row.of(row)
+
+
+def _length(conn: sqlite3.Connection, row: _Row) -> int:
+    (last,) = conn.execute(LAST_OFFSET, (row.id,)).fetchone()
+    return row.base_offset if last is None else int(last) + 1
+
+
+def _segments(conn: sqlite3.Connection, row: _Row) -> tuple[tuple[str, int], ...]:
+    chain = [(row.id, row.base_offset)]
+    source = row.forked_from
+    while source is not None:
+        found = conn.execute(
+            "SELECT base_offset, forked_from FROM streams WHERE id = ?", (source,)
+        ).fetchone()
+        if found is None:
+            break  # cannot happen while forks hold their sources; read what is there
+        chain.append((source, found[0]))
+        source = found[1]
+    chain.reverse()
+    return tuple(chain)
+
+
+def _info(conn: sqlite3.Connection, row: _Row, *, writable: bool) -> StreamInfo:
+    return StreamInfo(
+        stream_id=row.id,
+        content_type=row.content_type,
+        closed=row.closed,
+        next_offset=_length(conn, row),
+        ttl=row.ttl,
+        expires_at=row.expires_at,
+        expiry_at=row.expiry_at,
+        writable=writable,
+        segments=_segments(conn, row),
+    )
+
+
+def _has_forks(conn: sqlite3.Connection, stream_id: str) -> bool:
+    found = conn.execute("SELECT 1 FROM streams WHERE forked_from = ? LIMIT 1", (stream_id,))
+    return found.fetchone() is not None
+
+
+def _hard_delete(ctx: WriterContext, row: _Row) -> None:
+    """Remove a stream and everything of it; then its sources that only it kept."""
+    conn = ctx.conn
+    while True:
+        conn.execute("DELETE FROM streams WHERE id = ?", (row.id,))
+        conn.execute("DELETE FROM messages WHERE stream_id = ?", (row.id,))
+        conn.execute("DELETE FROM stream_names WHERE stream_id = ?", (row.id,))
+        conn.execute("DELETE FROM producers WHERE stream_id = ?", (row.id,))
+        ctx.mark_deleted(row.id)
+        if row.forked_from is None:
+            return
+        source = _load(conn, row.forked_from)
+        if source is None or not source.deleted or _has_forks(conn, source.id):
+            return
+        row = source
+
+
+def _expire(ctx: WriterContext, row: _Row) -> None:
+    """An expired stream: gone, but kept for its forks' reads if it has any."""
+    if _has_forks(ctx.conn, row.id):
+        ctx.conn.execute(
+            "UPDATE streams SET deleted = ?, expiry_at = NULL WHERE id = ?", (EXPIRED_KEPT, row.id)
+        )
+        ctx.conn.execute("DELETE FROM stream_names WHERE stream_id = ?", (row.id,))
+    else:
+        _hard_delete(ctx, row)
+
+
+def _expire_if_due(ctx: WriterContext, stream_id: str, now: float, touched: float | None) -> None:
+    row = _load(ctx.conn, stream_id)
+    if row is not None and not row.deleted and row.expired(now, touched):
+        _expire(ctx, row)
+
+
+def _message_at(conn: sqlite3.Connection, segments: tuple[tuple[str, int], ...], at: int) -> bytes:
+    """The message at offset ``at`` of a stream with these segments."""
+    for stream_id, base in reversed(segments):
+        if base <= at:
+            found = conn.execute(
+                "SELECT data FROM messages WHERE stream_id = ? AND offset = ?", (stream_id, at)
+            ).fetchone()
+            if found is None:
+                break
+            return bytes(found[0])
+    raise InvalidFork("Stream-Fork-Sub-Offset needs a message at the fork offset")
+
+
+def _sub_offset_prefix(data: bytes, sub_offset: int, json_mode: bool) -> bytes:
+    """The first ``sub_offset`` values (JSON) or bytes of a message."""
+    if not json_mode:
+        if sub_offset > len(data):
+            raise InvalidFork(f"Stream-Fork-Sub-Offset {sub_offset} is beyond the message")
+        return data[:sub_offset]
+    values = json.loads(b"[" + data + b"]")
+    if sub_offset > len(values):
+        raise InvalidFork(f"Stream-Fork-Sub-Offset {sub_offset} is beyond the message")
+    return ",".join(json.dumps(v, ensure_ascii=False) for v in values[:sub_offset]).encode()
+
+
+class DurableStreams:
+    """The Durable Streams protocol's operations on a ``StreamStore``.
+
+    Streams are named per owner; ``gen_…`` names are generations' streams, read-only.
+    Reads (not HEAD) and writes slide a stream's TTL: reads only in memory, written out by
+    ``sweep()``, which also removes expired streams; any access to an expired stream finds
+    it gone at once.
+    """
+
+    def __init__(self, store: StreamStore, *, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self._clock = clock
+        self._touched: dict[str, float] = {}
+
+    # -- reading ------------------------------------------------------------------------------
+
+    async def info(self, owner: str | None, name: str, *, touch: bool = False) -> StreamInfo:
+        """A stream's metadata. Raises ``StreamNotFound`` (missing or expired) and
+        ``StreamGone`` (soft-deleted)."""
+
+        def load(conn: sqlite3.Connection) -> tuple[_Row, StreamInfo] | None:
+            conn.execute("BEGIN")
+            if name.startswith(GENERATION_PREFIX):
+                row = _load_generation(conn, owner, name)
+                return None if row is None else (row, _info(conn, row, writable=False))
+            row = _load_named(conn, _name_key(owner, name))
+            return None if row is None else (row, _info(conn, row, writable=True))
+
+        found = await self.store.query(load)
+        if found is None:
+            raise StreamNotFound(name)
+        row, info = found
+        if row.deleted == SOFT_DELETED:
+            raise StreamGone(name)
+        now = self._clock()
+        touched = self._touched.get(row.id)
+        if row.expired(now, touched):
+            await self.store.execute(lambda ctx: _expire_if_due(ctx, row.id, now, touched))
+            raise StreamNotFound(name)
+        if touch and row.ttl is not None:
+            self._touched[row.id] = now
+        return info
+
+    async def read(self, info: StreamInfo, offset: int, *, limit: int, max_bytes: int) -> Chunk:
+        """Messages from ``offset`` on, across the fork chain, within ``limit`` messages and
+        about ``max_bytes``."""
+        segments = info.segments
+        index = max(i for i, (_, base) in enumerate(segments) if base <= offset or i == 0)
+        messages: list[bytes] = []
+        size = 0
+        position = offset
+        closed = False
+        up_to_date = False
+        while len(messages) < limit and size < max_bytes:
+            stream_id, _ = segments[index]
+            end = segments[index + 1][1] if index + 1 < len(segments) else None
+            if end is not None and position >= end:
+                index += 1
+                continue
+            result = await self.store.read(
+                stream_id, position, limit=limit - len(messages), max_bytes=max_bytes - size
+            )
+            got = result.messages if end is None else result.messages[: end - position]
+            messages += got
+            size += sum(map(len, got))
+            position += len(got)
+            if end is None:
+                closed = result.at_end
+                # Nothing returned means the tail; otherwise a cap may have cut the read.
+                up_to_date = closed or not got
+                if not up_to_date:
+                    length, _ = await self.store.stream_length(stream_id)
+                    up_to_date = position >= length
+                break
+            if not got:
+                break
+        return Chunk(offset, messages, position, up_to_date, closed)
+
+    def change_event(self, info: StreamInfo) -> anyio.Event:
+        """Set by the next commit to the stream itself (its sources' appends are not its)."""
+        return self.store.change_event(info.stream_id)
+
+    # -- writing ------------------------------------------------------------------------------
+
+    async def create(
+        self, owner: str | None, name: str, request: CreateRequest
+    ) -> tuple[bool, StreamInfo]:
+        """Create a stream, or find it already there with the same configuration.
+
+        Returns ``(created, info)``. Raises ``ConfigConflict``, ``ContentTypeMismatch``,
+        ``InvalidFork``, ``StreamNotFound`` (a missing fork source), ``StreamReadOnly``.
+        """
+        if name.startswith(GENERATION_PREFIX):
+            raise StreamReadOnly(name)
+        now = self._clock()
+        touched = dict(self._touched)
+        result: tuple[bool, StreamInfo] = await self.store.execute(
+            lambda ctx: self._create(ctx, owner, name, request, now, touched)
+        )
+        return result
+
+    async def append(
+        self,
+        info: StreamInfo,
+        *,
+        content_type: str | None,
+        payload: bytes | None,
+        close: bool = False,
+        seq: str | None = None,
+        producer: Producer | None = None,
+    ) -> AppendOutcome:
+        """Append one message (``payload``; ``None`` to only close), atomically with every
+        check and with closing.
+
+        Raises ``StreamClosed``, ``ContentTypeMismatch``, ``SeqConflict``, ``StaleEpoch``,
+        ``SeqGap``, ``EpochSeq``, ``StreamNotFound``, ``StreamGone``, ``StreamReadOnly``.
+        """
+        if not info.writable:
+            raise StreamReadOnly(info.stream_id)
+        now = self._clock()
+        outcome: AppendOutcome = await self.store.execute(
+            lambda ctx: self._append(
+                ctx, info.stream_id, content_type, payload, close, seq, producer, now
+            )
+        )
+        return outcome
+
+    async def delete(self, info: StreamInfo) -> None:
+        """Delete a stream: soft-delete it while forks read it. Raises ``StreamNotFound``,
+        ``StreamGone``, ``StreamReadOnly``."""
+        if not info.writable:
+            raise StreamReadOnly(info.stream_id)
+        await self.store.execute(lambda ctx: self._delete(ctx, info.stream_id))
+        self._touched.pop(info.stream_id, None)
+
+    async def sweep(self) -> int:
+        """Write out the TTLs that reads slid, and remove the streams that expired.
+
+        Returns how many expired.
+        """
+        now = self._clock()
+        touched, self._touched = self._touched, {}
+        expired: int = await self.store.execute(lambda ctx: self._sweep(ctx, now, touched))
+        return expired
+
+    # -- ops (on the writer thread, inside the transaction) -----------------------------------
+
+    def _sweep(self, ctx: WriterContext, now: float, touched: dict[str, float]) -> int:
+        conn = ctx.conn
+        conn.executemany(
+            "UPDATE streams SET expiry_at = max(expiry_at, ? + ttl)"
+            " WHERE id = ? AND ttl IS NOT NULL AND deleted = 0",
+            [(at, stream_id) for stream_id, at in touched.items()],
+        )
+        due = conn.execute(
+            f"SELECT {_COLUMNS} FROM streams WHERE expiry_at <= ? AND deleted = 0", (now,)
+        ).fetchall()
+        for row in due:
+            current = _load(conn, row[0])  # a cascade may have removed it already
+            if current is not None:
+                _expire(ctx, current)
+        return len(due)
+
+    def _create(
+        self,
+        ctx: WriterContext,
+        owner: str | None,
+        name: str,
+        request: CreateRequest,
+        now: float,
+        touched: dict[str, float],
+    ) -> tuple[bool, StreamInfo]:
+        conn = ctx.conn
+        key = _name_key(owner, name)
+        existing = _load_named(conn, key)
+        if existing is not None and existing.expired(now, touched.get(existing.id)):
+            _expire(ctx, existing)
+            existing = None
+        source: _Row | None = None
+        if request.forked_from is not None:
+            source = self._fork_source(ctx, owner, request.forked_from, now, touched)
+        if existing is not None:
+            if existing.deleted == SOFT_DELETED:
+                raise ConfigConflict(
+                    f"stream {name!r} was deleted and is kept for its forks; its name is"
+                    " taken until they are gone"
+                )
+            self._check_same(existing, request, source)
+            return False, _info(conn, existing, writable=True)
+        content_type = request.content_type or DEFAULT_CONTENT_TYPE
+        ttl, expires_at = request.ttl, request.expires_at
+        base = 0
+        payloads = list(request.payloads)
+        fork_sub_offset = 0
+        if source is not None:
+            if request.content_type is not None and media_type(request.content_type) != (
+                media_type(source.content_type)
+            ):
+                raise ContentTypeMismatch(source.content_type, request.content_type)
+            content_type = source.content_type
+            tail = _length(conn, source)
+            base = tail if request.fork_offset is None else request.fork_offset
+            if base > tail:
+                raise InvalidFork(f"fork offset {base} is beyond the source's end ({tail})")
+            if request.fork_sub_offset:
+                data = _message_at(conn, _segments(conn, source), base)
+                prefix = _sub_offset_prefix(data, request.fork_sub_offset, is_json(content_type))
+                payloads.insert(0, prefix)
+                fork_sub_offset = request.fork_sub_offset
+            if ttl is None and expires_at is None:
+                ttl, expires_at = source.ttl, source.expires_at
+        expiry_at = expires_at if expires_at is not None else None if ttl is None else now + ttl
+        stream_id = "ds_" + secrets.token_urlsafe(12)
+        conn.execute(
+            "INSERT INTO streams (id, content_type, closed, created_at, base_offset, forked_from,"
+            " fork_sub_offset, ttl, expires_at, expiry_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                stream_id,
+                content_type,
+                int(request.closed),
+                now,
+                base,
+                None if source is None else source.id,
+                fork_sub_offset,
+                ttl,
+                expires_at,
+                expiry_at,
+            ),
+        )
+        conn.execute("INSERT INTO stream_names (name, stream_id) VALUES (?, ?)", (key, stream_id))
+        ctx.mark_created(stream_id, base)
+        payloads = [p for p in payloads if p]
+        conn.executemany(INSERT_MESSAGE, [(stream_id, base + i, p) for i, p in enumerate(payloads)])
+        ctx.record_append(stream_id, base, payloads, close=request.closed)
+        row = _load(conn, stream_id)
+        assert row is not None
+        return True, _info(conn, row, writable=True)
+
+    def _fork_source(
+        self,
+        ctx: WriterContext,
+        owner: str | None,
+        name: str,
+        now: float,
+        touched: dict[str, float],
+    ) -> _Row:
+        if name.startswith(GENERATION_PREFIX):
+            raise InvalidFork("a generation's stream cannot be forked")
+        source = _load_named(ctx.conn, _name_key(owner, name))
+        if source is not None and source.expired(now, touched.get(source.id)):
+            _expire(ctx, source)
+            source = None
+        if source is None:
+            raise StreamNotFound(name)
+        if source.deleted == SOFT_DELETED:
+            raise ConfigConflict(f"the fork source {name!r} was deleted")
+        return source
+
+    @staticmethod
+    def _check_same(existing: _Row, request: CreateRequest, source: _Row | None) -> None:
+        inherits = existing.forked_from is not None
+        wanted_type = request.content_type or (
+            existing.content_type if inherits else DEFAULT_CONTENT_TYPE
+        )
+        same_expiry = (inherits and request.ttl is None and request.expires_at is None) or (
+            request.ttl == existing.ttl and request.expires_at == existing.expires_at
+        )
+        same = (
+            media_type(wanted_type) == media_type(existing.content_type)
+            and same_expiry
+            and request.closed == existing.closed
+            and (None if source is None else source.id) == existing.forked_from
+            and request.fork_offset in (None, existing.base_offset)
+            and request.fork_sub_offset == existing.fork_sub_offset
+        )
+        if not same:
+            raise ConfigConflict("the stream exists with a different configuration")
+
+    def _append(
+        self,
+        ctx: WriterContext,
+        stream_id: str,
+        content_type: str | None,
+        payload: bytes | None,
+        close: bool,
+        seq: str | None,
+        producer: Producer | None,
+        now: float,
+    ) -> AppendOutcome:
+        conn = ctx.conn
+        row = _load(conn, stream_id)
+        if row is None or row.deleted == EXPIRED_KEPT:
+            raise StreamNotFound(stream_id)
+        if row.deleted == SOFT_DELETED:
+            raise StreamGone(stream_id)
+        state = None
+        if producer is not None:
+            state = conn.execute(
+                "SELECT epoch, last_seq FROM producers WHERE stream_id = ? AND producer_id = ?",
+                (stream_id, producer.id),
+            ).fetchone()
+        if row.closed:
+            tail = _length(conn, row)
+            if producer is not None:
+                if row.closed_by == [producer.id, producer.epoch, producer.seq]:
+                    return AppendOutcome(tail, True, True, producer.epoch, producer.seq)
+                if state is not None and producer.epoch < state[0]:
+                    raise StaleEpoch(state[0])
+            elif payload is None:
+                return AppendOutcome(tail, True)  # closing a closed stream: idempotent
+            raise StreamClosed(stream_id, tail)
+        if payload is not None and content_type is not None:
+            if media_type(content_type) != media_type(row.content_type):
+                raise ContentTypeMismatch(row.content_type, content_type)
+        if producer is not None:
+            if state is None:
+                if producer.seq != 0:
+                    raise SeqGap(0, producer.seq)
+            elif producer.epoch < state[0]:
+                raise StaleEpoch(state[0])
+            elif producer.epoch > state[0]:
+                if producer.seq != 0:
+                    raise EpochSeq()
+            elif producer.seq <= state[1]:
+                return AppendOutcome(ctx.next_offset(stream_id), False, True, state[0], state[1])
+            elif producer.seq != state[1] + 1:
+                raise SeqGap(state[1] + 1, producer.seq)
+        if seq is not None and row.stream_seq is not None and seq <= row.stream_seq:
+            raise SeqConflict(row.stream_seq, seq)
+        first = ctx.next_offset(stream_id)
+        payloads = [] if payload is None else [payload]
+        if payloads:
+            conn.execute(INSERT_MESSAGE, (stream_id, first, payload))
+        closed_by = None
+        if close and producer is not None:
+            closed_by = json.dumps([producer.id, producer.epoch, producer.seq])
+        conn.execute(
+            "UPDATE streams SET stream_seq = coalesce(?, stream_seq), closed = ?,"
+            " closed_by = ?, expiry_at = CASE WHEN ttl IS NULL THEN expiry_at ELSE ? + ttl END"
+            " WHERE id = ?",
+            (seq, int(close), closed_by, now, stream_id),
+        )
+        if producer is not None:
+            conn.execute(
+                "INSERT OR REPLACE INTO producers (stream_id, producer_id, epoch, last_seq)"
+                " VALUES (?, ?, ?, ?)",
+                (stream_id, producer.id, producer.epoch, producer.seq),
+            )
+        ctx.record_append(stream_id, first, payloads, close=close)
+        next_offset = first + len(payloads)
+        if producer is None:
+            return AppendOutcome(next_offset, close)
+        return AppendOutcome(next_offset, close, False, producer.epoch, producer.seq)
+
+    def _delete(self, ctx: WriterContext, stream_id: str) -> None:
+        row = _load(ctx.conn, stream_id)
+        if row is None or row.deleted == EXPIRED_KEPT:
+            raise StreamNotFound(stream_id)
+        if row.deleted == SOFT_DELETED:
+            raise StreamGone(stream_id)
+        if _has_forks(ctx.conn, stream_id):
+            ctx.conn.execute(
+                "UPDATE streams SET deleted = ?, expiry_at = NULL WHERE id = ?",
+                (SOFT_DELETED, stream_id),
+            )
+            ctx.mark_stale(stream_id)
+        else:
+            _hard_delete(ctx, row)
