@@ -103,6 +103,7 @@ class StreamInfo:
     stream itself: offsets from each segment's first up to the next one's are read there.
     """
 
+    name: str
     stream_id: str
     content_type: str
     closed: bool
@@ -217,8 +218,9 @@ def _segments(conn: sqlite3.Connection, row: _Row) -> tuple[tuple[str, int], ...
     return tuple(chain)
 
 
-def _info(conn: sqlite3.Connection, row: _Row, *, writable: bool) -> StreamInfo:
+def _info(conn: sqlite3.Connection, row: _Row, name: str, *, writable: bool) -> StreamInfo:
     return StreamInfo(
+        name=name,
         stream_id=row.id,
         content_type=row.content_type,
         closed=row.closed,
@@ -319,9 +321,9 @@ class DurableStreams:
             conn.execute("BEGIN")
             if name.startswith(GENERATION_PREFIX):
                 row = _load_generation(conn, owner, name)
-                return None if row is None else (row, _info(conn, row, writable=False))
+                return None if row is None else (row, _info(conn, row, name, writable=False))
             row = _load_named(conn, _name_key(owner, name))
-            return None if row is None else (row, _info(conn, row, writable=True))
+            return None if row is None else (row, _info(conn, row, name, writable=True))
 
         found = await self.store.query(load)
         if found is None:
@@ -413,12 +415,10 @@ class DurableStreams:
         ``SeqGap``, ``EpochSeq``, ``StreamNotFound``, ``StreamGone``, ``StreamReadOnly``.
         """
         if not info.writable:
-            raise StreamReadOnly(info.stream_id)
+            raise StreamReadOnly(info.name)
         now = self._clock()
         outcome: AppendOutcome = await self.store.execute(
-            lambda ctx: self._append(
-                ctx, info.stream_id, content_type, payload, close, seq, producer, now
-            )
+            lambda ctx: self._append(ctx, info, content_type, payload, close, seq, producer, now)
         )
         return outcome
 
@@ -426,8 +426,8 @@ class DurableStreams:
         """Delete a stream: soft-delete it while forks read it. Raises ``StreamNotFound``,
         ``StreamGone``, ``StreamReadOnly``."""
         if not info.writable:
-            raise StreamReadOnly(info.stream_id)
-        await self.store.execute(lambda ctx: self._delete(ctx, info.stream_id))
+            raise StreamReadOnly(info.name)
+        await self.store.execute(lambda ctx: self._delete(ctx, info))
         self._touched.pop(info.stream_id, None)
 
     async def sweep(self) -> int:
@@ -483,7 +483,7 @@ class DurableStreams:
                     " taken until they are gone"
                 )
             self._check_same(existing, request, source)
-            return False, _info(conn, existing, writable=True)
+            return False, _info(conn, existing, name, writable=True)
         content_type = request.content_type or DEFAULT_CONTENT_TYPE
         ttl, expires_at = request.ttl, request.expires_at
         base = 0
@@ -531,7 +531,7 @@ class DurableStreams:
         ctx.record_append(stream_id, base, payloads, close=request.closed)
         row = _load(conn, stream_id)
         assert row is not None
-        return True, _info(conn, row, writable=True)
+        return True, _info(conn, row, name, writable=True)
 
     def _fork_source(
         self,
@@ -576,7 +576,7 @@ class DurableStreams:
     def _append(
         self,
         ctx: WriterContext,
-        stream_id: str,
+        info: StreamInfo,
         content_type: str | None,
         payload: bytes | None,
         close: bool,
@@ -585,11 +585,12 @@ class DurableStreams:
         now: float,
     ) -> AppendOutcome:
         conn = ctx.conn
+        stream_id = info.stream_id
         row = _load(conn, stream_id)
         if row is None or row.deleted == EXPIRED_KEPT:
-            raise StreamNotFound(stream_id)
+            raise StreamNotFound(info.name)
         if row.deleted == SOFT_DELETED:
-            raise StreamGone(stream_id)
+            raise StreamGone(info.name)
         state = None
         if producer is not None:
             state = conn.execute(
@@ -605,7 +606,7 @@ class DurableStreams:
                     raise StaleEpoch(state[0])
             elif payload is None:
                 return AppendOutcome(tail, True)  # closing a closed stream: idempotent
-            raise StreamClosed(stream_id, tail)
+            raise StreamClosed(info.name, tail)
         if payload is not None and content_type is not None:
             if media_type(content_type) != media_type(row.content_type):
                 raise ContentTypeMismatch(row.content_type, content_type)
@@ -649,12 +650,13 @@ class DurableStreams:
             return AppendOutcome(next_offset, close)
         return AppendOutcome(next_offset, close, False, producer.epoch, producer.seq)
 
-    def _delete(self, ctx: WriterContext, stream_id: str) -> None:
+    def _delete(self, ctx: WriterContext, info: StreamInfo) -> None:
+        stream_id = info.stream_id
         row = _load(ctx.conn, stream_id)
         if row is None or row.deleted == EXPIRED_KEPT:
-            raise StreamNotFound(stream_id)
+            raise StreamNotFound(info.name)
         if row.deleted == SOFT_DELETED:
-            raise StreamGone(stream_id)
+            raise StreamGone(info.name)
         if _has_forks(ctx.conn, stream_id):
             ctx.conn.execute(
                 "UPDATE streams SET deleted = ?, expiry_at = NULL WHERE id = ?",

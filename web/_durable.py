@@ -14,7 +14,7 @@ import random
 import re
 import time
 from collections.abc import AsyncIterator
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -259,62 +259,63 @@ def streams_of(request: Request) -> DurableStreams:
     return app_state(request).streams
 
 
-async def create_stream(request: Request) -> Response:
-    """``PUT``: create a stream (201), or find it with the same configuration (200)."""
-    state = app_state(request)
-    owner = current_user(request)
-    name = stream_name(request)
+async def create_request(request: Request, owner: str | None, limit: int) -> CreateRequest:
+    """What a PUT asks for, from its headers and body; 400 for anything malformed."""
     headers = request.headers
     ttl_header = headers.get("stream-ttl")
     expires_header = headers.get("stream-expires-at")
     if ttl_header is not None and expires_header is not None:
         raise BadRequest("give Stream-TTL or Stream-Expires-At, not both")
-    ttl = None if ttl_header is None else parse_decimal(ttl_header.strip(), "Stream-TTL")
-    expires_at = None if expires_header is None else parse_expires_at(expires_header)
     forked_header = headers.get("stream-forked-from")
     source = None if forked_header is None else fork_source(forked_header)
     offset_header = headers.get("stream-fork-offset")
     sub_header = headers.get("stream-fork-sub-offset")
-    fork_offset = (
-        None if offset_header is None else parse_offset(offset_header.strip(), "Stream-Fork-Offset")
-    )
-    sub_offset = (
-        0 if sub_header is None else parse_decimal(sub_header.strip(), "Stream-Fork-Sub-Offset")
-    )
     if source is None and (offset_header is not None or sub_header is not None):
         raise BadRequest("Stream-Fork-Offset and -Sub-Offset need Stream-Forked-From")
+    fork_offset = None
+    if offset_header is not None:
+        fork_offset = parse_offset(offset_header.strip(), "Stream-Fork-Offset")
+    sub_offset = 0
+    if sub_header is not None:
+        sub_offset = parse_decimal(sub_header.strip(), "Stream-Fork-Sub-Offset")
     if sub_offset and fork_offset is None:
         raise BadRequest("Stream-Fork-Sub-Offset needs Stream-Fork-Offset")
     content_type = headers.get("content-type") or None
-    body = await read_body(request, state.settings.max_append_bytes)
+    body = await read_body(request, limit)
     payloads: list[bytes] = []
     if body:
-        json_mode = is_json(content_type) if content_type else False
-        if content_type is None and source is not None:
-            json_mode = is_json((await state.streams.info(owner, source)).content_type)
+        if content_type is None and source is not None:  # a fork inherits its source's type
+            json_mode = is_json((await streams_of(request).info(owner, source)).content_type)
+        else:
+            json_mode = content_type is not None and is_json(content_type)
         payloads = [json_message(body, allow_empty=True) if json_mode else body]
-    created, info = await state.streams.create(
-        owner,
-        name,
-        CreateRequest(
-            content_type=content_type,
-            ttl=ttl,
-            expires_at=expires_at,
-            closed=flag(request, "stream-closed"),
-            forked_from=source,
-            fork_offset=fork_offset,
-            fork_sub_offset=sub_offset,
-            payloads=payloads,
-        ),
+    return CreateRequest(
+        content_type=content_type,
+        ttl=None if ttl_header is None else parse_decimal(ttl_header.strip(), "Stream-TTL"),
+        expires_at=None if expires_header is None else parse_expires_at(expires_header),
+        closed=flag(request, "stream-closed"),
+        forked_from=source,
+        fork_offset=fork_offset,
+        fork_sub_offset=sub_offset,
+        payloads=payloads,
     )
-    response_headers = {
+
+
+async def create_stream(request: Request) -> Response:
+    """``PUT``: create a stream (201), or find it with the same configuration (200)."""
+    state = app_state(request)
+    owner = current_user(request)
+    name = stream_name(request)
+    wanted = await create_request(request, owner, state.settings.max_append_bytes)
+    created, info = await state.streams.create(owner, name, wanted)
+    headers = {
         "Content-Type": info.content_type,
         "Stream-Next-Offset": format_offset(info.next_offset),
         "Location": str(request.url.replace(query="", fragment="")),
     }
     if info.closed:
-        response_headers["Stream-Closed"] = "true"
-    return Response(status_code=201 if created else 200, headers=response_headers)
+        headers["Stream-Closed"] = "true"
+    return Response(status_code=201 if created else 200, headers=headers)
 
 
 async def append(request: Request) -> Response:
@@ -359,8 +360,8 @@ async def describe(request: Request) -> Response:
     if info.ttl is not None:
         headers["Stream-TTL"] = str(info.ttl)
     if info.expires_at is not None:
-        moment = datetime.fromtimestamp(info.expires_at).astimezone()
-        headers["Stream-Expires-At"] = moment.isoformat()
+        moment = datetime.fromtimestamp(info.expires_at, UTC)
+        headers["Stream-Expires-At"] = moment.isoformat().replace("+00:00", "Z")
     if info.closed:
         headers["Stream-Closed"] = "true"
     return Response(status_code=200, headers=headers)
