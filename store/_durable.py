@@ -356,9 +356,21 @@ class DurableStreams:
             if end is not None and position >= end:
                 index += 1
                 continue
+            wanted = limit - len(messages)
             result = await self.store.read(
-                stream_id, position, limit=limit - len(messages), max_bytes=max_bytes - size
+                stream_id, position, limit=wanted, max_bytes=max_bytes - size
             )
+            if end is None and len(result.messages) < wanted and not result.at_end:
+                if result.next_offset < info.next_offset:
+                    # Short of the committed length: another process appended, and this
+                    # one's in-memory tail has not heard yet.
+                    result = await self.store.read(
+                        stream_id,
+                        position,
+                        limit=wanted,
+                        max_bytes=max_bytes - size,
+                        from_disk=True,
+                    )
             got = result.messages if end is None else result.messages[: end - position]
             messages += got
             size += sum(map(len, got))
@@ -620,12 +632,13 @@ class DurableStreams:
                 if producer.seq != 0:
                     raise EpochSeq()
             elif producer.seq <= state[1]:
-                return AppendOutcome(ctx.next_offset(stream_id), False, True, state[0], state[1])
+                return AppendOutcome(_length(conn, row), False, True, state[0], state[1])
             elif producer.seq != state[1] + 1:
                 raise SeqGap(state[1] + 1, producer.seq)
         if seq is not None and row.stream_seq is not None and seq <= row.stream_seq:
             raise SeqConflict(row.stream_seq, seq)
-        first = ctx.next_offset(stream_id)
+        # From the table, not the writer's cache: another process may append here too.
+        first = _length(conn, row)
         payloads = [] if payload is None else [payload]
         if payloads:
             conn.execute(INSERT_MESSAGE, (stream_id, first, payload))

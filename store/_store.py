@@ -390,15 +390,17 @@ class StreamStore:
         *,
         limit: int = DEFAULT_READ_LIMIT,
         max_bytes: int | None = None,
+        from_disk: bool = False,
     ) -> ReadResult:
         """Committed messages from ``offset`` on: at most ``limit``, and no more than
-        ``max_bytes`` in all unless the first alone is larger.
+        ``max_bytes`` in all unless the first alone is larger. ``from_disk`` skips this
+        process's in-memory tail (which learns of other processes' appends a poll late).
 
         Raises ``StreamNotFound``. An offset past the end returns no messages.
         """
         if offset < 0:
             raise ValueError("offset must be >= 0")
-        state = self._states.get(stream_id)
+        state = None if from_disk else self._states.get(stream_id)
         if state is not None and offset >= state.tail_start:
             start = offset - state.tail_start
             messages = state.tail[start : start + limit]

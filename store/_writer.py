@@ -81,7 +81,6 @@ _TRANSIENT_CODES = frozenset(
 MAX_BACKOFF = 1.0
 STOP_ATTEMPTS = 3
 JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
-TAKEOVER_CHECK_INTERVAL = 0.25
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -313,7 +312,6 @@ class Writer:
             return
         self._started.set()
         last_commit = 0.0
-        last_takeover_check = 0.0
         checkpointer = Checkpointer(self._path, self._checkpoint_every)
         try:
             while True:
@@ -323,11 +321,7 @@ class Writer:
                 current = conn.execute("PRAGMA data_version").fetchone()[0]
                 if current != version:
                     version = current
-                    changes: list[StreamChange] = []
-                    now = time.monotonic()
-                    if now - last_takeover_check >= TAKEOVER_CHECK_INTERVAL:
-                        last_takeover_check = now
-                        changes = self._closed_by_others(ctx)
+                    changes = self._changed_by_others(ctx)
                     self._safe_publish(Outcome(changes, [], external_change=True))
                 with self._lock:
                     pending = len(self._ops) + len(self._dirty)
@@ -411,21 +405,26 @@ class Writer:
         except Exception:  # the loop may be gone during shutdown
             logger.exception("could not publish a commit to the event loop")
 
-    def _closed_by_others(self, ctx: WriterContext) -> list[StreamChange]:
-        """Streams this writer appends to that another process closed (it took them over)."""
+    def _changed_by_others(self, ctx: WriterContext) -> list[StreamChange]:
+        """Streams this writer appends to that another process closed (it took them over)
+        or appended to (a Durable Stream written through two processes): what this
+        process knows of them no longer holds."""
         streams = ctx.written_streams()
         if not streams:
             return []
         marks = ", ".join("?" for _ in streams)
         try:
             rows = ctx.conn.execute(
-                f"SELECT id FROM streams WHERE closed = 1 AND id IN ({marks})", streams
+                "SELECT s.id, s.closed, (SELECT max(offset) + 1 FROM messages m"
+                f" WHERE m.stream_id = s.id) FROM streams s WHERE s.id IN ({marks})",
+                streams,
             ).fetchall()
         except sqlite3.Error as exc:
-            logger.warning("could not check for streams closed by another process: %s", exc)
+            logger.warning("could not check for streams changed by another process: %s", exc)
             return []
-        for (stream_id,) in rows:
-            ctx.mark_stale(stream_id)
+        for stream_id, closed, length in rows:
+            if closed or (length is not None and length != ctx.next_offset(stream_id)):
+                ctx.mark_stale(stream_id)
         changes = list(ctx.changes.values())
         ctx.changes = {}
         return changes

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import anyio
 import httpx
 import pytest
 
@@ -84,3 +85,38 @@ async def test_the_survivor_recovers_a_dead_peers_generations(
         events = await read_events(two, generation["id"])
         assert final_status(events) == "interrupted"
         assert text_of(events) == snapshot["text"]
+
+
+async def test_a_durable_stream_appended_through_both_processes(
+    peer_clients: tuple[httpx.AsyncClient, httpx.AsyncClient],
+) -> None:
+    """Appends alternate between the processes; each reads exactly what both wrote, and a
+    long-poll waiting in one is woken by an append through the other."""
+    one, two = peer_clients
+    url = "/v1/stream/shared-by-two"
+    assert (await one.put(url, headers={"Content-Type": "text/plain"})).status_code == 201
+    expected = b""
+    for i in range(20):
+        writer, reader = (one, two) if i % 2 else (two, one)
+        response = await writer.post(
+            url, content=b"%d;" % i, headers={"Content-Type": "text/plain"}
+        )
+        assert response.status_code == 204, response.text
+        expected += b"%d;" % i
+        assert response.headers["Stream-Next-Offset"].endswith(f"{i + 1:016d}")
+        # The other process appended last; this one must read it, not its own older tail.
+        read = await reader.get(url, params={"offset": "-1"})
+        assert read.content == expected
+        assert read.headers["Stream-Next-Offset"] == response.headers["Stream-Next-Offset"]
+    tail = read.headers["Stream-Next-Offset"]
+    async with anyio.create_task_group() as tg:
+        polled: list[httpx.Response] = []
+
+        async def poll() -> None:
+            polled.append(await one.get(url, params={"offset": tail, "live": "long-poll"}))
+
+        tg.start_soon(poll)
+        await anyio.sleep(0.3)  # the long-poll is waiting in process one
+        await two.post(url, content=b"late", headers={"Content-Type": "text/plain"})
+    assert polled[0].status_code == 200
+    assert polled[0].content == b"late"
