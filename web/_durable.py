@@ -411,7 +411,8 @@ def chunk_response(request: Request, info: StreamInfo, chunk: Chunk) -> Response
     else:
         scope = "private" if request.app.state.api_keys.enabled else "public"
         headers["Cache-Control"] = f"{scope}, max-age=60, stale-while-revalidate=300"
-    if request.headers.get("if-none-match") == etag:
+    held = request.headers.get("if-none-match", "")
+    if held.strip() == "*" or etag in (tag.strip() for tag in held.split(",")):
         return Response(status_code=304, headers={"ETag": etag})
     return Response(body_of(info, chunk.messages), headers=headers)
 
