@@ -204,7 +204,11 @@ def _length(conn: sqlite3.Connection, row: _Row) -> int:
 
 
 def _segments(conn: sqlite3.Connection, row: _Row) -> tuple[tuple[str, int], ...]:
+    """Where each offset of the stream is read: ``(stream id, first offset)`` from the root
+    of its fork chain down, each up to the next one's first offset. A source forked below
+    its own source's fork point hides that source entirely, so it is left out."""
     chain = [(row.id, row.base_offset)]
+    limit = row.base_offset
     source = row.forked_from
     while source is not None:
         found = conn.execute(
@@ -212,8 +216,11 @@ def _segments(conn: sqlite3.Connection, row: _Row) -> tuple[tuple[str, int], ...
         ).fetchone()
         if found is None:
             break  # cannot happen while forks hold their sources; read what is there
-        chain.append((source, found[0]))
-        source = found[1]
+        base, upstream = found
+        if base < limit:
+            chain.append((source, base))
+            limit = base
+        source = upstream
     chain.reverse()
     return tuple(chain)
 
@@ -448,8 +455,12 @@ class DurableStreams:
         Returns how many expired.
         """
         now = self._clock()
-        touched, self._touched = self._touched, {}
+        touched = dict(self._touched)
         expired: int = await self.store.execute(lambda ctx: self._sweep(ctx, now, touched))
+        # Forget only what is now on disk: until the commit, readers still need it in memory.
+        for stream_id, at in touched.items():
+            if self._touched.get(stream_id) == at:
+                del self._touched[stream_id]
         return expired
 
     # -- ops (on the writer thread, inside the transaction) -----------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import random
 import re
 import time
@@ -177,8 +178,14 @@ def json_message(body: bytes, *, allow_empty: bool) -> bytes:
     def refuse_constant(name: str) -> Any:
         raise ValueError(f"{name} is not JSON")
 
+    def finite(text: str) -> float:
+        number = float(text)
+        if math.isinf(number):
+            raise ValueError(f"the number {text[:40]} is out of range")
+        return number
+
     try:
-        value = json.loads(body, parse_constant=refuse_constant)
+        value = json.loads(body, parse_constant=refuse_constant, parse_float=finite)
     except RecursionError:
         raise BadRequest("malformed JSON: nested too deeply") from None
     except ValueError as exc:
@@ -186,9 +193,11 @@ def json_message(body: bytes, *, allow_empty: bool) -> bytes:
     values = value if isinstance(value, list) else [value]
     if not values and not allow_empty:
         raise BadRequest("an empty JSON array appends nothing")
-    return ",".join(
-        json.dumps(v, ensure_ascii=False, separators=(",", ":")) for v in values
-    ).encode()
+    text = ",".join(json.dumps(v, ensure_ascii=False, separators=(",", ":")) for v in values)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        raise BadRequest("the JSON holds a lone surrogate (\\ud800-\\udfff)") from None
 
 
 # -- response pieces ---------------------------------------------------------------------------
