@@ -8,6 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from .durable_support import as_user, next_user
 from .fake_upstream import FakeUpstream
 from .support import Server
 
@@ -107,4 +108,17 @@ def openai_server(
 async def openai_client(openai_server: Server) -> AsyncIterator[httpx.AsyncClient]:
     """An HTTP client for ``openai_server``."""
     async with httpx.AsyncClient(base_url=openai_server.url, timeout=30.0) as http:
+        yield http
+
+
+@pytest.fixture
+def user() -> str:
+    """A user of this test's own (the Durable Streams tests' servers know them all)."""
+    return next_user()
+
+
+@pytest.fixture
+async def ds(ds_server: Server, user: str) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of the module's ``ds_server``, as this test's user."""
+    async with as_user(ds_server, user) as http:
         yield http

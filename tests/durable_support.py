@@ -3,6 +3,7 @@ follows the HTML living standard to the letter (so it sees exactly what a browse
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from collections.abc import Awaitable, Iterator, Sequence
@@ -183,6 +184,12 @@ def check_pairs(frames: Sequence[Frame]) -> list[dict[str, Any]]:
 # -- servers and users ------------------------------------------------------------------------
 
 USERS = [f"ds{i:03d}" for i in range(100)]
+_user_numbers = itertools.count()
+
+
+def next_user() -> str:
+    """A user no earlier test of this run has used (until ``USERS`` runs out and repeats)."""
+    return USERS[next(_user_numbers) % len(USERS)]
 
 
 def key_of(user: str) -> str:

@@ -12,9 +12,8 @@ generations and the official client in ``test_durable_streams_live.py``.
 
 from __future__ import annotations
 
-import itertools
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from contextlib import AsyncExitStack
 
 import anyio
@@ -23,7 +22,6 @@ import pytest
 
 from .durable_support import (
     JSON,
-    USERS,
     append,
     as_user,
     create,
@@ -36,26 +34,11 @@ from .durable_support import (
 )
 from .support import Server
 
-_next_user = itertools.count()
-
 
 @pytest.fixture(scope="module")
 def ds_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """The module's server (simulated model; long-poll timeout 0.5 s)."""
     yield from module_server(tmp_path_factory, "durable")
-
-
-@pytest.fixture
-def user() -> str:
-    """A user of this test's own."""
-    return USERS[next(_next_user)]
-
-
-@pytest.fixture
-async def ds(ds_server: Server, user: str) -> AsyncIterator[httpx.AsyncClient]:
-    """A client of the module's server, as this test's user."""
-    async with as_user(ds_server, user) as http:
-        yield http
 
 
 def producer(producer_id: str, epoch: int, seq: int) -> dict[str, str]:

@@ -11,10 +11,9 @@ One server per module; every test works as a user of its own, so stream names ne
 
 from __future__ import annotations
 
-import itertools
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 
 import anyio
@@ -24,9 +23,7 @@ import pytest
 from .durable_support import (
     BINARY,
     JSON,
-    USERS,
     append,
-    as_user,
     check_pairs,
     create,
     module_server,
@@ -40,26 +37,11 @@ from .durable_support import (
 )
 from .support import Server
 
-_next_user = itertools.count()
-
 
 @pytest.fixture(scope="module")
 def ds_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """The module's server (simulated model; long-poll timeout 0.5 s)."""
     yield from module_server(tmp_path_factory, "forks")
-
-
-@pytest.fixture
-def user() -> str:
-    """A user of this test's own."""
-    return USERS[next(_next_user)]
-
-
-@pytest.fixture
-async def ds(ds_server: Server, user: str) -> AsyncIterator[httpx.AsyncClient]:
-    """A client of the module's server, as this test's user."""
-    async with as_user(ds_server, user) as http:
-        yield http
 
 
 # -- forks and soft delete ---------------------------------------------------------------------

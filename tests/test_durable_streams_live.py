@@ -9,9 +9,8 @@ One server per module; every test works as a user of its own.
 from __future__ import annotations
 
 import base64
-import itertools
 import re
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from contextlib import aclosing
 from typing import Any, Literal, cast
 
@@ -22,13 +21,13 @@ from durable_streams import StreamEvent, astream
 
 from .durable_support import (
     BINARY,
-    USERS,
     Frame,
     append,
     as_user,
     check_pairs,
     create,
     module_server,
+    next_user,
     offset,
     parse_sse,
     path,
@@ -38,7 +37,6 @@ from .durable_support import (
 )
 from .support import Server, read_events, start_generation, wait_for_status
 
-_next_user = itertools.count()
 MISSING_GENERATION = "gen_doesnotexist0000000"
 CONTROL_FIELDS = {"streamNextOffset", "streamCursor", "upToDate", "streamClosed"}
 
@@ -47,19 +45,6 @@ CONTROL_FIELDS = {"streamNextOffset", "streamCursor", "upToDate", "streamClosed"
 def ds_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """The module's server (simulated model; long-poll timeout 0.5 s)."""
     yield from module_server(tmp_path_factory, "live")
-
-
-@pytest.fixture
-def user() -> str:
-    """A user of this test's own."""
-    return USERS[next(_next_user)]
-
-
-@pytest.fixture
-async def ds(ds_server: Server, user: str) -> AsyncIterator[httpx.AsyncClient]:
-    """A client of the module's server, as this test's user."""
-    async with as_user(ds_server, user) as http:
-        yield http
 
 
 def check_controls(controls: list[dict[str, Any]], end: int) -> None:
@@ -302,7 +287,7 @@ async def test_a_generation_stream_is_read_only_and_private(
             await status(http.delete(path(name))),
         ]
 
-    other = USERS[next(_next_user)]
+    other = next_user()
     async with as_user(ds_server, other) as stranger:
         assert await answers(stranger, gid) == [404] * 6
         assert await answers(stranger, gid) == await answers(stranger, MISSING_GENERATION)
