@@ -454,23 +454,24 @@ def follow(request: Request, info: StreamInfo, start: int) -> Response:
     stream_cursor = cursor(request)
 
     async def events() -> AsyncIterator[bytes]:
+        # A deadline, not a cancel scope around the loop: a generator must not yield
+        # inside a scope that another task may end up closing.
+        deadline = anyio.current_time() + settings.stream_sse_lifetime
         position = start
         first = True
-        with anyio.move_on_after(settings.stream_sse_lifetime):
-            while True:
-                changed = streams.change_event(info)
-                chunk = await streams.read(
-                    info, position, limit=READ_MESSAGES, max_bytes=READ_BYTES
-                )
-                if chunk.messages:
-                    yield data_event(info, chunk.messages) + control_event(chunk, stream_cursor)
-                elif first or chunk.closed:
-                    yield control_event(chunk, stream_cursor)
-                first = False
-                position = chunk.next_offset
-                if chunk.closed:
-                    return
-                if not chunk.messages or chunk.up_to_date:
+        while anyio.current_time() < deadline:
+            changed = streams.change_event(info)
+            chunk = await streams.read(info, position, limit=READ_MESSAGES, max_bytes=READ_BYTES)
+            if chunk.messages:
+                yield data_event(info, chunk.messages) + control_event(chunk, stream_cursor)
+            elif first or chunk.closed:
+                yield control_event(chunk, stream_cursor)
+            first = False
+            position = chunk.next_offset
+            if chunk.closed:
+                return
+            if not chunk.messages or chunk.up_to_date:
+                with anyio.move_on_after(deadline - anyio.current_time()):
                     await changed.wait()
 
     headers = {"Content-Type": "text/event-stream"}
