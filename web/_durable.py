@@ -36,8 +36,8 @@ from store import (
 )
 
 from ._auth import current_user
-from ._errors import BadRequest, PayloadTooLarge
-from ._generations import app_state, sse_response
+from ._errors import BadRequest
+from ._generations import app_state, parse_json, read_body, sse_response
 
 STREAM_PATH = "/v1/stream/"
 NAME = re.compile(r"[A-Za-z0-9._~-]{1,200}")
@@ -156,19 +156,6 @@ def fork_source(value: str) -> str:
     return name
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The raw body, refusing more than ``limit`` bytes with 413."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"the body is {declared} bytes; the limit is {limit}")
-    body = bytearray()
-    async for piece in request.stream():
-        body += piece
-        if len(body) > limit:
-            raise PayloadTooLarge(f"the body exceeds the limit of {limit} bytes")
-    return bytes(body)
-
-
 def json_message(body: bytes, *, allow_empty: bool) -> bytes:
     """A JSON body as one stored message: one array level flattened, values comma-joined.
 
@@ -184,12 +171,7 @@ def json_message(body: bytes, *, allow_empty: bool) -> bytes:
             raise ValueError(f"the number {text[:40]} is out of range")
         return number
 
-    try:
-        value = json.loads(body, parse_constant=refuse_constant, parse_float=finite)
-    except RecursionError:
-        raise BadRequest("malformed JSON: nested too deeply") from None
-    except ValueError as exc:
-        raise BadRequest(f"malformed JSON: {exc}") from None
+    value = parse_json(body, parse_constant=refuse_constant, parse_float=finite)
     values = value if isinstance(value, list) else [value]
     if not values and not allow_empty:
         raise BadRequest("an empty JSON array appends nothing")

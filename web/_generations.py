@@ -63,24 +63,35 @@ def generation_json(record: GenerationRecord) -> dict[str, Any]:
     }
 
 
-async def read_json_body(request: Request, limit: int) -> Any:
-    """The parsed JSON body, refusing more than ``limit`` bytes (413) and bad JSON (400)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+async def read_body(request: Request, limit: int) -> bytes:
+    """The raw body, refusing more than ``limit`` bytes with 413."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"request body is {declared} bytes; the limit is {limit}")
     body = bytearray()
     async for chunk in request.stream():
-        body.extend(chunk)
+        body += chunk
         if len(body) > limit:
             raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-    if not body:
-        raise BadRequest("the request body is empty; send a JSON object")
+    return bytes(body)
+
+
+def parse_json(body: bytes, **options: Any) -> Any:
+    """``json.loads(body, **options)``, with any failure a 400 that says why."""
     try:
-        return json.loads(body)
+        return json.loads(body, **options)
     except RecursionError:
         raise BadRequest("malformed JSON: nested too deeply") from None
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, integers too long
         raise BadRequest(f"malformed JSON: {exc}") from None
+
+
+async def read_json_body(request: Request, limit: int) -> Any:
+    """The parsed JSON body, refusing more than ``limit`` bytes (413) and bad JSON (400)."""
+    body = await read_body(request, limit)
+    if not body:
+        raise BadRequest("the request body is empty; send a JSON object")
+    return parse_json(body)
 
 
 def wants_event_stream(request: Request) -> bool:
