@@ -39,7 +39,7 @@ from ._exceptions import (
     StreamReadOnly,
 )
 from ._store import StreamStore
-from ._writer import INSERT_MESSAGE, LAST_OFFSET, WriterContext
+from ._writer import INSERT_MESSAGE, WriterContext, stream_end
 
 GENERATION_PREFIX = "gen_"
 OFFSET_WIDTH = 16
@@ -162,6 +162,10 @@ class _Row:
         values[11] = json.loads(values[11]) if values[11] else None
         return cls(*values)
 
+    def end(self, conn: sqlite3.Connection) -> int:
+        """The offset after the stream's last message."""
+        return stream_end(conn, self.id, self.base_offset)
+
     def expired(self, now: float, touched: float | None) -> bool:
         if self.expiry_at is None:
             return False
@@ -175,32 +179,33 @@ def _name_key(owner: str | None, name: str) -> str:
     return f"{owner or ''}/{name}"
 
 
-def _load(conn: sqlite3.Connection, stream_id: str) -> _Row | None:
-    row = conn.execute(f"SELECT {_COLUMNS} FROM streams WHERE id = ?", (stream_id,)).fetchone()
+def _load_where(conn: sqlite3.Connection, where: str, params: tuple[Any, ...]) -> _Row | None:
+    row = conn.execute(f"SELECT {_COLUMNS} FROM streams WHERE {where}", params).fetchone()
     return None if row is None else _Row.of(row)
+
+
+def _load(conn: sqlite3.Connection, stream_id: str) -> _Row | None:
+    return _load_where(conn, "id = ?", (stream_id,))
 
 
 def _load_named(conn: sqlite3.Connection, key: str) -> _Row | None:
-    row = conn.execute(
-        f"SELECT {_COLUMNS} FROM streams WHERE id = (SELECT stream_id FROM stream_names"
-        " WHERE name = ?)",
-        (key,),
-    ).fetchone()
-    return None if row is None else _Row.of(row)
+    return _load_where(conn, "id = (SELECT stream_id FROM stream_names WHERE name = ?)", (key,))
 
 
 def _load_generation(conn: sqlite3.Connection, owner: str | None, name: str) -> _Row | None:
-    row = conn.execute(
-        f"SELECT {_COLUMNS} FROM streams WHERE id = (SELECT stream_id FROM generations"
-        " WHERE id = ? AND owner IS ?)",
-        (name, owner),
-    ).fetchone()
-    return None if row is None else _Row.of(row)
+    return _load_where(
+        conn, "id = (SELECT stream_id FROM generations WHERE id = ? AND owner IS ?)", (name, owner)
+    )
 
 
-def _length(conn: sqlite3.Connection, row: _Row) -> int:
-    (last,) = conn.execute(LAST_OFFSET, (row.id,)).fetchone()
-    return row.base_offset if last is None else int(last) + 1
+def _load_live(conn: sqlite3.Connection, info: StreamInfo) -> _Row:
+    """The stream's row, as long as it has neither been deleted nor expired."""
+    row = _load(conn, info.stream_id)
+    if row is None or row.deleted == EXPIRED_KEPT:
+        raise StreamNotFound(info.name)
+    if row.deleted == SOFT_DELETED:
+        raise StreamGone(info.name)
+    return row
 
 
 def _segments(conn: sqlite3.Connection, row: _Row) -> tuple[tuple[str, int], ...]:
@@ -231,7 +236,7 @@ def _info(conn: sqlite3.Connection, row: _Row, name: str, *, writable: bool) -> 
         stream_id=row.id,
         content_type=row.content_type,
         closed=row.closed,
-        next_offset=_length(conn, row),
+        next_offset=row.end(conn),
         ttl=row.ttl,
         expires_at=row.expires_at,
         expiry_at=row.expiry_at,
@@ -262,21 +267,24 @@ def _hard_delete(ctx: WriterContext, row: _Row) -> None:
         row = source
 
 
-def _expire(ctx: WriterContext, row: _Row) -> None:
-    """An expired stream: gone, but kept for its forks' reads if it has any."""
-    if _has_forks(ctx.conn, row.id):
-        ctx.conn.execute(
-            "UPDATE streams SET deleted = ?, expiry_at = NULL WHERE id = ?", (EXPIRED_KEPT, row.id)
-        )
-        ctx.conn.execute("DELETE FROM stream_names WHERE stream_id = ?", (row.id,))
-    else:
+def _retire(ctx: WriterContext, row: _Row, kept_as: int) -> None:
+    """Remove a stream; while forks read it, keep it for them instead, as ``kept_as``:
+    ``SOFT_DELETED`` (410 to everyone else) or ``EXPIRED_KEPT`` (its name free again)."""
+    if not _has_forks(ctx.conn, row.id):
         _hard_delete(ctx, row)
+        return
+    ctx.conn.execute(
+        "UPDATE streams SET deleted = ?, expiry_at = NULL WHERE id = ?", (kept_as, row.id)
+    )
+    if kept_as == EXPIRED_KEPT:
+        ctx.conn.execute("DELETE FROM stream_names WHERE stream_id = ?", (row.id,))
+    ctx.mark_stale(row.id)
 
 
 def _expire_if_due(ctx: WriterContext, stream_id: str, now: float, touched: float | None) -> None:
     row = _load(ctx.conn, stream_id)
     if row is not None and not row.deleted and row.expired(now, touched):
-        _expire(ctx, row)
+        _retire(ctx, row, EXPIRED_KEPT)
 
 
 def _message_at(conn: sqlite3.Connection, segments: tuple[tuple[str, int], ...], at: int) -> bytes:
@@ -446,7 +454,7 @@ class DurableStreams:
         ``StreamGone``, ``StreamReadOnly``."""
         if not info.writable:
             raise StreamReadOnly(info.name)
-        await self.store.execute(lambda ctx: self._delete(ctx, info))
+        await self.store.execute(lambda ctx: _retire(ctx, _load_live(ctx.conn, info), SOFT_DELETED))
         self._touched.pop(info.stream_id, None)
 
     async def sweep(self) -> int:
@@ -473,12 +481,12 @@ class DurableStreams:
             [(at, stream_id) for stream_id, at in touched.items()],
         )
         due = conn.execute(
-            f"SELECT {_COLUMNS} FROM streams WHERE expiry_at <= ? AND deleted = 0", (now,)
+            "SELECT id FROM streams WHERE expiry_at <= ? AND deleted = 0", (now,)
         ).fetchall()
-        for row in due:
-            current = _load(conn, row[0])  # a cascade may have removed it already
-            if current is not None:
-                _expire(ctx, current)
+        for (stream_id,) in due:
+            row = _load(conn, stream_id)  # a cascade may have removed it already
+            if row is not None:
+                _retire(ctx, row, EXPIRED_KEPT)
         return len(due)
 
     def _create(
@@ -494,7 +502,7 @@ class DurableStreams:
         key = _name_key(owner, name)
         existing = _load_named(conn, key)
         if existing is not None and existing.expired(now, touched.get(existing.id)):
-            _expire(ctx, existing)
+            _retire(ctx, existing, EXPIRED_KEPT)
             existing = None
         source: _Row | None = None
         if request.forked_from is not None:
@@ -518,7 +526,7 @@ class DurableStreams:
             ):
                 raise ContentTypeMismatch(source.content_type, request.content_type)
             content_type = source.content_type
-            tail = _length(conn, source)
+            tail = source.end(conn)
             base = tail if request.fork_offset is None else request.fork_offset
             if base > tail:
                 raise InvalidFork(f"fork offset {base} is beyond the source's end ({tail})")
@@ -568,7 +576,7 @@ class DurableStreams:
             raise InvalidFork("a generation's stream cannot be forked")
         source = _load_named(ctx.conn, _name_key(owner, name))
         if source is not None and source.expired(now, touched.get(source.id)):
-            _expire(ctx, source)
+            _retire(ctx, source, EXPIRED_KEPT)
             source = None
         if source is None:
             raise StreamNotFound(name)
@@ -609,11 +617,7 @@ class DurableStreams:
     ) -> AppendOutcome:
         conn = ctx.conn
         stream_id = info.stream_id
-        row = _load(conn, stream_id)
-        if row is None or row.deleted == EXPIRED_KEPT:
-            raise StreamNotFound(info.name)
-        if row.deleted == SOFT_DELETED:
-            raise StreamGone(info.name)
+        row = _load_live(conn, info)
         state = None
         if producer is not None:
             state = conn.execute(
@@ -621,7 +625,7 @@ class DurableStreams:
                 (stream_id, producer.id),
             ).fetchone()
         if row.closed:
-            tail = _length(conn, row)
+            tail = row.end(conn)
             if producer is not None:
                 if row.closed_by == [producer.id, producer.epoch, producer.seq]:
                     return AppendOutcome(tail, True, True, producer.epoch, producer.seq)
@@ -643,13 +647,13 @@ class DurableStreams:
                 if producer.seq != 0:
                     raise EpochSeq()
             elif producer.seq <= state[1]:
-                return AppendOutcome(_length(conn, row), False, True, state[0], state[1])
+                return AppendOutcome(row.end(conn), False, True, state[0], state[1])
             elif producer.seq != state[1] + 1:
                 raise SeqGap(state[1] + 1, producer.seq)
         if seq is not None and row.stream_seq is not None and seq <= row.stream_seq:
             raise SeqConflict(row.stream_seq, seq)
         # From the table, not the writer's cache: another process may append here too.
-        first = _length(conn, row)
+        first = row.end(conn)
         payloads = [] if payload is None else [payload]
         if payloads:
             conn.execute(INSERT_MESSAGE, (stream_id, first, payload))
@@ -673,19 +677,3 @@ class DurableStreams:
         if producer is None:
             return AppendOutcome(next_offset, close)
         return AppendOutcome(next_offset, close, False, producer.epoch, producer.seq)
-
-    def _delete(self, ctx: WriterContext, info: StreamInfo) -> None:
-        stream_id = info.stream_id
-        row = _load(ctx.conn, stream_id)
-        if row is None or row.deleted == EXPIRED_KEPT:
-            raise StreamNotFound(info.name)
-        if row.deleted == SOFT_DELETED:
-            raise StreamGone(info.name)
-        if _has_forks(ctx.conn, stream_id):
-            ctx.conn.execute(
-                "UPDATE streams SET deleted = ?, expiry_at = NULL WHERE id = ?",
-                (SOFT_DELETED, stream_id),
-            )
-            ctx.mark_stale(stream_id)
-        else:
-            _hard_delete(ctx, row)

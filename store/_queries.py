@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from ._exceptions import GenerationNotFound, StreamExists, StreamNotFound
-from ._writer import LAST_OFFSET, WriterContext
+from ._writer import WriterContext, stream_end
 from .types import ActiveGeneration, GenerationRecord, ReadResult, WorkerRecord
 
 # -- SQL run on the writer thread --------------------------------------------------------------
@@ -39,14 +40,17 @@ def delete_stream(ctx: WriterContext, stream_id: str) -> None:
 # -- SQL run on reader threads -----------------------------------------------------------------
 
 
-def count_within(messages: list[bytes], max_bytes: int) -> int:
-    """How many leading messages fit in ``max_bytes`` (at least one, if there is one)."""
-    total = 0
-    for count, message in enumerate(messages):
-        total += len(message)
-        if total > max_bytes and count:
-            return count
-    return len(messages)
+def take_within(messages: Iterable[bytes], max_bytes: int) -> tuple[list[bytes], bool]:
+    """The leading messages that fit in ``max_bytes`` (at least one, if there is one), and
+    whether any were left out."""
+    taken: list[bytes] = []
+    size = 0
+    for message in messages:
+        if taken and size + len(message) > max_bytes:
+            return taken, True
+        taken.append(message)
+        size += len(message)
+    return taken, False
 
 
 def read_messages(
@@ -66,15 +70,10 @@ def read_messages(
         "SELECT data FROM messages WHERE stream_id = ? AND offset >= ? ORDER BY offset LIMIT ?",
         (stream_id, offset, limit),
     )
-    messages: list[bytes] = []
-    size = 0
-    cut = False
-    for (data,) in cursor:
-        if max_bytes is not None and messages and size + len(data) > max_bytes:
-            cut = True
-            break
-        messages.append(data)
-        size += len(data)
+    if max_bytes is None:
+        messages, cut = [data for (data,) in cursor], False
+    else:
+        messages, cut = take_within((data for (data,) in cursor), max_bytes)
     cursor.close()
     conn.execute("COMMIT")
     return ReadResult(offset, messages, bool(row[0]) and not cut and len(messages) < limit)
@@ -88,9 +87,9 @@ def stream_length(conn: sqlite3.Connection, stream_id: str) -> tuple[int, bool]:
     ).fetchone()
     if row is None:
         raise StreamNotFound(stream_id)
-    (last,) = conn.execute(LAST_OFFSET, (stream_id,)).fetchone()
+    end = stream_end(conn, stream_id, row[1])
     conn.execute("COMMIT")
-    return (row[1] if last is None else last + 1), bool(row[0])
+    return end, bool(row[0])
 
 
 def get_generation(conn: sqlite3.Connection, generation_id: str) -> GenerationRecord:

@@ -405,7 +405,7 @@ class StreamStore:
             start = offset - state.tail_start
             messages = state.tail[start : start + limit]
             if max_bytes is not None:
-                messages = messages[: queries.count_within(messages, max_bytes)]
+                messages, _ = queries.take_within(messages, max_bytes)
             at_end = state.closed and offset + len(messages) >= state.next_offset
             return ReadResult(offset, messages, at_end)
         return await self.query(queries.read_messages, stream_id, offset, limit, max_bytes)

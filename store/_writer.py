@@ -51,7 +51,7 @@ logger = logging.getLogger("keepstream.store")
 
 INSERT_MESSAGE = "INSERT INTO messages (stream_id, offset, data) VALUES (?, ?, ?)"
 CLOSE_STREAM = "UPDATE streams SET closed = 1 WHERE id = ?"
-LAST_OFFSET = "SELECT max(offset) FROM messages WHERE stream_id = ?"
+_LAST_OFFSET = "SELECT max(offset) FROM messages WHERE stream_id = ?"
 _UPDATE_SNAPSHOT = "UPDATE generations SET text = text || ?, next_offset = ? WHERE id = ?"
 # The hot path writes a whole commit's rows with one statement each, fed one JSON array.
 # executemany steps SQLite once per row and gives the GIL up and takes it back around every
@@ -81,6 +81,13 @@ _TRANSIENT_CODES = frozenset(
 MAX_BACKOFF = 1.0
 STOP_ATTEMPTS = 3
 JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
+
+
+def stream_end(conn: sqlite3.Connection, stream_id: str, base_offset: int) -> int:
+    """The offset after a stream's last message (``base_offset`` while it has none of its
+    own: 0, or a fork's first offset)."""
+    (last,) = conn.execute(_LAST_OFFSET, (stream_id,)).fetchone()
+    return base_offset if last is None else int(last) + 1
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -153,8 +160,7 @@ class WriterContext:
             raise StreamNotFound(stream_id)
         if row[0]:
             raise StreamClosed(stream_id)
-        (last,) = self.conn.execute(LAST_OFFSET, (stream_id,)).fetchone()
-        offset = int(row[1]) if last is None else int(last) + 1
+        offset = stream_end(self.conn, stream_id, row[1])
         self._next_offsets[stream_id] = offset
         return offset
 
