@@ -156,6 +156,17 @@ def final_status(events: Sequence[ServerSentEvent]) -> str | None:
     return statuses[-1] if statuses else None
 
 
+async def get_snapshot(
+    client: httpx.AsyncClient, generation_id: str, timeout: float = 10.0
+) -> dict[str, Any]:
+    """``GET /v1/generations/{id}``, which must answer 200."""
+    with anyio.fail_after(timeout):
+        response = await client.get(f"/v1/generations/{generation_id}")
+    assert response.status_code == 200, response.text
+    snapshot: dict[str, Any] = response.json()
+    return snapshot
+
+
 async def wait_for_status(
     client: httpx.AsyncClient, generation_id: str, statuses: set[str], timeout: float = 30.0
 ) -> dict[str, Any]:

@@ -29,20 +29,18 @@ from .fake_upstream import (
     sse_data,
     usage_of,
 )
-from .support import final_status, free_port, read_events, start_generation, text_of
+from .support import (
+    final_status,
+    free_port,
+    get_snapshot,
+    read_events,
+    start_generation,
+    text_of,
+)
 
 REQUEST_TIMEOUT = 10.0
 
 DELTAS = ("The ", "quick", " brown ", "fox", " jumps.")
-
-
-async def get_snapshot(client: httpx.AsyncClient, generation_id: str) -> dict[str, Any]:
-    """``GET /v1/generations/{id}``."""
-    with anyio.fail_after(REQUEST_TIMEOUT):
-        response = await client.get(f"/v1/generations/{generation_id}")
-    assert response.status_code == 200, response.text
-    snapshot: dict[str, Any] = response.json()
-    return snapshot
 
 
 async def run_to_end(

@@ -30,7 +30,7 @@ from .fake_upstream import (
     split_inside_characters,
     utf16_pieces,
 )
-from .support import final_status, read_events, start_generation, text_of
+from .support import final_status, get_snapshot, read_events, start_generation, text_of
 
 REQUEST_TIMEOUT = 10.0
 SWEEP_TIMEOUT = 20.0
@@ -54,15 +54,6 @@ GRAPHEME_TEXT = "".join(GRAPHEME_DELTAS)
 SURROGATE_TEXT = "😀 grin 👩‍💻 coder 🇯🇵 flag 𝄞 clef e\u0301 日本 🚀"
 
 FINISH = (completion_chunk(finish_reason="stop"), DONE)
-
-
-async def get_snapshot(client: httpx.AsyncClient, generation_id: str) -> dict[str, Any]:
-    """``GET /v1/generations/{id}``."""
-    with anyio.fail_after(REQUEST_TIMEOUT):
-        response = await client.get(f"/v1/generations/{generation_id}")
-    assert response.status_code == 200, response.text
-    snapshot: dict[str, Any] = response.json()
-    return snapshot
 
 
 def assert_ids_increase(events: list[ServerSentEvent]) -> None:
