@@ -83,6 +83,7 @@ from bench._report import fmt, ratio, table  # noqa: E402
 from bench._servers import (  # noqa: E402
     DeadlineExceeded,
     Server,
+    add_run_options,
     free_port,
     guard_run,
     keepstream_server,
@@ -557,31 +558,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "the paced writer runs in the main process",
     )
     parser.add_argument("--quick", action="store_true", help="a short run")
-    parser.add_argument(
-        "--loop", choices=("uvloop", "asyncio"), default="uvloop", help="client event loop"
-    )
-    parser.add_argument(
-        "--ks-arg",
-        action="append",
-        default=[],
-        metavar="ARG",
-        help="extra argument for keepstream serve (repeat; e.g. --ks-arg=--synchronous "
-        "--ks-arg=FULL)",
-    )
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="write results")
     parser.add_argument(
         "--no-git",
         action="store_true",
         help="do not ask git for the core's revision (e.g. while the repository is in use)",
     )
-    parser.add_argument(
-        "--time-limit",
-        type=float,
-        default=DEFAULT_TIME_LIMIT,
-        help="hard limit for the whole invocation, seconds",
-    )
-    parser.add_argument(
-        "--keep-dir", action="store_true", help="keep the temporary directory (databases, logs)"
+    add_run_options(
+        parser,
+        time_limit=DEFAULT_TIME_LIMIT,
+        keep_dir_help="keep the temporary directory (databases, logs)",
     )
     opts = parser.parse_args(argv)
     if opts.appends is None:

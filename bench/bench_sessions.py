@@ -82,6 +82,7 @@ from bench._servers import (  # noqa: E402
     DeadlineExceeded,
     Profile,
     Server,
+    add_run_options,
     guard_run,
     keepstream_server,
     kill,
@@ -645,17 +646,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "fill to a fraction of the server's rate: see the module docstring)",
     )
     parser.add_argument(
-        "--loop", choices=("uvloop", "asyncio"), default="uvloop", help="client event loop"
-    )
-    parser.add_argument(
-        "--ks-arg",
-        action="append",
-        default=[],
-        metavar="ARG",
-        help="extra argument for keepstream serve (repeat; e.g. --ks-arg=--flush-interval "
-        "--ks-arg=0)",
-    )
-    parser.add_argument(
         "--profile",
         action="append",
         choices=PHASES,
@@ -669,14 +659,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=DEFAULT_PROFILE_SECONDS,
         help="longest a profile records",
     )
-    parser.add_argument(
-        "--time-limit",
-        type=float,
-        default=DEFAULT_TIME_LIMIT,
-        help="hard limit for the whole invocation, seconds",
-    )
-    parser.add_argument(
-        "--keep-dir", action="store_true", help="keep the temporary directory (database, log)"
+    add_run_options(
+        parser,
+        time_limit=DEFAULT_TIME_LIMIT,
+        keep_dir_help="keep the temporary directory (database, log)",
     )
     opts = parser.parse_args(argv)
     if min(opts.sessions, opts.fill_concurrency, opts.samples, opts.sample_concurrency) < 1:

@@ -54,7 +54,7 @@ if str(ROOT) not in sys.path:  # run as a script: make ``bench`` (and the core) 
 from bench._live import LiveOutcome, run_one_live  # noqa: E402
 from bench._report import fmt, live_report, print_profile, resume_report  # noqa: E402
 from bench._resume import ResumeOutcome, resume_bench  # noqa: E402
-from bench._servers import DeadlineExceeded, guard_run, kill_all  # noqa: E402
+from bench._servers import DeadlineExceeded, add_run_options, guard_run, kill_all  # noqa: E402
 
 DEFAULT_CONCURRENCY = 1000
 DEFAULT_RATE = 50.0
@@ -144,9 +144,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "connect right before each POST, while the server is already streaming to the others",
     )
     parser.add_argument(
-        "--loop", choices=("uvloop", "asyncio"), default="uvloop", help="client event loop"
-    )
-    parser.add_argument(
         "--server-loop",
         choices=("auto", "asyncio", "uvloop"),
         default="auto",
@@ -163,14 +160,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=float,
         default=None,
         help="keepstream --coalesce-window (default: the server's)",
-    )
-    parser.add_argument(
-        "--ks-arg",
-        action="append",
-        default=[],
-        metavar="ARG",
-        help="extra argument for keepstream serve (repeat; e.g. "
-        "--ks-arg=--synchronous --ks-arg=FULL)",
     )
     parser.add_argument("--no-baseline", action="store_true", help="keepstream only")
     parser.add_argument(
@@ -203,23 +192,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="a live run is cut after ramp + L/R + this many seconds",
     )
     parser.add_argument(
-        "--time-limit",
-        type=float,
-        default=DEFAULT_TIME_LIMIT,
-        help="hard limit for the whole invocation, seconds",
-    )
-    parser.add_argument(
         "--sample-interval",
         type=float,
         default=DEFAULT_SAMPLE_INTERVAL,
         help="poll /healthz, the WAL size and the server's CPU this often while streaming "
         "(0 = not at all)",
     )
-    parser.add_argument(
-        "--keep-dir",
-        action="store_true",
-        help="keep the temporary directory with the databases (by default only logs and "
-        "profiles are kept, and only when profiling)",
+    add_run_options(
+        parser,
+        time_limit=DEFAULT_TIME_LIMIT,
+        keep_dir_help="keep the temporary directory with the databases (by default only logs "
+        "and profiles are kept, and only when profiling)",
     )
     opts = parser.parse_args(argv)
     quick = opts.quick
