@@ -92,11 +92,24 @@ def stream_length(conn: sqlite3.Connection, stream_id: str) -> tuple[int, bool]:
     return end, bool(row[0])
 
 
-def get_generation(conn: sqlite3.Connection, generation_id: str) -> GenerationRecord:
-    """One generation row; raises ``GenerationNotFound``."""
+# Every column but the two that grow with the answer and the prompt.
+_LIGHT_COLUMNS = ", ".join(
+    "'' AS text" if name == "text" else "NULL AS request" if name == "request" else name
+    for name in GenerationRecord("", "", "", "").to_row()
+)
+
+
+def get_generation(
+    conn: sqlite3.Connection, generation_id: str, with_text: bool = True
+) -> GenerationRecord:
+    """One generation row; raises ``GenerationNotFound``. Without ``with_text``, its text
+    and request are left out (empty): a row to route by, a few hundred bytes at most."""
+    columns = "*" if with_text else _LIGHT_COLUMNS
     conn.row_factory = sqlite3.Row
     try:
-        row = conn.execute("SELECT * FROM generations WHERE id = ?", (generation_id,)).fetchone()
+        row = conn.execute(
+            f"SELECT {columns} FROM generations WHERE id = ?", (generation_id,)
+        ).fetchone()
     finally:
         conn.row_factory = None
     if row is None:

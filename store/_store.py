@@ -461,6 +461,11 @@ class StreamStore:
         """The committed snapshot of a generation. Raises ``GenerationNotFound``."""
         return await self.query(queries.get_generation, generation_id)
 
+    async def locate_generation(self, generation_id: str) -> GenerationRecord:
+        """A generation's row without its text and request (owner, stream, status, …): cheap
+        whatever the answer's length. Raises ``GenerationNotFound``."""
+        return await self.query(queries.get_generation, generation_id, False)
+
     async def list_generations(
         self, *, statuses: Iterable[str] | None = None
     ) -> list[GenerationRecord]:

@@ -303,11 +303,15 @@ class GenerationPool:
         """Who a generation belongs to and which stream it writes — without its text.
 
         For a generation this process runs, no query is made; otherwise the committed row is
-        read. Use ``get`` for the snapshot (status, text, offsets).
+        read without its text and request (so a thousand readers resuming a long answer do
+        not each load it). Use ``get`` for the snapshot (status, text, offsets).
         """
         handle = self._handles.get(generation_id)
         if handle is None:
-            return await self.get(generation_id, owner=owner)
+            record = await self.store.locate_generation(generation_id)
+            if owner is not None and record.owner != owner:
+                raise GenerationNotFound(generation_id)
+            return record
         if owner is not None and handle.record.owner != owner:
             raise GenerationNotFound(generation_id)
         return handle.record

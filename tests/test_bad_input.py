@@ -418,14 +418,14 @@ BAD_BODIES: list[tuple[str, bytes, int, str]] = [
     (
         "tokens-per-second-nan",
         b'{"prompt": "hi", "params": {"tokens_per_second": NaN}}',
-        422,
-        "params.tokens_per_second",
+        400,
+        "malformed JSON",
     ),
     (
         "tokens-per-second-infinity",
         b'{"prompt": "hi", "params": {"tokens_per_second": Infinity}}',
-        422,
-        "params.tokens_per_second",
+        400,
+        "malformed JSON",
     ),
     ("echo-string", body({"prompt": "hi", "params": {"echo": "yes"}}), 422, "params.echo"),
     (

@@ -9,8 +9,6 @@ Offsets are the stream's own message offsets, fixed-width so they sort as string
 from __future__ import annotations
 
 import base64
-import json
-import math
 import random
 import re
 import time
@@ -37,7 +35,9 @@ from store import (
 
 from ._auth import current_user
 from ._errors import BadRequest
-from ._generations import app_state, parse_json, read_body, sse_response
+from ._generations import app_state, read_body, sse_response
+from ._json import encode_json, parse_json
+from ._settings import Settings
 
 STREAM_PATH = "/v1/stream/"
 NAME = re.compile(r"[A-Za-z0-9._~-]{1,200}")
@@ -45,9 +45,10 @@ OFFSET = re.compile(r"0{16}_(\d{16})")
 DECIMAL = re.compile(r"0|[1-9][0-9]{0,15}")
 MAX_SAFE_INTEGER = 2**53 - 1
 NOW = -1  # ``offset=now``: the stream's tail, whatever it is at the time of the request
-# One response carries at most this much: a reader far behind comes back for the rest.
+# One response carries at most this much (a single larger message excepted): a reader far
+# behind comes back for the rest, and a stuck one holds little.
 READ_MESSAGES = 4096
-READ_BYTES = 1024 * 1024
+READ_BYTES = 128 * 1024
 # Stream-Cursor counts 20 s intervals since 2024-10-09T00:00:00Z (the protocol's epoch).
 CURSOR_EPOCH = 1728432000
 CURSOR_INTERVAL = 20
@@ -156,30 +157,16 @@ def fork_source(value: str) -> str:
     return name
 
 
-def json_message(body: bytes, *, allow_empty: bool) -> bytes:
+def json_message(body: bytes, *, allow_empty: bool, max_depth: int) -> bytes:
     """A JSON body as one stored message: one array level flattened, values comma-joined.
 
     ``b""`` for ``[]`` when ``allow_empty`` (a PUT creating an empty stream), else 400.
     """
-
-    def refuse_constant(name: str) -> Any:
-        raise ValueError(f"{name} is not JSON")
-
-    def finite(text: str) -> float:
-        number = float(text)
-        if math.isinf(number):
-            raise ValueError(f"the number {text[:40]} is out of range")
-        return number
-
-    value = parse_json(body, parse_constant=refuse_constant, parse_float=finite)
+    value = parse_json(body, max_depth=max_depth)
     values = value if isinstance(value, list) else [value]
     if not values and not allow_empty:
         raise BadRequest("an empty JSON array appends nothing")
-    text = ",".join(json.dumps(v, ensure_ascii=False, separators=(",", ":")) for v in values)
-    try:
-        return text.encode()
-    except UnicodeEncodeError:
-        raise BadRequest("the JSON holds a lone surrogate (\\ud800-\\udfff)") from None
+    return b",".join(encode_json(v) for v in values)
 
 
 # -- response pieces ---------------------------------------------------------------------------
@@ -239,7 +226,7 @@ def control_event(chunk: Chunk, stream_cursor: str) -> bytes:
         control["streamCursor"] = stream_cursor
     if chunk.up_to_date:
         control["upToDate"] = True
-    return b"event: control\ndata:" + json.dumps(control).encode() + b"\n\n"
+    return b"event: control\ndata:" + encode_json(control) + b"\n\n"
 
 
 # -- handlers ----------------------------------------------------------------------------------
@@ -250,7 +237,7 @@ def streams_of(request: Request) -> DurableStreams:
     return app_state(request).streams
 
 
-async def create_request(request: Request, owner: str | None, limit: int) -> CreateRequest:
+async def create_request(request: Request, owner: str | None, settings: Settings) -> CreateRequest:
     """What a PUT asks for, from its headers and body; 400 for anything malformed."""
     headers = request.headers
     ttl_header = headers.get("stream-ttl")
@@ -272,14 +259,15 @@ async def create_request(request: Request, owner: str | None, limit: int) -> Cre
     if sub_offset and fork_offset is None:
         raise BadRequest("Stream-Fork-Sub-Offset needs Stream-Fork-Offset")
     content_type = headers.get("content-type") or None
-    body = await read_body(request, limit)
+    body = await read_body(request, settings.max_append_bytes)
     payloads: list[bytes] = []
     if body:
         if content_type is None and source is not None:  # a fork inherits its source's type
             json_mode = is_json((await streams_of(request).info(owner, source)).content_type)
         else:
             json_mode = content_type is not None and is_json(content_type)
-        payloads = [json_message(body, allow_empty=True) if json_mode else body]
+        depth = settings.max_json_depth
+        payloads = [json_message(body, allow_empty=True, max_depth=depth) if json_mode else body]
     return CreateRequest(
         content_type=content_type,
         ttl=None if ttl_header is None else parse_decimal(ttl_header.strip(), "Stream-TTL"),
@@ -297,7 +285,7 @@ async def create_stream(request: Request) -> Response:
     state = app_state(request)
     owner = current_user(request)
     name = stream_name(request)
-    wanted = await create_request(request, owner, state.settings.max_append_bytes)
+    wanted = await create_request(request, owner, state.settings)
     created, info = await state.streams.create(owner, name, wanted)
     headers = {
         "Content-Type": info.content_type,
@@ -323,7 +311,8 @@ async def append(request: Request) -> Response:
         if content_type is None:
             raise BadRequest("an append with a body needs a Content-Type")
         json_mode = is_json(content_type) and is_json(info.content_type)
-        payload = json_message(body, allow_empty=False) if json_mode else body
+        depth = state.settings.max_json_depth
+        payload = json_message(body, allow_empty=False, max_depth=depth) if json_mode else body
     elif not close:
         raise BadRequest("the body is empty: send data, or Stream-Closed: true to close")
     outcome = await state.streams.append(

@@ -6,6 +6,7 @@ WebError
 ├── InvalidRequest    422: a well-formed body that does not describe a valid request
 └── PayloadTooLarge   413: the body exceeds ``max_body_bytes``
 
+``InvalidJSON`` (from ``_json``) answers 400 too.
 Every error answers ``{"error": {"type": ..., "message": ...}}``.
 """
 
@@ -15,7 +16,7 @@ import logging
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from store import (
     ConfigConflict,
@@ -42,6 +43,8 @@ from streaming import (
     SessionClosed,
     UnknownProvider,
 )
+
+from ._json import InvalidJSON, JSONResponse
 
 logger = logging.getLogger("keepstream.web")
 
@@ -86,6 +89,7 @@ class PayloadTooLarge(WebError):
 
 # exception class → (status, error type); the first match in order wins.
 ERROR_TABLE: tuple[tuple[type[BaseException], int, str], ...] = (
+    (InvalidJSON, 400, "bad_request"),
     (GenerationNotFound, 404, "not_found"),
     (StreamNotFound, 404, "not_found"),
     (SessionNotFound, 404, "not_found"),

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 from sse_starlette import EventSourceResponse
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from store import DurableStreams, GenerationRecord, StreamStore
@@ -17,8 +16,9 @@ from streaming import GenerationPool, GenerationRequest, SessionManager, decode_
 
 from ._auth import current_user
 from ._errors import BadRequest, InvalidRequest, PayloadTooLarge
+from ._json import JSONResponse, parse_json
 from ._settings import Settings
-from ._sse import follow
+from ._sse import READ_BYTES, follow
 
 # No stream holds 10**18 messages; longer digit strings are refused before int() sees them.
 MAX_OFFSET_DIGITS = 18
@@ -76,22 +76,13 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-def parse_json(body: bytes, **options: Any) -> Any:
-    """``json.loads(body, **options)``, with any failure a 400 that says why."""
-    try:
-        return json.loads(body, **options)
-    except RecursionError:
-        raise BadRequest("malformed JSON: nested too deeply") from None
-    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, integers too long
-        raise BadRequest(f"malformed JSON: {exc}") from None
-
-
-async def read_json_body(request: Request, limit: int) -> Any:
-    """The parsed JSON body, refusing more than ``limit`` bytes (413) and bad JSON (400)."""
-    body = await read_body(request, limit)
+async def read_json_body(request: Request, settings: Settings) -> Any:
+    """The parsed JSON body, refusing more than ``max_body_bytes`` (413) and anything that is
+    not strict JSON within ``max_json_depth`` (400)."""
+    body = await read_body(request, settings.max_body_bytes)
     if not body:
         raise BadRequest("the request body is empty; send a JSON object")
-    return parse_json(body)
+    return parse_json(body, max_depth=settings.max_json_depth)
 
 
 def wants_event_stream(request: Request) -> bool:
@@ -146,7 +137,7 @@ async def create_generation(request: Request) -> Response:
     """``POST /v1/generations``: start a generation; 202 with it, or its events as SSE."""
     state = app_state(request)
     user = current_user(request)
-    body = await read_json_body(request, state.settings.max_body_bytes)
+    body = await read_json_body(request, state.settings)
     try:
         generation_request = GenerationRequest.from_json(body)
         state.pool.resolve_provider(generation_request)
@@ -208,7 +199,7 @@ async def locate_text_offset(
     position = 0
     offset = 0
     while True:
-        result = await store.read(stream_id, offset)
+        result = await store.read(stream_id, offset, max_bytes=READ_BYTES)
         for index, payload in enumerate(result.messages, start=offset):
             event = decode_event(payload)
             if event.get("type") == "delta":

@@ -7,7 +7,7 @@ from typing import Any
 
 import anyio
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from store import TERMINAL_STATUSES, SessionMessage, SessionNotFound, SessionRecord, SessionSummary
@@ -25,6 +25,7 @@ from ._generations import (
     sse_response,
     wants_event_stream,
 )
+from ._json import JSONResponse
 from ._sse import follow
 
 MERGE_PATCH = "application/merge-patch+json"
@@ -92,7 +93,7 @@ async def create_session(request: Request) -> Response:
     """``POST /v1/sessions``: open a session; 201 with it."""
     state = app_state(request)
     user = current_user(request)
-    body = body_object(await read_json_body(request, state.settings.max_body_bytes))
+    body = body_object(await read_json_body(request, state.settings))
     try:
         record = await state.sessions.create(user, body)
     except ValueError as exc:
@@ -139,7 +140,7 @@ async def update_session(request: Request) -> Response:
     """
     state = app_state(request)
     user = current_user(request)
-    body = body_object(await read_json_body(request, state.settings.max_body_bytes))
+    body = body_object(await read_json_body(request, state.settings))
     merge = request.headers.get("content-type", "").split(";")[0].strip() == MERGE_PATCH
     try:
         record = await state.sessions.update(
@@ -166,7 +167,7 @@ async def post_message(request: Request) -> Response:
     """
     state = app_state(request)
     user = current_user(request)
-    body = body_object(await read_json_body(request, state.settings.max_body_bytes))
+    body = body_object(await read_json_body(request, state.settings))
     unknown = set(body) - {"content"}
     if unknown:
         raise InvalidRequest(f"unknown field(s): {', '.join(sorted(unknown))}")

@@ -46,6 +46,7 @@ class Settings:
     max_queued: int = _setting(1024, "generations waiting for a slot before 429")
     shutdown_grace: float = _setting(10.0, "seconds running generations get to finish on stop")
     max_body_bytes: int = _setting(1_048_576, "largest request body accepted (413 beyond)")
+    max_json_depth: int = _setting(64, "deepest nesting of arrays and objects a JSON body may have")
     sse_ping: float = _setting(15.0, "seconds between SSE keep-alive comments")
     sse_send_timeout: float = _setting(
         30.0, "drop an SSE client that accepts nothing for this long"
@@ -100,6 +101,7 @@ class Settings:
         for name in (
             "max_running",
             "max_body_bytes",
+            "max_json_depth",
             "max_append_bytes",
             "max_sessions_per_user",
             "max_session_messages",

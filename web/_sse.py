@@ -17,6 +17,9 @@ from streaming import decode_event, encode_event
 # One write to a client carries at most about this much: a reader that falls behind costs
 # one bounded chunk of memory, and a send timeout can cut off a client that stopped reading.
 CHUNK_BYTES = 64 * 1024
+# One read from the store takes at most about this much (a single larger message excepted):
+# with the chunk being written, a reader never holds more than about 192 KiB.
+READ_BYTES = 128 * 1024
 FRAME_OVERHEAD = 32  # "id: …\nevent: …\ndata: " and the blank line, roughly
 
 _DELTA_PREFIX = b'{"type":"delta"'
@@ -87,7 +90,7 @@ async def follow(
     while True:
         changed = store.change_event(stream_id)
         try:
-            result = await store.read(stream_id, offset)
+            result = await store.read(stream_id, offset, max_bytes=READ_BYTES)
         except StreamNotFound:
             return
         if result.messages:
