@@ -24,6 +24,7 @@ from ._exceptions import SeqConflict as SeqConflict
 from ._exceptions import SeqGap as SeqGap
 from ._exceptions import SessionNotFound as SessionNotFound
 from ._exceptions import StaleEpoch as StaleEpoch
+from ._exceptions import StoreBusy as StoreBusy
 from ._exceptions import StoreError as StoreError
 from ._exceptions import StoreUnavailable as StoreUnavailable
 from ._exceptions import StreamClosed as StreamClosed
@@ -82,6 +83,7 @@ __all__ = [
     "SessionStore",
     "SessionSummary",
     "StaleEpoch",
+    "StoreBusy",
     "StoreError",
     "StoreUnavailable",
     "StreamClosed",

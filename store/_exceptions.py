@@ -18,6 +18,7 @@ StoreError
 ├── GenerationNotFound  no generation with that id
 ├── SessionNotFound     no session with that id
 ├── WriteRejected       a condition checked inside the write's transaction did not hold
+├── StoreBusy           the writer's queue stayed full for the whole wait (back-pressure)
 └── StoreUnavailable    SQLite failed (disk full, I/O error, store closed)
 """
 
@@ -158,6 +159,19 @@ class WriteRejected(StoreError):
         super().__init__(f"write rejected: {reason}")
         self.reason = reason
         self.detail = detail
+
+
+class StoreBusy(StoreError):
+    """The writer already holds ``max_pending`` writes and none finished within ``waited``
+    seconds (the disk is failing, or far too slow for the load): try again later."""
+
+    def __init__(self, max_pending: int, waited: float) -> None:
+        super().__init__(
+            f"the store is busy: {max_pending} writes are waiting for the disk and none"
+            f" finished within {waited:g} s"
+        )
+        self.max_pending = max_pending
+        self.waited = waited
 
 
 class StoreUnavailable(StoreError):

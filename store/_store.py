@@ -14,7 +14,13 @@ import anyio.lowlevel
 import anyio.to_thread
 
 from . import _queries as queries
-from ._exceptions import GenerationNotFound, StoreError, StoreUnavailable, StreamNotFound
+from ._exceptions import (
+    GenerationNotFound,
+    StoreBusy,
+    StoreError,
+    StoreUnavailable,
+    StreamNotFound,
+)
 from ._schema import connect, initialise
 from ._writer import (
     CLOSE_STREAM,
@@ -47,6 +53,10 @@ DEFAULT_TAIL_MESSAGES = 8192
 DEFAULT_TAIL_BYTES = 256 * 1024
 DEFAULT_READERS = 4
 DEFAULT_CHECKPOINT_EVERY = 16
+# Writes (ops and plain appends) the writer may hold at once; more wait for room, up to
+# DEFAULT_WRITE_WAIT seconds, and then fail with StoreBusy instead of piling up.
+DEFAULT_MAX_PENDING_WRITES = 10_000
+DEFAULT_WRITE_WAIT = 10.0
 MIN_POLL_INTERVAL = 0.005
 # A closed stream's tail stays in memory this long (and within this many bytes in all), so
 # the followers that were live when it closed read its end without a query.
@@ -60,18 +70,22 @@ _INSERT_GENERATION = "INSERT INTO generations ({}) VALUES ({})".format(
 
 
 class _Completion:
-    """A one-shot result set on the event loop by the writer's publish step."""
+    """A one-shot result set on the event loop by the writer's publish step; ``on_set`` runs
+    when it is (to free the write's place in the queue)."""
 
-    __slots__ = ("_error", "_event", "_value")
+    __slots__ = ("_error", "_event", "_on_set", "_value")
 
-    def __init__(self) -> None:
+    def __init__(self, on_set: Callable[[], None] | None = None) -> None:
         self._event = anyio.Event()
         self._value: Any = None
         self._error: BaseException | None = None
+        self._on_set = on_set
 
     def set(self, value: Any, error: BaseException | None) -> None:
         self._value, self._error = value, error
         self._event.set()
+        if self._on_set is not None:
+            self._on_set()
 
     async def wait(self) -> Any:
         await self._event.wait()
@@ -85,11 +99,13 @@ class _OneShotAppend:
 
     __slots__ = ("_batch", "_taken", "done", "stream_id")
 
-    def __init__(self, stream_id: str, batch: AppendBatch) -> None:
+    def __init__(
+        self, stream_id: str, batch: AppendBatch, on_done: Callable[[], None] | None = None
+    ) -> None:
         self.stream_id = stream_id
         self._batch: AppendBatch | None = batch
         self._taken: AppendBatch | None = None
-        self.done = _Completion()
+        self.done = _Completion(on_done)
 
     def take(self) -> AppendBatch | None:
         """The batch, once."""
@@ -203,7 +219,11 @@ class StreamStore:
         tail_bytes: int = DEFAULT_TAIL_BYTES,
         readers: int = DEFAULT_READERS,
         checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+        max_pending_writes: int = DEFAULT_MAX_PENDING_WRITES,
+        write_wait: float = DEFAULT_WRITE_WAIT,
     ) -> None:
+        if max_pending_writes < 1 or write_wait < 0:
+            raise ValueError("max_pending_writes must be >= 1 and write_wait >= 0")
         if synchronous not in ("NORMAL", "FULL"):
             raise ValueError(f"synchronous must be NORMAL or FULL, not {synchronous!r}")
         if flush_interval < 0 or coalesce_window < 0:
@@ -217,6 +237,9 @@ class StreamStore:
         self._tail_bytes = tail_bytes
         self._reader_count = readers
         self._checkpoint_every = checkpoint_every
+        self._max_pending = max_pending_writes
+        self._write_wait = write_wait
+        self._room = anyio.Semaphore(max_pending_writes)
         self._states: dict[str, _StreamState] = {}
         self._closed: dict[str, tuple[float, int]] = {}  # closed states by closing time
         self._closed_bytes = 0
@@ -289,10 +312,37 @@ class StreamStore:
             raise StoreUnavailable("the store is not open")
         return self._writer
 
+    @property
+    def pending_writes(self) -> int:
+        """Writes (ops and plain appends) handed to the writer and not yet done."""
+        return self._max_pending - self._room.value
+
+    async def _reserve(self) -> Callable[[], None]:
+        """A place in the writer's bounded queue, waited for up to ``write_wait`` seconds
+        (``StoreBusy`` after that); call the returned function once the write is done."""
+        try:
+            self._room.acquire_nowait()  # the usual case: no wait, not even a checkpoint
+            return self._room.release
+        except anyio.WouldBlock:
+            pass
+        with anyio.move_on_after(self._write_wait):
+            await self._room.acquire()
+            return self._room.release
+        raise StoreBusy(self._max_pending, self._write_wait)
+
     async def execute(self, fn: Op) -> Any:
-        """Run ``fn(ctx)`` on the writer thread in the next transaction; return its result."""
-        completion = _Completion()
-        self._require_writer().submit(fn, completion.set)
+        """Run ``fn(ctx)`` on the writer thread in the next transaction; return its result.
+
+        Waits while the writer holds ``max_pending_writes`` writes; raises ``StoreBusy`` if
+        no room frees within ``write_wait`` seconds.
+        """
+        release = await self._reserve()
+        completion = _Completion(release)
+        try:
+            self._require_writer().submit(fn, completion.set)
+        except BaseException:
+            release()
+            raise
         return await completion.wait()
 
     def mark_dirty(self, source: AppendSource) -> None:
@@ -312,9 +362,16 @@ class StreamStore:
     async def append(
         self, stream_id: str, payloads: list[bytes], *, close: bool = False
     ) -> AppendResult:
-        """Append messages (and optionally close the stream) atomically; return their offsets."""
-        source = _OneShotAppend(stream_id, AppendBatch(list(payloads), close=close))
-        self.mark_dirty(source)
+        """Append messages (and optionally close the stream) atomically; return their offsets.
+
+        Waits for room in the writer's queue as ``execute`` does."""
+        release = await self._reserve()
+        source = _OneShotAppend(stream_id, AppendBatch(list(payloads), close=close), release)
+        try:
+            self.mark_dirty(source)
+        except BaseException:
+            release()
+            raise
         result: AppendResult = await source.done.wait()
         return result
 

@@ -255,8 +255,10 @@ class Writer:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._ops: deque[_PendingOp] = deque()
-        self._dirty: dict[int, AppendSource] = {}
-        self._last_take: dict[int, float] = {}
+        # Keyed by the sources themselves, never by id(): a new source may get the address
+        # of one that just went, and must not inherit its "taken recently" mark.
+        self._dirty: dict[AppendSource, None] = {}
+        self._last_take: dict[AppendSource, float] = {}
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="keepstream-writer", daemon=True)
         self._started = threading.Event()
@@ -294,13 +296,12 @@ class Writer:
 
     def mark_dirty(self, source: AppendSource) -> None:
         """Ask for ``source.take()`` at the next flush. Cheap to call per token."""
-        key = id(source)
         with self._lock:
-            if key in self._dirty:
+            if source in self._dirty:
                 return
             if self._stopping:
                 raise StoreUnavailable("the store is closed")
-            self._dirty[key] = source
+            self._dirty[source] = None
         self._wake.set()
 
     # -- the thread ---------------------------------------------------------------------------
@@ -369,23 +370,23 @@ class Writer:
             ops = list(self._ops)
             self._ops.clear()
             if everything or window <= 0:
-                sources = list(self._dirty.values())
+                sources = list(self._dirty)
                 self._dirty.clear()
             else:
                 sources = []
-                waiting: dict[int, AppendSource] = {}
-                for key, source in self._dirty.items():
-                    if now - self._last_take.get(key, -window) >= window:
+                waiting: dict[AppendSource, None] = {}
+                for source in self._dirty:
+                    if now - self._last_take.get(source, -window) >= window:
                         sources.append(source)
                     else:
-                        waiting[key] = source
+                        waiting[source] = None
                 self._dirty = waiting
         if window > 0:
             last_take = self._last_take
             for key in [k for k, t in last_take.items() if now - t >= window]:
                 del last_take[key]
             for source in sources:
-                last_take[id(source)] = now
+                last_take[source] = now
         return ops, sources
 
     def _requeue(self, ops: list[_PendingOp], sources: Iterable[AppendSource]) -> None:
@@ -393,12 +394,12 @@ class Writer:
         with self._lock:
             self._ops.extendleft(reversed(ops))
             for source in sources:
-                self._dirty.setdefault(id(source), source)
+                self._dirty.setdefault(source, None)
 
     def _give_up(self, error: StoreUnavailable) -> None:
         with self._lock:
             ops = list(self._ops)
-            sources = list(self._dirty.values())
+            sources = list(self._dirty)
             self._ops.clear()
             self._dirty.clear()
         callbacks = [_bind(op.done, None, error) for op in ops]

@@ -114,6 +114,7 @@ class GenerationLog:
         self._fields: JSONDict = {}
         self._close = False
         self._added = 0
+        self._pending_chars = 0  # text and events added and not yet committed
         # Batches handed to the writer and not yet committed, oldest first:
         # (items added up to here, the items, their fields, their close flag).
         self._inflight: deque[tuple[int, list[str | bytes], JSONDict, bool]] = deque()
@@ -128,6 +129,7 @@ class GenerationLog:
         with self._lock:
             self._items.append(text)
             self._added += 1
+            self._pending_chars += len(text)
         self._store.mark_dirty(self)
 
     def add_event(
@@ -141,7 +143,19 @@ class GenerationLog:
                 self._fields.update(fields)
             self._close = self._close or close
             self._added += 1
+            self._pending_chars += len(payload)
         self._store.mark_dirty(self)
+
+    @property
+    def pending_chars(self) -> int:
+        """Characters (and event bytes) added and not yet committed."""
+        return self._pending_chars
+
+    async def wait_for_room(self, limit: int) -> None:
+        """Back-pressure: wait while more than ``limit`` characters are uncommitted (the disk
+        is slow or failing), so a fast provider cannot grow the buffer without bound."""
+        while self._pending_chars > limit and self.error is None:
+            await self._committed_event.wait()
 
     async def flush(self) -> None:
         """Wait until everything added so far is committed.
@@ -194,16 +208,21 @@ class GenerationLog:
     def committed(self, result: AppendResult) -> None:
         """The oldest batch in flight is durable."""
         with self._lock:
-            self._committed = self._inflight.popleft()[0]
+            self._settle_oldest()
         self._wake()
 
     def failed(self, error: StoreError) -> None:
         """The oldest batch in flight can never be written: ``flush`` raises from now on."""
         with self._lock:
             if self._inflight:
-                self._committed = self._inflight.popleft()[0]
+                self._settle_oldest()
         self.error = error
         self._wake()
+
+    def _settle_oldest(self) -> None:
+        added, items, _, _ = self._inflight.popleft()
+        self._committed = added
+        self._pending_chars -= sum(map(len, items))
 
     def _wake(self) -> None:
         self._committed_event.set()

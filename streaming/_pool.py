@@ -39,6 +39,9 @@ DEFAULT_SHUTDOWN_GRACE = 10.0
 DEFAULT_RETRY_AFTER = 1.0
 FINALIZE_TIMEOUT = 10.0
 REMOTE_POLL_INTERVAL = 0.1
+# A generation whose text is not being committed (a slow or failing disk) stops reading
+# from its provider once this much is buffered, until the writer catches up.
+MAX_UNCOMMITTED_CHARS = 256 * 1024
 ACTIVE_STATUSES = ("queued", "running")
 INTERRUPTED_ERROR: JSONDict = {
     "type": "interrupted",
@@ -396,6 +399,8 @@ class GenerationPool:
                 async for chunk in chunks:
                     if chunk.text:
                         log.add_text(sanitizer.feed(chunk.text))
+                        if log.pending_chars > MAX_UNCOMMITTED_CHARS:
+                            await log.wait_for_room(MAX_UNCOMMITTED_CHARS)
                     if chunk.usage is not None:
                         usage = chunk.usage
         except ProviderError as exc:

@@ -71,6 +71,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
                     synchronous="FULL" if settings.synchronous == "FULL" else "NORMAL",
                     flush_interval=settings.flush_interval,
                     coalesce_window=settings.coalesce_window,
+                    max_pending_writes=settings.max_pending_writes,
+                    write_wait=settings.write_wait,
                 )
             )
             providers = build_providers(settings)

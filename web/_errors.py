@@ -28,6 +28,7 @@ from store import (
     SeqGap,
     SessionNotFound,
     StaleEpoch,
+    StoreBusy,
     StoreUnavailable,
     StreamClosed,
     StreamGone,
@@ -108,6 +109,7 @@ ERROR_TABLE: tuple[tuple[type[BaseException], int, str], ...] = (
     (UnknownProvider, 422, "invalid_request"),
     (PoolFull, 429, "pool_full"),
     (PoolClosed, 503, "shutting_down"),
+    (StoreBusy, 503, "store_busy"),
     (StoreUnavailable, 503, "store_unavailable"),
 )
 
@@ -118,6 +120,8 @@ def error_headers(exc: BaseException) -> dict[str, str] | None:
     """The headers an error answers with besides its body (what a client acts on)."""
     if isinstance(exc, PoolFull):
         return {"Retry-After": str(max(1, round(exc.retry_after)))}
+    if isinstance(exc, StoreBusy):
+        return {"Retry-After": "1"}
     if isinstance(exc, StreamClosed):
         headers = {"Stream-Closed": "true"}
         if exc.next_offset is not None:

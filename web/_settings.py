@@ -44,6 +44,12 @@ class Settings:
     )
     max_running: int = _setting(256, "generations running at once")
     max_queued: int = _setting(1024, "generations waiting for a slot before 429")
+    max_pending_writes: int = _setting(
+        10_000, "writes the SQLite writer may hold at once; more wait (then 503)"
+    )
+    write_wait: float = _setting(
+        10.0, "seconds a write waits for room in a full writer queue before 503"
+    )
     shutdown_grace: float = _setting(10.0, "seconds running generations get to finish on stop")
     max_body_bytes: int = _setting(1_048_576, "largest request body accepted (413 beyond)")
     max_json_depth: int = _setting(64, "deepest nesting of arrays and objects a JSON body may have")
@@ -88,6 +94,7 @@ class Settings:
         for name in (
             "flush_interval",
             "shutdown_grace",
+            "write_wait",
             "sse_send_timeout",
             "sse_ping",
             "upstream_read_timeout",
@@ -100,6 +107,7 @@ class Settings:
                 raise ValueError(f"{name} must be >= 0")
         for name in (
             "max_running",
+            "max_pending_writes",
             "max_body_bytes",
             "max_json_depth",
             "max_append_bytes",
