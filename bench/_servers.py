@@ -25,6 +25,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
+
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT = 30.0
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -134,6 +136,22 @@ def get_json(url: str, *, timeout: float = 5.0) -> Any:
     """GET ``url`` and decode its JSON body."""
     with urllib.request.urlopen(url, timeout=timeout) as response:
         return json.loads(response.read())
+
+
+def scrape_metrics(url: str, *, timeout: float = 5.0) -> dict[str, float]:
+    """``GET url/metrics`` parsed with prometheus-client's own parser: sample name (with
+    labels, as ``name{label="value"}``) → value. Empty for a server without ``/metrics``."""
+    try:
+        with urllib.request.urlopen(f"{url}/metrics", timeout=timeout) as response:
+            text = response.read().decode()
+    except urllib.error.HTTPError:
+        return {}
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            values[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return values
 
 
 def post_json(url: str, body: Any, *, timeout: float = 10.0) -> tuple[int, Any]:
@@ -427,7 +445,7 @@ def _strip_line(frame: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Sample:
-    """One look at a server: when, how long ``/healthz`` took, its store counters, WAL, CPU."""
+    """One look at a server: when, how long ``/metrics`` took, its store counters, WAL, CPU."""
 
     t: float  # when the sample was taken (and the CPU ticks read)
     answer_s: float | None  # None: /healthz did not answer within the timeout
@@ -473,10 +491,13 @@ class Sampler:
             answer: float | None = None
             commits = rows = None
             try:
-                store = get_json(f"{self._server.url}/healthz", timeout=self._timeout).get("store")
+                metrics = scrape_metrics(self._server.url, timeout=self._timeout)
+                if not metrics:  # a server without /metrics (the baseline)
+                    get_json(f"{self._server.url}/healthz", timeout=self._timeout)
                 answer = time.time() - t
-                if isinstance(store, dict):
-                    commits, rows = store.get("commits"), store.get("rows_written")
+                if "keepstream_commits_total" in metrics:
+                    commits = int(metrics["keepstream_commits_total"])
+                    rows = int(metrics["keepstream_messages_written_total"])
             except (OSError, ValueError):
                 pass
             wal = None

@@ -355,6 +355,11 @@ class DurableStreams:
             self._touched[row.id] = now
         return info
 
+    def touch(self, info: StreamInfo) -> None:
+        """Count an access now (a live reader's), sliding a TTL as a read does."""
+        if info.ttl is not None:
+            self._touched[info.stream_id] = self._clock()
+
     async def read(self, info: StreamInfo, offset: int, *, limit: int, max_bytes: int) -> Chunk:
         """Messages from ``offset`` on, across the fork chain, within ``limit`` messages and
         about ``max_bytes``."""

@@ -179,6 +179,11 @@ def connect(
     return conn
 
 
+def pending_migrations(conn: sqlite3.Connection) -> list[str]:
+    """The migrations this code knows that the database has not had."""
+    return [migration.name for migration in migrations.pending(Database(conn))]
+
+
 def initialise(path: str) -> None:
     """Switch the file to WAL and apply pending migrations."""
     conn = connect(path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable
@@ -21,7 +22,7 @@ from ._exceptions import (
     StoreUnavailable,
     StreamNotFound,
 )
-from ._schema import connect, initialise
+from ._schema import connect, initialise, pending_migrations
 from ._writer import (
     CLOSE_STREAM,
     INSERT_MESSAGE,
@@ -221,6 +222,7 @@ class StreamStore:
         checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
         max_pending_writes: int = DEFAULT_MAX_PENDING_WRITES,
         write_wait: float = DEFAULT_WRITE_WAIT,
+        on_commit: Callable[[float, int], None] | None = None,
     ) -> None:
         if max_pending_writes < 1 or write_wait < 0:
             raise ValueError("max_pending_writes must be >= 1 and write_wait >= 0")
@@ -240,6 +242,7 @@ class StreamStore:
         self._max_pending = max_pending_writes
         self._write_wait = write_wait
         self._room = anyio.Semaphore(max_pending_writes)
+        self._on_commit = on_commit
         self._states: dict[str, _StreamState] = {}
         self._closed: dict[str, tuple[float, int]] = {}  # closed states by closing time
         self._closed_bytes = 0
@@ -266,6 +269,7 @@ class StreamStore:
             max_batch=self._max_batch,
             poll_interval=max(self._flush_interval, 0.005),
             checkpoint_every=self._checkpoint_every,
+            on_commit=self._on_commit,
         )
         await anyio.to_thread.run_sync(self._writer.start)
         self._readers = await anyio.to_thread.run_sync(_Readers, self.path, self._reader_count)
@@ -296,14 +300,37 @@ class StreamStore:
 
     @property
     def stats(self) -> dict[str, int]:
-        """Counters: commits and message rows written since open."""
+        """Counters since open (commits, message rows written, write retries) and gauges
+        (streams with an in-memory tail, their bytes, writes pending, WAL file bytes)."""
         writer = self._writer
+        try:
+            wal_bytes = os.path.getsize(self.path + "-wal")
+        except OSError:
+            wal_bytes = 0
         return {
             "commits": writer.commits if writer else 0,
             "rows_written": writer.rows_written if writer else 0,
             "live_streams": len(self._states) - len(self._closed),
+            "tail_bytes": sum(state.tail_bytes for state in self._states.values()),
             "write_retries": writer.retries if writer else 0,
+            "pending_writes": self.pending_writes,
+            "wal_bytes": wal_bytes,
         }
+
+    async def readiness(self, *, write_within: float) -> dict[str, bool]:
+        """Whether the schema is current and a write commits within ``write_within`` seconds."""
+        try:
+            pending = await self.query(pending_migrations)
+        except StoreError:
+            pending = ["?"]
+        writable = False
+        with anyio.move_on_after(write_within):
+            try:
+                await self.execute(lambda ctx: None)
+                writable = True
+            except StoreError:
+                pass
+        return {"schema_current": not pending, "store_writable": writable}
 
     # -- writing ------------------------------------------------------------------------------
 

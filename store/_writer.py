@@ -243,8 +243,10 @@ class Writer:
         max_batch: int,
         poll_interval: float,
         checkpoint_every: int,
+        on_commit: Callable[[float, int], None] | None = None,
     ) -> None:
         self._path = path
+        self._on_commit = on_commit
         self._publish = publish
         self._synchronous: Synchronous = synchronous
         self._flush_interval = flush_interval
@@ -452,6 +454,8 @@ class Writer:
                 continue
             if batch is not None:
                 batches.append((source, batch))
+        started = time.monotonic()
+        rows_before = self.rows_written
         try:
             try:
                 callbacks += self._write(ctx, ops, batches, isolated=False)
@@ -476,6 +480,11 @@ class Writer:
             return
         self._failures = 0
         self.commits += 1
+        if self._on_commit is not None:
+            try:
+                self._on_commit(time.monotonic() - started, self.rows_written - rows_before)
+            except Exception:
+                logger.exception("the commit observer failed")
         changes = list(ctx.changes.values())
         ctx.changes = {}
         self._safe_publish(Outcome(changes, callbacks))

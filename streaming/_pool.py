@@ -6,6 +6,7 @@ import logging
 import os
 import secrets
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack, aclosing
 from dataclasses import dataclass, field
@@ -47,6 +48,25 @@ INTERRUPTED_ERROR: JSONDict = {
     "type": "interrupted",
     "message": "the server process running this generation stopped",
 }
+
+
+@dataclass
+class PoolStats:
+    """What a pool has done since it started (counters only ever grow)."""
+
+    finished: Counter[str] = field(default_factory=Counter)  # generations, by final status
+    upstream_errors: Counter[str] = field(default_factory=Counter)  # by ProviderError kind
+    chunks: int = 0  # text chunks received from providers
+
+
+def log_context(record: GenerationRecord) -> JSONDict:
+    """The ids a log line about a generation carries (never its prompt or text)."""
+    return {
+        "generation_id": record.id,
+        "session_id": record.session_id,
+        "user": record.owner,
+        "worker_id": record.worker_id,
+    }
 
 
 def new_generation_id() -> str:
@@ -128,6 +148,7 @@ class GenerationPool:
         self._tg: TaskGroup | None = None
         self._listeners: list[Callable[[GenerationRecord, str], Awaitable[None]]] = []
         self._periodic: list[tuple[float, Callable[[], Awaitable[object]]]] = []
+        self.stats = PoolStats()
         self.worker = WorkerRecord(
             id="wrk_" + secrets.token_urlsafe(9),
             hostname=this_host(),
@@ -197,6 +218,11 @@ class GenerationPool:
         with anyio.move_on_after(FINALIZE_TIMEOUT + 1):
             for handle in list(self._handles.values()):
                 await handle.done.wait()
+
+    @property
+    def accepting(self) -> bool:
+        """Whether ``submit`` takes new work (started, and not shutting down)."""
+        return self._tg is not None and not self._closing
 
     @property
     def running(self) -> int:
@@ -276,12 +302,15 @@ class GenerationPool:
         self._tg.start_soon(self._supervise, handle, name=f"generation {record.id}")
         return record
 
-    async def cancel(self, generation_id: str, *, owner: str | None = None) -> GenerationRecord:
+    async def cancel(
+        self, generation_id: str, *, owner: str | None = None, wait: bool = True
+    ) -> GenerationRecord:
         """Stop a generation; idempotent. A finished generation is returned unchanged.
 
         The request is persisted first, so a generation whose process dies before it stops
         is still ended ``cancelled``. Returns the record after the cancel took effect here
-        (for a generation another live process runs, once that process notices).
+        (for a generation another live process runs, once that process notices); with
+        ``wait=False``, at once (see ``wait_ended``).
         """
         record = await self.get(generation_id, owner=owner)
         if record.status in TERMINAL_STATUSES:
@@ -291,8 +320,9 @@ class GenerationPool:
         handle = self._handles.get(generation_id)
         if handle is not None:
             handle.stop("cancelled")
-            with anyio.move_on_after(FINALIZE_TIMEOUT):
-                await handle.done.wait()
+            if wait:
+                with anyio.move_on_after(FINALIZE_TIMEOUT):
+                    await handle.done.wait()
         return await self.store.get_generation(generation_id)
 
     async def get(self, generation_id: str, *, owner: str | None = None) -> GenerationRecord:
@@ -328,7 +358,7 @@ class GenerationPool:
             try:
                 with handle.scope:
                     if handle.after is not None:
-                        await self._wait_until_ended(handle.after)
+                        await self.wait_ended(handle.after)
                     async with self._slots:
                         if handle.prepare is not None:
                             handle.request = await handle.prepare()
@@ -341,19 +371,31 @@ class GenerationPool:
                 if handle.scope.cancelled_caught:
                     outcome = (handle.stop_reason or "interrupted", None, None)
             except Exception as exc:
-                logger.exception("generation %s crashed", record.id)
+                logger.exception("generation %s crashed", record.id, extra=log_context(record))
                 crash = {"type": "internal_error", "message": f"{type(exc).__name__}: {exc}"}
                 outcome = ("failed", crash, None)
             status, error, usage = outcome
+            error_type = error.get("type") if error else None
             with anyio.move_on_after(FINALIZE_TIMEOUT, shield=True) as waited:
                 try:
                     await self._finish(handle, status, error=scrub(error), usage=scrub(usage))
                 except Exception:
                     logger.exception("could not record the end of generation %s", record.id)
+            # Ended: whoever waits for it (a cancel, a queued successor) goes on now, without
+            # waiting for the listeners, which may wait for those very callers' locks.
+            self._handles.pop(record.id, None)
+            handle.done.set()
             if waited.cancelled_caught:
                 # The store keeps retrying the write; the generation ends when it lands.
                 logger.error("recording the end of generation %s is still pending", record.id)
             else:
+                self.stats.finished[status] += 1
+                logger.info(
+                    "generation %s ended %s",
+                    record.id,
+                    status,
+                    extra={**log_context(record), "status": status, "error_type": error_type},
+                )
                 await self._notify(record, status)
         finally:
             self._handles.pop(record.id, None)
@@ -367,8 +409,9 @@ class GenerationPool:
                 except Exception:
                     logger.exception("a listener failed for generation %s", record.id)
 
-    async def _wait_until_ended(self, generation_id: str) -> None:
-        """Until a generation has a terminal status (or no longer exists)."""
+    async def wait_ended(self, generation_id: str) -> None:
+        """Until a generation has a terminal status (or no longer exists), whichever process
+        runs it."""
         handle = self._handles.get(generation_id)
         if handle is not None:
             await handle.done.wait()
@@ -398,12 +441,14 @@ class GenerationPool:
             async with aclosing(provider.stream(handle.request)) as chunks:
                 async for chunk in chunks:
                     if chunk.text:
+                        self.stats.chunks += 1
                         log.add_text(sanitizer.feed(chunk.text))
                         if log.pending_chars > MAX_UNCOMMITTED_CHARS:
                             await log.wait_for_room(MAX_UNCOMMITTED_CHARS)
                     if chunk.usage is not None:
                         usage = chunk.usage
         except ProviderError as exc:
+            self.stats.upstream_errors[exc.kind] += 1
             log.add_text(sanitizer.flush())
             return "failed", {"type": exc.kind, "message": exc.message}, usage
         log.add_text(sanitizer.flush())

@@ -24,7 +24,6 @@ from typing import Any
 import anyio
 
 from store import (
-    TERMINAL_STATUSES,
     GenerationRecord,
     Op,
     SessionMessage,
@@ -152,6 +151,7 @@ class SessionManager:
         self._clock = clock
         self._locks: dict[str, tuple[anyio.Lock, int]] = {}
         self._changed: dict[str, anyio.Event] = {}
+        self._deleting: set[str] = set()  # sessions a delete is under way for
         pool.on_finished(self._generation_finished)
 
     def changed(self, session_id: str) -> anyio.Event:
@@ -212,7 +212,10 @@ class SessionManager:
         return LimitExceeded("max_sessions_per_user", self.limits.active_sessions_per_user)
 
     async def get(self, session_id: str, *, owner: str | None) -> SessionRecord:
-        """A session of ``owner``. Raises ``SessionNotFound`` (also for another's)."""
+        """A session of ``owner``. Raises ``SessionNotFound`` (also for another's, and for
+        one being deleted)."""
+        if session_id in self._deleting:
+            raise SessionNotFound(session_id)
         record = await self.store.get(session_id)
         if record.owner != owner:
             raise SessionNotFound(session_id)
@@ -260,13 +263,30 @@ class SessionManager:
             return await self.store.get(session_id)
 
     async def delete(self, session_id: str, *, owner: str | None) -> None:
-        """Cancel the session's running generation, then delete it and all it holds."""
+        """Cancel the session's running generation, then delete it and all it holds.
+
+        The session answers "not found" from the moment this starts. Waiting for its answer
+        to stop happens without the session's lock, so nothing else queues behind it.
+        """
         async with self._serialised(session_id):
             await self.get(session_id, owner=owner)
-            for generation_id, status in await self.store.generations(session_id):
-                if status in ACTIVE_GENERATION:
-                    await self.pool.cancel(generation_id)
-            await self.store.delete(session_id)
+            self._deleting.add(session_id)
+        try:
+            active = [
+                generation_id
+                for generation_id, status in await self.store.generations(session_id)
+                if status in ACTIVE_GENERATION
+            ]
+            for generation_id in active:
+                await self.pool.cancel(generation_id, wait=False)
+            with anyio.move_on_after(INTERRUPT_TIMEOUT):
+                for generation_id in active:
+                    await self.pool.wait_ended(generation_id)
+            async with self._serialised(session_id):
+                await self.store.delete(session_id)
+                self._signal(session_id)
+        finally:
+            self._deleting.discard(session_id)
 
     async def _generation_finished(self, generation: GenerationRecord, status: str) -> None:
         """``close_on_complete``: a completed answer closes its session — only when asked."""
@@ -416,16 +436,19 @@ class SessionManager:
             if record.on_busy == "reject":
                 raise SessionBusy(record.id, running)
             if record.on_busy == "interrupt":
-                await self._interrupt(running)
-            else:  # queue: answer after the newest answer ends, with it in the history
-                after = running
+                # Ask it to stop, and answer once it has: not waited for here, under the
+                # session's lock, however long its provider takes to let go.
+                await self.pool.cancel(running, wait=False)
+            # The new answer waits (queued) until the one before it has ended, and has it
+            # in its history.
+            after = running
 
         async def prepare() -> GenerationRequest:
             return GenerationRequest(await self._prompt(record.id, message_id, content, role))
 
         def also(generation: GenerationRecord) -> Op:
             def op(ctx: WriterContext) -> None:
-                if after is None:  # reject, or interrupt: nothing else may be running now
+                if after is None:  # nothing else may be running now
                     check_not_busy(ctx, record.id, new_generation_id=generation.id)
                 write(ctx, generation.id)
 
@@ -471,14 +494,6 @@ class SessionManager:
             if status in ACTIVE_GENERATION:
                 return generation_id
         return None
-
-    async def _interrupt(self, generation_id: str) -> None:
-        """Cancel the running answer (its partial text is kept) before starting the next."""
-        with anyio.fail_after(INTERRUPT_TIMEOUT):
-            record = await self.pool.cancel(generation_id)
-            while record.status not in TERMINAL_STATUSES:  # a peer process is stopping it
-                await anyio.sleep(0.05)
-                record = await self.pool.get(generation_id)
 
     async def _prompt(
         self, session_id: str, message_id: str, content: str, role: str

@@ -12,6 +12,7 @@ import base64
 import re
 from collections.abc import AsyncGenerator, Iterator
 from contextlib import aclosing
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, cast
 
 import anyio
@@ -353,3 +354,57 @@ async def test_official_client_resumes_a_live_generation_without_gap_or_duplicat
     assert first + rest == native
     assert native[-1]["status"] == "completed"
     assert position(end) == len(native)
+
+
+# -- a live reader whose stream goes away ------------------------------------------------------
+
+
+async def follow_until_ended(ds: httpx.AsyncClient, name: str, *, timeout: float) -> bytes:
+    """The raw SSE body of a live reader from the start until the server ends it cleanly (an
+    unfinished chunked body would raise here)."""
+    raw = bytearray()
+    with anyio.fail_after(timeout):
+        async with ds.stream("GET", path(name), params={"offset": "-1", "live": "sse"}) as response:
+            assert response.status_code == 200
+            async for piece in response.aiter_raw():
+                raw += piece
+    return bytes(raw)
+
+
+async def test_a_live_reader_of_a_deleted_stream_ends_cleanly(
+    ds_server: Server, ds: httpx.AsyncClient
+) -> None:
+    await create(ds, "doomed", body=b"hello")
+    async with anyio.create_task_group() as tg:
+        bodies: list[bytes] = []
+
+        async def read() -> None:
+            bodies.append(await follow_until_ended(ds, "doomed", timeout=10))
+
+        tg.start_soon(read)
+        await anyio.sleep(0.3)  # the reader is waiting for more
+        assert (await ds.delete(path("doomed"))).status_code == 204
+    frames = parse_sse(bodies[0].decode())
+    assert frames[0].event == "data" and frames[0].data == "hello"
+    assert (await ds.get(path("doomed"), params={"offset": "-1"})).status_code == 404
+    assert "Traceback" not in ds_server.output()
+
+
+async def test_an_open_reader_keeps_a_ttl_stream_alive_and_expiry_ends_it(
+    ds_server: Server, ds: httpx.AsyncClient
+) -> None:
+    """A live reader is an access: a stream with a 1 s TTL outlives it by far while someone
+    follows it. One whose absolute Expires-At passes ends its reader cleanly."""
+    await create(ds, "kept", headers={"Stream-TTL": "1"})
+    with anyio.move_on_after(3.0):  # three TTLs
+        await follow_until_ended(ds, "kept", timeout=10)
+    assert (await ds.head(path("kept"))).status_code == 200
+    with anyio.fail_after(10):  # once nobody reads it, it expires
+        while (await ds.head(path("kept"))).status_code == 200:  # noqa: ASYNC110
+            await anyio.sleep(0.2)
+
+    moment = datetime.now(UTC) + timedelta(seconds=1.5)
+    await create(ds, "dated", headers={"Stream-Expires-At": moment.isoformat()})
+    await follow_until_ended(ds, "dated", timeout=10)
+    assert (await ds.head(path("dated"))).status_code == 404
+    assert "Traceback" not in ds_server.output()

@@ -3,16 +3,30 @@ retention and idempotency, with a clock the test controls instead of sleeps."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import pairwise
 from pathlib import Path
 
 import anyio
 import pytest
 
-from store import TERMINAL_STATUSES, SessionNotFound, SessionStore, StreamStore
-from streaming import GenerationPool, SessionLimits, SessionManager, SimulatedProvider
+from store import (
+    TERMINAL_STATUSES,
+    GenerationNotFound,
+    SessionNotFound,
+    SessionStore,
+    StreamStore,
+)
+from streaming import (
+    GenerationPool,
+    GenerationRequest,
+    ProviderChunk,
+    SessionLimits,
+    SessionManager,
+    SimulatedProvider,
+)
 
 TIMEOUT = 30.0
 
@@ -138,3 +152,83 @@ async def test_a_retried_request_gets_the_same_message_and_generation(world: Wor
     other = await world.sessions.create(None, {})
     with pytest.raises(ValueError, match="another session"):
         await world.sessions.post(other.id, "once", owner=None, idempotency_key="k-1")
+
+
+class StubbornProvider:
+    """Streams slowly and, once cancelled, takes ``letting_go`` seconds to let go (an
+    upstream whose connection is slow to close)."""
+
+    name = "stubborn"
+
+    def __init__(self, letting_go: float) -> None:
+        self.letting_go = letting_go
+
+    def validate(self, request: GenerationRequest) -> None:
+        return None
+
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[ProviderChunk, None]:
+        try:
+            while True:
+                yield ProviderChunk("word ")
+                await anyio.sleep(0.02)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.sleep(self.letting_go)
+
+    async def aclose(self) -> None:
+        return None
+
+
+@pytest.mark.parametrize("action", ["interrupt", "delete"])
+async def test_stopping_an_answer_never_holds_the_session_lock_while_it_lets_go(
+    tmp_path: Path, action: str
+) -> None:
+    """Interrupting or deleting waits for the running answer to stop, but not under the
+    session's lock: other requests on the session (and the pool's finish hook, which takes
+    the same lock) go on at once instead of waiting out the provider."""
+    letting_go = 5.0
+    async with StreamStore(str(tmp_path / "s.db"), flush_interval=0.002) as store:
+        provider = StubbornProvider(letting_go)
+        pool = GenerationPool(store, {"stubborn": provider}, default_provider="stubborn")
+        sessions = SessionManager(SessionStore(store), pool)
+        async with pool:
+            session = await sessions.create(None, {"on_busy": "interrupt"})
+            first = await sessions.post(session.id, "first", owner=None)
+            assert first.generation is not None
+            with anyio.fail_after(TIMEOUT):
+                while (await pool.get(first.generation.id)).status != "running":  # noqa: ASYNC110
+                    await anyio.sleep(0.01)
+            started = anyio.current_time()
+            async with anyio.create_task_group() as tg:
+                if action == "interrupt":
+                    second = await sessions.post(session.id, "second", owner=None)
+                    assert second.generation is not None
+                    # The session is free at once: a title change does not wait.
+                    with anyio.fail_after(letting_go / 2):
+                        await sessions.update(
+                            session.id, {"title": "renamed"}, owner=None, merge=False
+                        )
+                else:
+                    tg.start_soon(partial(sessions.delete, session.id, owner=None))
+                    await anyio.sleep(0.1)
+                    with anyio.fail_after(letting_go / 2), pytest.raises(SessionNotFound):
+                        await sessions.get(session.id, owner=None)
+                assert anyio.current_time() - started < letting_go / 2
+            # The stop itself still completes: the answer ended ``cancelled``, or (after it
+            # ended) went with its deleted session.
+            if action == "delete":
+                with pytest.raises(SessionNotFound):
+                    await sessions.store.get(session.id)
+                with pytest.raises(GenerationNotFound):
+                    await pool.get(first.generation.id)
+            else:
+                assert await wait_ended_in(pool, first.generation.id) == "cancelled"
+                assert second.generation is not None
+                await pool.cancel(second.generation.id)
+
+
+async def wait_ended_in(pool: GenerationPool, generation_id: str) -> str:
+    with anyio.fail_after(TIMEOUT):
+        while (status := (await pool.get(generation_id)).status) not in TERMINAL_STATUSES:  # noqa: ASYNC110
+            await anyio.sleep(0.01)
+    return status

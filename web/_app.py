@@ -26,6 +26,8 @@ from ._durable import routes as stream_routes
 from ._errors import handled_exceptions
 from ._generations import AppState
 from ._generations import routes as generation_routes
+from ._metrics import Metrics
+from ._metrics import routes as operator_routes
 from ._security import SecurityHeaders
 from ._sessions import routes as session_routes
 from ._settings import Settings
@@ -61,6 +63,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or Settings()
     settings.validate()
     api_keys = ApiKeys.load(inline=settings.api_keys, file=settings.api_keys_file)
+    metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -73,6 +76,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
                     coalesce_window=settings.coalesce_window,
                     max_pending_writes=settings.max_pending_writes,
                     write_wait=settings.write_wait,
+                    on_commit=metrics.observe_commit,
                 )
             )
             providers = build_providers(settings)
@@ -104,7 +108,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
             pool.every(settings.session_sweep_interval, sessions.sweep)
             pool.every(EXPIRY_SWEEP_INTERVAL, streams.sweep)
             await stack.enter_async_context(pool)
-            app.state.keepstream = AppState(settings, store, pool, sessions, streams)
+            state = AppState(settings, store, pool, sessions, streams, metrics)
+            metrics.watch(state)
+            app.state.keepstream = state
             # Long-lived start-up objects never need collecting; freezing them keeps the
             # collector's full passes (which stall every stream at once) short, and the
             # thresholds make those passes rare: with a thousand live streams the default
@@ -116,10 +122,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
             yield
 
     app = Starlette(
-        routes=[*generation_routes, *session_routes, *stream_routes],
+        routes=[*generation_routes, *session_routes, *stream_routes, *operator_routes],
         lifespan=lifespan,
         middleware=[Middleware(SecurityHeaders, cross_origin_prefix=STREAM_PATH)],
         exception_handlers=handled_exceptions(),  # type: ignore[arg-type]
     )
     app.state.api_keys = api_keys
+    app.state.metrics = metrics
     return app

@@ -9,6 +9,7 @@ Offsets are the stream's own message offsets, fixed-width so they sort as string
 from __future__ import annotations
 
 import base64
+import math
 import random
 import re
 import time
@@ -27,7 +28,9 @@ from store import (
     CreateRequest,
     DurableStreams,
     Producer,
+    StreamGone,
     StreamInfo,
+    StreamNotFound,
     format_offset,
     is_json,
     media_type,
@@ -371,7 +374,8 @@ async def read(request: Request) -> Response:
     if live == "sse":
         return follow(request, info, start)
     if live == "long-poll":
-        return await long_poll(request, info, start)
+        with state.metrics.open_readers.labels("durable_long_poll").track_inprogress():
+            return await long_poll(request, info, start)
     if offset == NOW:
         chunk = Chunk(start, [], start, True, info.closed)
         headers = {**read_headers(info, chunk), "Cache-Control": "no-store"}
@@ -419,10 +423,15 @@ async def long_poll(request: Request, info: StreamInfo, start: int) -> Response:
 
 def follow(request: Request, info: StreamInfo, start: int) -> Response:
     """SSE from ``start``: a ``data`` event per read, each followed by a ``control`` event;
-    ends after the closing control event, or after ``stream_sse_lifetime``."""
+    ends after the closing control event, after ``stream_sse_lifetime``, or as soon as the
+    stream is deleted or expires (a reconnect then gets the protocol's 404 or 410). An open
+    reader counts as an access: it keeps sliding the stream's TTL."""
     settings = app_state(request).settings
     streams = streams_of(request)
     stream_cursor = cursor(request)
+    owner = current_user(request)
+    # Wake at least this often to slide the TTL while nothing is appended.
+    touch_every = info.ttl / 2 if info.ttl else math.inf
 
     async def events() -> AsyncIterator[bytes]:
         # A deadline, not a cancel scope around the loop: a generator must not yield
@@ -432,7 +441,16 @@ def follow(request: Request, info: StreamInfo, start: int) -> Response:
         first = True
         while anyio.current_time() < deadline:
             changed = streams.change_event(info)
-            chunk = await streams.read(info, position, limit=READ_MESSAGES, max_bytes=READ_BYTES)
+            streams.touch(info)
+            try:
+                chunk = await streams.read(
+                    info, position, limit=READ_MESSAGES, max_bytes=READ_BYTES
+                )
+                if not chunk.messages and not first:
+                    # Woken with nothing to read: is the stream still there at all?
+                    await streams.info(owner, info.name)
+            except (StreamNotFound, StreamGone):
+                return  # deleted or expired: end the response cleanly
             if chunk.messages:
                 yield data_event(info, chunk.messages) + control_event(chunk, stream_cursor)
             elif first or chunk.closed:
@@ -442,13 +460,14 @@ def follow(request: Request, info: StreamInfo, start: int) -> Response:
             if chunk.closed:
                 return
             if not chunk.messages or chunk.up_to_date:
-                with anyio.move_on_after(deadline - anyio.current_time()):
+                wait = min(deadline - anyio.current_time(), touch_every)
+                with anyio.move_on_after(wait):
                     await changed.wait()
 
     headers = {"Content-Type": "text/event-stream"}
     if is_binary(info.content_type):
         headers["Stream-SSE-Data-Encoding"] = "base64"
-    return sse_response(settings, events(), headers=headers)
+    return sse_response(app_state(request), events(), protocol="durable_sse", headers=headers)
 
 
 async def preflight(request: Request) -> Response:

@@ -13,9 +13,10 @@ Every error answers ``{"error": {"type": ..., "message": ...}}``.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from store import (
@@ -91,6 +92,9 @@ class PayloadTooLarge(WebError):
 # exception class → (status, error type); the first match in order wins.
 ERROR_TABLE: tuple[tuple[type[BaseException], int, str], ...] = (
     (InvalidJSON, 400, "bad_request"),
+    # The client went away mid-body (or was cut off for sending it too slowly): nobody
+    # will read the answer, and it is no server error.
+    (ClientDisconnect, 400, "client_disconnected"),
     (GenerationNotFound, 404, "not_found"),
     (StreamNotFound, 404, "not_found"),
     (SessionNotFound, 404, "not_found"),
@@ -146,25 +150,60 @@ def error_response(
     return JSONResponse({"error": {"type": kind, "message": message}}, status, headers=headers)
 
 
+@dataclass(frozen=True, slots=True)
+class ErrorAnswer:
+    """What an error answers: status, ``error.type``, message and extra headers."""
+
+    status: int
+    type: str
+    message: str
+    headers: dict[str, str] | None = None
+
+
 async def handle_error(request: Request, exc: Exception) -> Response:
-    """Starlette exception handler: map ``exc`` through the table."""
+    """Starlette exception handler: map ``exc`` through the table; count the answer."""
+    answer = map_error(exc)
+    if answer.status >= 500 and answer.type == "internal_error":
+        logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    metrics = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        metrics.errors.labels(str(answer.status), answer.type).inc()
+        limit = refused_limit(exc)
+        if limit is not None:
+            metrics.refusals.labels(limit).inc()
+    return error_response(answer.status, answer.type, answer.message, headers=answer.headers)
+
+
+def map_error(exc: BaseException) -> ErrorAnswer:
+    """The answer for ``exc``: its own for web errors, else the table's; 500 for the rest."""
     if isinstance(exc, WebError):
-        return error_response(exc.status, exc.type, exc.message, headers=exc.headers)
+        return ErrorAnswer(exc.status, exc.type, exc.message, exc.headers)
     if isinstance(exc, HTTPException):
-        return error_response(
+        return ErrorAnswer(
             exc.status_code,
             HTTP_TYPES.get(exc.status_code, "http_error"),
             str(exc.detail),
-            headers=dict(exc.headers) if exc.headers else None,
+            dict(exc.headers) if exc.headers else None,
         )
     if isinstance(exc, LimitExceeded):
-        status = 413 if exc.too_large else 409
-        return error_response(status, "limit_exceeded", str(exc))
+        return ErrorAnswer(413 if exc.too_large else 409, "limit_exceeded", str(exc))
     for cls, status, kind in ERROR_TABLE:
         if isinstance(exc, cls):
-            return error_response(status, kind, str(exc), headers=error_headers(exc))
-    logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return error_response(500, "internal_error", "internal server error")
+            return ErrorAnswer(status, kind, str(exc), error_headers(exc))
+    return ErrorAnswer(500, "internal_error", "internal server error")
+
+
+def refused_limit(exc: BaseException) -> str | None:
+    """The setting whose limit refused a request, if a limit did."""
+    if isinstance(exc, LimitExceeded):
+        return exc.limit
+    if isinstance(exc, PoolFull):
+        return "max_queued"
+    if isinstance(exc, StoreBusy):
+        return "max_pending_writes"
+    if isinstance(exc, PayloadTooLarge):
+        return "max_body_bytes"
+    return None
 
 
 def handled_exceptions() -> dict[type[Exception] | int, object]:

@@ -17,6 +17,7 @@ from streaming import GenerationPool, GenerationRequest, SessionManager, decode_
 from ._auth import current_user
 from ._errors import BadRequest, InvalidRequest, PayloadTooLarge
 from ._json import JSONResponse, parse_json
+from ._metrics import Metrics
 from ._settings import Settings
 from ._sse import READ_BYTES, follow
 
@@ -26,14 +27,15 @@ MAX_OFFSET_DIGITS = 18
 
 @dataclass(frozen=True)
 class AppState:
-    """What the handlers share: settings, the store, the pool, the sessions and the
-    Durable Streams view of the store."""
+    """What the handlers share: settings, the store, the pool, the sessions, the Durable
+    Streams view of the store, and the metrics."""
 
     settings: Settings
     store: StreamStore
     pool: GenerationPool
     sessions: SessionManager
     streams: DurableStreams
+    metrics: Metrics
 
 
 def app_state(request: Request) -> AppState:
@@ -101,12 +103,17 @@ def parse_offset(value: str, name: str) -> int:
 
 
 def sse_response(
-    settings: Settings, chunks: AsyncIterator[bytes], *, headers: dict[str, str] | None = None
+    state: AppState,
+    chunks: AsyncIterator[bytes],
+    *,
+    protocol: str,
+    headers: dict[str, str] | None = None,
 ) -> EventSourceResponse:
     """An SSE response of pre-formatted ``chunks``, with the server's keep-alive and
-    send-timeout settings."""
+    send-timeout settings; its reader and events are counted under ``protocol``."""
+    settings = state.settings
     return EventSourceResponse(
-        chunks,
+        state.metrics.count_events(chunks, protocol),
         ping=settings.sse_ping,
         send_timeout=settings.sse_send_timeout or None,
         sep="\n",
@@ -130,7 +137,7 @@ def event_stream(
         skip_chars=skip_chars,
         retry_ms=state.settings.sse_retry_ms,
     )
-    return sse_response(state.settings, chunks, headers=headers)
+    return sse_response(state, chunks, protocol="native", headers=headers)
 
 
 async def create_generation(request: Request) -> Response:
@@ -227,24 +234,9 @@ async def cancel_generation(request: Request) -> Response:
     return JSONResponse(generation_json(record))
 
 
-async def healthz(request: Request) -> Response:
-    """``GET /healthz``: liveness with the pool's and the store's counters."""
-    state = app_state(request)
-    return JSONResponse(
-        {
-            "status": "ok",
-            "worker_id": state.pool.worker.id,
-            "running": state.pool.running,
-            "queued": state.pool.queued,
-            "store": state.store.stats,
-        }
-    )
-
-
 routes = [
     Route("/v1/generations", create_generation, methods=["POST"]),
     Route("/v1/generations/{generation_id}", get_generation, methods=["GET"]),
     Route("/v1/generations/{generation_id}/events", generation_events, methods=["GET"]),
     Route("/v1/generations/{generation_id}/cancel", cancel_generation, methods=["POST"]),
-    Route("/healthz", healthz, methods=["GET"]),
 ]

@@ -300,7 +300,7 @@ async def session_events(request: Request) -> Response:
         )
         if nothing_left:
             return Response(status_code=204)
-    return sse_response(state.settings, follow_session(state, session_id, start))
+    return sse_response(state, follow_session(state, session_id, start), protocol="session")
 
 
 routes = [

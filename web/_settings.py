@@ -53,6 +53,12 @@ class Settings:
     shutdown_grace: float = _setting(10.0, "seconds running generations get to finish on stop")
     max_body_bytes: int = _setting(1_048_576, "largest request body accepted (413 beyond)")
     max_json_depth: int = _setting(64, "deepest nesting of arrays and objects a JSON body may have")
+    request_head_timeout: float = _setting(
+        10.0, "seconds a request line and headers may take to arrive (0 = no limit)"
+    )
+    request_body_timeout: float = _setting(
+        30.0, "seconds a request body may take to arrive after its head (0 = no limit)"
+    )
     sse_ping: float = _setting(15.0, "seconds between SSE keep-alive comments")
     sse_send_timeout: float = _setting(
         30.0, "drop an SSE client that accepts nothing for this long"
@@ -85,7 +91,11 @@ class Settings:
     )
     loop: str = _setting("auto", "uvicorn event loop", choices=("auto", "asyncio", "uvloop"))
     http: str = _setting("auto", "uvicorn HTTP parser", choices=("auto", "h11", "httptools"))
-    log_level: str = _setting("info", "log level", choices=("debug", "info", "warning", "error"))
+    log_level: str = _setting("warning", "log level", choices=("debug", "info", "warning", "error"))
+    log_format: str = _setting(
+        "json", "log lines as JSON objects or plain text", choices=("json", "text")
+    )
+    access_log: bool = _setting(False, "log every HTTP request")
 
     def validate(self) -> None:
         """Raise ``ValueError`` for settings that cannot work."""
@@ -97,6 +107,8 @@ class Settings:
             "write_wait",
             "sse_send_timeout",
             "sse_ping",
+            "request_head_timeout",
+            "request_body_timeout",
             "upstream_read_timeout",
             "idle_timeout",
             "retention",
@@ -131,36 +143,50 @@ class Settings:
             )
 
     @classmethod
-    def from_args(
-        cls, argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
-    ) -> Settings:
-        """Settings from flags, falling back to ``KEEPSTREAM_*`` variables, then defaults."""
+    def add_arguments(
+        cls, parser: argparse.ArgumentParser, env: Mapping[str, str] | None = None
+    ) -> None:
+        """A flag for every setting on ``parser``; its default comes from ``env`` (the
+        ``KEEPSTREAM_*`` variables) when set there. Each help names the built-in default
+        and the variable."""
         env = os.environ if env is None else env
-        parser = argparse.ArgumentParser(prog="keepstream serve", description="Run the server.")
         for f in dataclasses.fields(cls):
             flag = "--" + f.name.replace("_", "-")
+            variable = ENV_PREFIX + f.name.upper()
             kind = _kind(f)
             default = f.default
-            env_value = env.get(ENV_PREFIX + f.name.upper())
+            env_value = env.get(variable)
             if env_value is not None:
                 default = _parse_env(f.name, kind, env_value)
+            shown = "none" if f.default is None else f.default
+            help_text = f"{f.metadata['help']} (default: {shown}; env {variable})"
             if kind is bool:
                 parser.add_argument(
-                    flag,
-                    action=argparse.BooleanOptionalAction,
-                    default=default,
-                    help=f.metadata["help"],
+                    flag, action=argparse.BooleanOptionalAction, default=default, help=help_text
                 )
             else:
                 parser.add_argument(
                     flag,
                     type=kind,
                     default=default,
-                    help=f.metadata["help"],
+                    help=help_text,
                     choices=f.metadata["choices"],
                 )
-        args = parser.parse_args(argv)
-        return cls(**vars(args))
+
+    @classmethod
+    def from_args(
+        cls, argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
+    ) -> Settings:
+        """Settings from flags, falling back to ``KEEPSTREAM_*`` variables, then defaults."""
+        parser = argparse.ArgumentParser(prog="keepstream serve", description="Run the server.")
+        cls.add_arguments(parser, env)
+        return cls.from_namespace(parser.parse_args(argv))
+
+    @classmethod
+    def from_namespace(cls, args: argparse.Namespace) -> Settings:
+        """Settings from parsed flags (extra attributes, such as a subcommand, ignored)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in vars(args).items() if k in names})
 
 
 def _kind(f: dataclasses.Field[Any]) -> type:
