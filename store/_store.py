@@ -6,6 +6,7 @@ import asyncio
 import os
 import sqlite3
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any, TypeVar
@@ -26,6 +27,7 @@ from ._schema import connect, initialise, pending_migrations
 from ._writer import (
     CLOSE_STREAM,
     INSERT_MESSAGE,
+    MAX_TRACKED_STREAMS,
     AppendSource,
     Op,
     Outcome,
@@ -52,6 +54,14 @@ DEFAULT_MAX_BATCH = 8192
 DEFAULT_READ_LIMIT = 4096
 DEFAULT_TAIL_MESSAGES = 8192
 DEFAULT_TAIL_BYTES = 256 * 1024
+# All streams' tails together stay within this many bytes: past it, the tails of the streams
+# least recently appended to or read from are emptied (their readers read SQLite instead).
+DEFAULT_TAIL_CACHE_BYTES = 64 * 1024 * 1024
+# A stream with no append for this long, and no reader waiting on it, loses its state
+# entirely (its readers then wait on the shared event, as for any stream of another process).
+STREAM_IDLE_AFTER = 60.0
+# At most this long between two sweeps for idle and closed states, busy or not.
+MAX_SWEEP_INTERVAL = 1.0
 DEFAULT_READERS = 4
 DEFAULT_CHECKPOINT_EVERY = 16
 # Writes (ops and plain appends) the writer may hold at once; more wait for room, up to
@@ -59,10 +69,9 @@ DEFAULT_CHECKPOINT_EVERY = 16
 DEFAULT_MAX_PENDING_WRITES = 10_000
 DEFAULT_WRITE_WAIT = 10.0
 MIN_POLL_INTERVAL = 0.005
-# A closed stream's tail stays in memory this long (and within this many bytes in all), so
-# the followers that were live when it closed read its end without a query.
+# A closed stream's tail stays in memory this long (within the tail cache's budget), so the
+# followers that were live when it closed read its end without a query.
 CLOSED_GRACE = 2.0
-CLOSED_TAIL_BYTES = 64 * 1024 * 1024
 
 _GENERATION_COLUMNS = tuple(GenerationRecord("", "", "", "").to_row())
 _INSERT_GENERATION = "INSERT INTO generations ({}) VALUES ({})".format(
@@ -130,28 +139,33 @@ class _OneShotAppend:
 class _StreamState:
     """What this process knows of a stream it writes: recent messages and a wake-up event.
 
-    Only streams this process appended to have a state (a closed one for ``CLOSED_GRACE``
-    more); their committed length is known exactly. The tail is capped in messages and
-    bytes; older offsets are read from SQLite. The event is *replaced* on every commit: a
-    reader takes the current one before it reads, so a commit between its read and its wait
-    still wakes it.
+    Only streams this process appended to have a state, for as long as they are appended to
+    or waited on (see ``StreamStore._sweep``); a closed one for ``CLOSED_GRACE`` more. Their
+    committed length is known exactly, whether or not the tail holds any messages: the tail
+    is capped per stream and by the store's budget for all tails, and older offsets are read
+    from SQLite. The event is *replaced* on every commit: a reader takes the current one
+    before it reads, so a commit between its read and its wait still wakes it. It is made
+    only once a reader asks for it: most streams written are never followed live.
     """
 
-    __slots__ = ("closed", "event", "tail", "tail_bytes", "tail_start")
+    __slots__ = ("closed", "event", "swept_at", "tail", "tail_bytes", "tail_start")
 
-    def __init__(self, tail_start: int) -> None:
+    def __init__(self, tail_start: int, now: float) -> None:
         self.tail: list[bytes] = []
         self.tail_bytes = 0
         self.tail_start = tail_start
         self.closed = False
-        self.event = anyio.Event()
+        self.event: anyio.Event | None = None
+        self.swept_at = now  # the last append, or the last sweep that found a reader waiting
 
     @property
     def next_offset(self) -> int:
         return self.tail_start + len(self.tail)
 
-    def extend(self, payloads: list[bytes], *, max_messages: int, max_bytes: int) -> None:
-        """Add committed messages, dropping the oldest half once a cap is passed."""
+    def extend(self, payloads: list[bytes], *, max_messages: int, max_bytes: int) -> int:
+        """Add committed messages, dropping the oldest half once a cap is passed; return by
+        how many bytes the tail grew (or shrank)."""
+        before = self.tail_bytes
         self.tail.extend(payloads)
         self.tail_bytes += sum(map(len, payloads))
         if len(self.tail) > max_messages or self.tail_bytes > max_bytes:
@@ -159,10 +173,31 @@ class _StreamState:
             self.tail_bytes -= sum(map(len, self.tail[:drop]))
             del self.tail[:drop]
             self.tail_start += drop
+        return self.tail_bytes - before
+
+    def empty(self) -> int:
+        """Drop the whole tail (the length stays known); return the bytes freed."""
+        freed = self.tail_bytes
+        self.tail_start = self.next_offset
+        self.tail = []
+        self.tail_bytes = 0
+        return freed
+
+    def change_event(self) -> anyio.Event:
+        """The event the next commit sets (made now if nobody asked since the last one)."""
+        if self.event is None:
+            self.event = anyio.Event()
+        return self.event
 
     def wake(self) -> None:
-        self.event.set()
-        self.event = anyio.Event()
+        """Wake whoever holds the event; the next reader gets a new one."""
+        if self.event is not None:
+            self.event.set()
+            self.event = None
+
+    def waited_on(self) -> bool:
+        """Whether a reader is waiting on the event right now."""
+        return self.event is not None and self.event.statistics().tasks_waiting > 0
 
 
 class _Readers:
@@ -200,7 +235,9 @@ class StreamStore:
       ``_writer``); an append returns once its transaction committed. A stream's buffered
       messages are taken at most once per ``coalesce_window``.
     * Readers are woken only after a commit (``change_event``), and read from an in-memory
-      tail of the streams this process writes, or from SQLite off the event loop.
+      tail of the streams this process writes, or from SQLite off the event loop. All tails
+      together hold at most ``tail_cache_bytes``; a stream appended to within
+      ``idle_after`` seconds, or waited on, keeps a state (its length and wake-up event).
     * Another process on the same file is noticed through ``PRAGMA data_version``: its
       commits wake readers of streams this process does not write.
 
@@ -222,10 +259,15 @@ class StreamStore:
         checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
         max_pending_writes: int = DEFAULT_MAX_PENDING_WRITES,
         write_wait: float = DEFAULT_WRITE_WAIT,
+        tail_cache_bytes: int = DEFAULT_TAIL_CACHE_BYTES,
+        idle_after: float = STREAM_IDLE_AFTER,
+        max_tracked_streams: int = MAX_TRACKED_STREAMS,
         on_commit: Callable[[float, int], None] | None = None,
     ) -> None:
         if max_pending_writes < 1 or write_wait < 0:
             raise ValueError("max_pending_writes must be >= 1 and write_wait >= 0")
+        if tail_cache_bytes < 0 or idle_after < 0 or max_tracked_streams < 0:
+            raise ValueError("tail_cache_bytes, idle_after and max_tracked_streams must be >= 0")
         if synchronous not in ("NORMAL", "FULL"):
             raise ValueError(f"synchronous must be NORMAL or FULL, not {synchronous!r}")
         if flush_interval < 0 or coalesce_window < 0:
@@ -243,9 +285,17 @@ class StreamStore:
         self._write_wait = write_wait
         self._room = anyio.Semaphore(max_pending_writes)
         self._on_commit = on_commit
-        self._states: dict[str, _StreamState] = {}
-        self._closed: dict[str, tuple[float, int]] = {}  # closed states by closing time
-        self._closed_bytes = 0
+        self._tail_cache_bytes = tail_cache_bytes
+        self._idle_after = idle_after
+        self._max_tracked_streams = max_tracked_streams
+        # Every state, least recently appended to (or found waited on) first.
+        self._states: OrderedDict[str, _StreamState] = OrderedDict()
+        # The streams whose tail holds messages, least recently appended to or read first:
+        # the order the budget empties them in.
+        self._cached: OrderedDict[str, None] = OrderedDict()
+        self._tail_total = 0  # bytes in all tails, kept as they change: stats reads it often
+        self._closed: dict[str, float] = {}  # closed states by closing time
+        self._sweep_timer: asyncio.TimerHandle | None = None
         self._external_event = anyio.Event()
         self._writer: Writer | None = None
         self._readers: _Readers | None = None
@@ -270,12 +320,17 @@ class StreamStore:
             poll_interval=max(self._flush_interval, 0.005),
             checkpoint_every=self._checkpoint_every,
             on_commit=self._on_commit,
+            max_tracked_streams=self._max_tracked_streams,
         )
         await anyio.to_thread.run_sync(self._writer.start)
         self._readers = await anyio.to_thread.run_sync(_Readers, self.path, self._reader_count)
+        self._schedule_sweep()
 
     async def aclose(self) -> None:
         """Write what is pending, then close every connection."""
+        if self._sweep_timer is not None:
+            self._sweep_timer.cancel()
+            self._sweep_timer = None
         writer, self._writer = self._writer, None
         if writer is not None:
             with anyio.CancelScope(shield=True):
@@ -301,7 +356,9 @@ class StreamStore:
     @property
     def stats(self) -> dict[str, int]:
         """Counters since open (commits, message rows written, write retries) and gauges
-        (streams with an in-memory tail, their bytes, writes pending, WAL file bytes)."""
+        (open streams this process holds a state of, the bytes of all in-memory tails and
+        the budget they keep within, streams whose next offset the writer keeps, writes
+        pending, WAL file bytes). Cheap: nothing is summed or queried per call."""
         writer = self._writer
         try:
             wal_bytes = os.path.getsize(self.path + "-wal")
@@ -311,7 +368,9 @@ class StreamStore:
             "commits": writer.commits if writer else 0,
             "rows_written": writer.rows_written if writer else 0,
             "live_streams": len(self._states) - len(self._closed),
-            "tail_bytes": sum(state.tail_bytes for state in self._states.values()),
+            "tail_bytes": self._tail_total,
+            "tail_cache_bytes": self._tail_cache_bytes,
+            "tracked_streams": writer.tracked_streams if writer else 0,
             "write_retries": writer.retries if writer else 0,
             "pending_writes": self.pending_writes,
             "wal_bytes": wal_bytes,
@@ -465,7 +524,7 @@ class StreamStore:
         Take it *before* reading; after a read that returned nothing new, wait on it.
         """
         state = self._states.get(stream_id)
-        return state.event if state is not None else self._external_event
+        return state.change_event() if state is not None else self._external_event
 
     async def read(
         self,
@@ -486,6 +545,8 @@ class StreamStore:
             raise ValueError("offset must be >= 0")
         state = None if from_disk else self._states.get(stream_id)
         if state is not None and offset >= state.tail_start:
+            if state.tail:
+                self._cached.move_to_end(stream_id)  # read: the budget keeps it longer
             start = offset - state.tail_start
             messages = state.tail[start : start + limit]
             if max_bytes is not None:
@@ -647,27 +708,6 @@ class StreamStore:
 
     # -- publishing (event loop side of the writer) -------------------------------------------
 
-    def _keep_closed(self, stream_id: str, state: _StreamState) -> None:
-        self._closed[stream_id] = (time.monotonic(), state.tail_bytes)
-        self._closed_bytes += state.tail_bytes
-
-    def _forget_closed(self, stream_id: str) -> None:
-        kept = self._closed.pop(stream_id, None)
-        if kept is not None:
-            self._closed_bytes -= kept[1]
-
-    def _expire_closed(self) -> None:
-        """Drop closed streams' tails after ``CLOSED_GRACE`` or past ``CLOSED_TAIL_BYTES``."""
-        now = time.monotonic()
-        closed = self._closed
-        while closed:
-            stream_id, (at, size) = next(iter(closed.items()))
-            if now - at < CLOSED_GRACE and self._closed_bytes <= CLOSED_TAIL_BYTES:
-                break
-            del closed[stream_id]
-            self._closed_bytes -= size
-            self._states.pop(stream_id, None)
-
     def _publish_threadsafe(self, outcome: Outcome) -> None:
         loop = self._loop
         if loop is None or loop.is_closed():
@@ -675,15 +715,13 @@ class StreamStore:
         loop.call_soon_threadsafe(self._publish, outcome)
 
     def _publish(self, outcome: Outcome) -> None:
+        now = time.monotonic()
         wake_external = outcome.external_change
         for change in outcome.changes:
             sid = change.stream_id
             if change.deleted or change.stale:
                 # What this process knew no longer holds: SQLite serves it from now on.
-                state = self._states.pop(sid, None)
-                self._forget_closed(sid)
-                if state is not None:
-                    state.wake()
+                self._drop(sid)
                 wake_external = True
                 if not change.created:
                     continue
@@ -694,26 +732,101 @@ class StreamStore:
                     # wait on the shared event.
                     wake_external = True
                     continue
-                state = self._states[sid] = _StreamState(change.first_offset)
+                state = self._states[sid] = _StreamState(change.first_offset, now)
                 # Readers that read the stream before it was ours wait on the shared event.
                 wake_external = True
             elif change.first_offset is not None and change.first_offset != state.next_offset:
                 # Not a continuation of what we hold: forget it and let SQLite serve.
-                del self._states[sid]
-                state.wake()
+                self._drop(sid)
                 wake_external = True
                 continue
-            state.extend(
-                change.payloads, max_messages=self._tail_messages, max_bytes=self._tail_bytes
-            )
-            if change.closed:
+            else:
+                state.swept_at = now
+                self._states.move_to_end(sid)
+            if change.payloads:
+                self._tail_total += state.extend(
+                    change.payloads, max_messages=self._tail_messages, max_bytes=self._tail_bytes
+                )
+                if state.tail:
+                    self._cached[sid] = None
+                    self._cached.move_to_end(sid)
+                else:
+                    self._cached.pop(sid, None)
+            if change.closed and not state.closed:
                 # Its live followers are about to read the end: keep the tail a moment.
                 state.closed = True
-                self._keep_closed(sid, state)
+                self._closed[sid] = now
             state.wake()
-        self._expire_closed()
+        self._trim_tails()
+        self._sweep(now)
         if wake_external:
             self._external_event.set()
             self._external_event = anyio.Event()
         for callback in outcome.callbacks:
             callback()
+
+    def _trim_tails(self) -> None:
+        """Empty the least recently used tails until all fit in ``tail_cache_bytes``.
+
+        Only messages go: the states keep their lengths and events, so readers stay exact
+        and are woken as before; they read what was dropped from SQLite.
+        """
+        cached = self._cached
+        while self._tail_total > self._tail_cache_bytes and cached:
+            sid, _ = cached.popitem(last=False)
+            self._tail_total -= self._states[sid].empty()
+
+    def _drop(self, sid: str) -> None:
+        """Forget a stream's state. Whoever holds its event is woken, takes
+        ``change_event()`` again and gets the shared one: no later commit would set this."""
+        state = self._states.pop(sid, None)
+        if state is None:
+            return
+        self._closed.pop(sid, None)
+        self._cached.pop(sid, None)
+        self._tail_total -= state.tail_bytes
+        state.wake()
+
+    def _sweep(self, now: float) -> None:
+        """Drop the states of closed streams after ``CLOSED_GRACE``, and of open streams
+        not appended to for ``idle_after`` seconds that nobody waits on.
+
+        A waited-on stream keeps its state (its tail may still be emptied by the budget):
+        its readers keep their own event rather than share the one every commit to a
+        stateless stream sets. It is looked at again ``idle_after`` later.
+        """
+        closed = self._closed
+        while closed:
+            sid, at = next(iter(closed.items()))
+            if now - at < CLOSED_GRACE:
+                break
+            self._drop(sid)
+        states = self._states
+        writer = self._writer
+        for _ in range(len(states)):  # each looked at once, even with idle_after 0
+            sid, state = next(iter(states.items()))
+            if now - state.swept_at < self._idle_after:
+                break
+            if not state.closed and state.waited_on():
+                state.swept_at = now
+                states.move_to_end(sid)
+                continue
+            self._drop(sid)
+            if writer is not None and not state.closed:
+                writer.forget(sid, state.next_offset)
+
+    def _schedule_sweep(self) -> None:
+        """Sweep even when nothing commits: an idle server lets go of its idle states too.
+
+        A timer on the loop rather than a task: the store owns no task group, and the
+        handle is cancelled in ``aclose``.
+        """
+        loop = self._loop
+        if loop is None or loop.is_closed() or self._writer is None:
+            return
+        interval = min(MAX_SWEEP_INTERVAL, CLOSED_GRACE / 2, max(self._idle_after / 4, 0.01))
+        self._sweep_timer = loop.call_later(interval, self._sweep_and_reschedule)
+
+    def _sweep_and_reschedule(self) -> None:
+        self._sweep(time.monotonic())
+        self._schedule_sweep()

@@ -31,7 +31,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -81,6 +81,10 @@ _TRANSIENT_CODES = frozenset(
 MAX_BACKOFF = 1.0
 STOP_ATTEMPTS = 3
 JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
+# Open streams whose next offset the writer keeps (and checks for other processes' writes):
+# past this many, the least recently appended are forgotten. The event loop normally has
+# the writer forget a stream long before, when it drops the stream's state as idle.
+MAX_TRACKED_STREAMS = 65_536
 
 
 def stream_end(conn: sqlite3.Connection, stream_id: str, base_offset: int) -> int:
@@ -144,15 +148,26 @@ class Outcome:
 class WriterContext:
     """What an op sees: the connection and the writer's offset bookkeeping."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection, *, max_streams: int = MAX_TRACKED_STREAMS) -> None:
         self.conn = conn
-        self._next_offsets: dict[str, int] = {}
+        # The next offset of each open stream this writer appended to or created, least
+        # recently appended first. More than a cache: these are the streams whose length
+        # the event loop may hold (a tail), so the ones checked for other processes' writes.
+        # A stream leaves it only together with the loop's state (see ``forget``).
+        self._next_offsets: OrderedDict[str, int] = OrderedDict()
+        self._max_streams = max_streams
         self.changes: dict[str, StreamChange] = {}
+
+    @property
+    def tracked_streams(self) -> int:
+        """How many streams' next offsets are kept."""
+        return len(self._next_offsets)
 
     def next_offset(self, stream_id: str) -> int:
         """The offset the next message of an open stream gets; raises if closed or missing."""
-        if stream_id in self._next_offsets:
-            return self._next_offsets[stream_id]
+        offset = self._next_offsets.get(stream_id)
+        if offset is not None:
+            return offset
         row = self.conn.execute(
             "SELECT closed, base_offset FROM streams WHERE id = ?", (stream_id,)
         ).fetchone()
@@ -173,6 +188,7 @@ class WriterContext:
     ) -> None:
         """Note appended messages (already written) for offsets and for publishing."""
         self._next_offsets[stream_id] = first + len(payloads)
+        self._next_offsets.move_to_end(stream_id)
         change = self.changes.get(stream_id)
         if change is None or change.first_offset is None:
             change = self.changes[stream_id] = StreamChange(stream_id, first)
@@ -185,6 +201,7 @@ class WriterContext:
         deleted earlier in the batch, if any)."""
         previous = self.changes.get(stream_id)
         self._next_offsets[stream_id] = first_offset
+        self._next_offsets.move_to_end(stream_id)
         self.changes[stream_id] = StreamChange(
             stream_id,
             first_offset,
@@ -211,9 +228,32 @@ class WriterContext:
         self.changes[stream_id] = StreamChange(stream_id, None, stale=True)
 
     def reset(self) -> None:
-        """After a rollback: cached offsets may be wrong and nothing is to be published."""
+        """After a rollback: cached offsets may be wrong, and nothing of the batch is to be
+        published. Every stream tracked until now is published as stale instead (with the
+        next outcome that carries changes): the loop's states of them would otherwise go
+        unchecked for other processes' writes."""
+        self.changes = {sid: StreamChange(sid, None, stale=True) for sid in self._next_offsets}
         self._next_offsets.clear()
-        self.changes = {}
+
+    def forget(self, dropped: Iterable[tuple[str, int]]) -> list[StreamChange]:
+        """Stop tracking streams; call between transactions.
+
+        ``dropped``: ``(stream, next offset)`` of streams whose state the event loop let go
+        of, knowing them that long; one appended to since (its state is back) stays. Then,
+        past ``max_streams``, the least recently appended go too: the returned changes make
+        the loop drop their states, which nothing would keep up to date any more.
+        """
+        offsets = self._next_offsets
+        for stream_id, offset in dropped:
+            # Compared by offset: a later append moved it on, and the loop's new state for
+            # it must stay tracked.
+            if offsets.get(stream_id) == offset:
+                del offsets[stream_id]
+        changes = []
+        while len(offsets) > self._max_streams:
+            stream_id, _ = offsets.popitem(last=False)
+            changes.append(StreamChange(stream_id, None, stale=True))
+        return changes
 
 
 Op = Callable[[WriterContext], Any]
@@ -244,9 +284,11 @@ class Writer:
         poll_interval: float,
         checkpoint_every: int,
         on_commit: Callable[[float, int], None] | None = None,
+        max_tracked_streams: int = MAX_TRACKED_STREAMS,
     ) -> None:
         self._path = path
         self._on_commit = on_commit
+        self._max_tracked_streams = max_tracked_streams
         self._publish = publish
         self._synchronous: Synchronous = synchronous
         self._flush_interval = flush_interval
@@ -261,6 +303,8 @@ class Writer:
         # of one that just went, and must not inherit its "taken recently" mark.
         self._dirty: dict[AppendSource, None] = {}
         self._last_take: dict[AppendSource, float] = {}
+        self._forgotten: list[tuple[str, int]] = []  # for ``WriterContext.forget``
+        self._context: WriterContext | None = None
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="keepstream-writer", daemon=True)
         self._started = threading.Event()
@@ -296,6 +340,19 @@ class Writer:
             self._ops.append(_PendingOp(fn, done))
         self._wake.set()
 
+    @property
+    def tracked_streams(self) -> int:
+        """Streams whose next offset the writer keeps (a gauge; read from any thread)."""
+        context = self._context
+        return context.tracked_streams if context is not None else 0
+
+    def forget(self, stream_id: str, next_offset: int) -> None:
+        """The event loop dropped its state of ``stream_id``, which it knew up to
+        ``next_offset``: stop tracking the stream too, unless appended to since. Applied
+        between transactions; thread-safe."""
+        with self._lock:
+            self._forgotten.append((stream_id, next_offset))
+
     def mark_dirty(self, source: AppendSource) -> None:
         """Ask for ``source.take()`` at the next flush. Cheap to call per token."""
         with self._lock:
@@ -313,7 +370,7 @@ class Writer:
             conn = connect(self._path, synchronous=self._synchronous)
             conn.execute("PRAGMA wal_autocheckpoint = 0")
             conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
-            ctx = WriterContext(conn)
+            ctx = self._context = WriterContext(conn, max_streams=self._max_tracked_streams)
             version = conn.execute("PRAGMA data_version").fetchone()[0]
         except BaseException as exc:
             self._start_error = exc
@@ -332,6 +389,11 @@ class Writer:
                     version = current
                     changes = self._changed_by_others(ctx)
                     self._safe_publish(Outcome(changes, [], external_change=True))
+                with self._lock:
+                    forgotten, self._forgotten = self._forgotten, []
+                untracked = ctx.forget(forgotten)
+                if untracked:
+                    self._safe_publish(Outcome(untracked, []))
                 with self._lock:
                     pending = len(self._ops) + len(self._dirty)
                     stopping = self._stopping
@@ -421,19 +483,25 @@ class Writer:
         streams = ctx.written_streams()
         if not streams:
             return []
-        marks = ", ".join("?" for _ in streams)
         try:
+            # One JSON array, not one parameter per stream: there may be more streams than
+            # SQLite allows parameters.
             rows = ctx.conn.execute(
                 "SELECT s.id, s.closed, (SELECT max(offset) + 1 FROM messages m"
-                f" WHERE m.stream_id = s.id) FROM streams s WHERE s.id IN ({marks})",
-                streams,
+                " WHERE m.stream_id = s.id) FROM streams s"
+                " WHERE s.id IN (SELECT value FROM json_each(?))",
+                (json.dumps(streams),),
             ).fetchall()
         except sqlite3.Error as exc:
             logger.warning("could not check for streams changed by another process: %s", exc)
             return []
+        gone = set(streams)
         for stream_id, closed, length in rows:
+            gone.discard(stream_id)
             if closed or (length is not None and length != ctx.next_offset(stream_id)):
                 ctx.mark_stale(stream_id)
+        for stream_id in gone:  # deleted by another process
+            ctx.mark_stale(stream_id)
         changes = list(ctx.changes.values())
         ctx.changes = {}
         return changes

@@ -20,15 +20,24 @@ class StreamingError(Exception):
 
 
 class PoolFull(StreamingError):
-    """No room: ``max_running`` generations run and ``max_queued`` wait."""
+    """No room: ``max_running`` generations run and ``max_queued`` wait (``limit`` is
+    ``max_queued``), or this owner already has ``max_generations_per_user`` of them."""
 
-    def __init__(self, *, running: int, queued: int, retry_after: float) -> None:
-        super().__init__(
-            f"generation pool is full ({running} running, {queued} queued); retry later"
-        )
+    def __init__(
+        self, *, running: int, queued: int, retry_after: float, limit: str = "max_queued"
+    ) -> None:
+        if limit == "max_queued":
+            message = f"generation pool is full ({running} running, {queued} queued); retry later"
+        else:
+            message = (
+                f"you have {running + queued} generations running or queued, the most"
+                f" {limit} allows; retry when one has ended"
+            )
+        super().__init__(message)
         self.running = running
         self.queued = queued
         self.retry_after = retry_after
+        self.limit = limit
 
 
 class PoolClosed(StreamingError):

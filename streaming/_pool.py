@@ -27,6 +27,7 @@ from store import (
 from store.types import JSONDict
 
 from ._exceptions import PoolClosed, PoolFull, ProviderError, UnknownProvider
+from ._fair import FairSlots
 from ._log import GenerationLog, TextSanitizer, encode_event, scrub, status_event
 from ._provider import Provider
 from ._workers import DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_LEASE_TIMEOUT, is_dead, this_host
@@ -120,6 +121,7 @@ class GenerationPool:
         default_provider: str,
         max_running: int = DEFAULT_MAX_RUNNING,
         max_queued: int = DEFAULT_MAX_QUEUED,
+        max_per_owner: int | None = None,
         shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE,
         retry_after: float = DEFAULT_RETRY_AFTER,
         heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
@@ -135,14 +137,16 @@ class GenerationPool:
         self.default_provider = default_provider
         self.max_running = max_running
         self.max_queued = max_queued
+        self.max_per_owner = max_per_owner
         self.shutdown_grace = shutdown_grace
         self.retry_after = retry_after
         self.heartbeat_interval = heartbeat_interval
         self.lease_timeout = lease_timeout
         self._clock = clock
-        self._slots = anyio.Semaphore(max_running)
+        self._slots = FairSlots(max_running)
         self._handles: dict[str, _Handle] = {}
         self._reserved = 0
+        self._per_owner: Counter[str] = Counter()  # generations held (or being created)
         self._closing = False
         self._stack = AsyncExitStack()
         self._tg: TaskGroup | None = None
@@ -268,6 +272,17 @@ class GenerationPool:
         provider = self.resolve_provider(request)
         if len(self._handles) + self._reserved >= self.max_running + self.max_queued:
             raise PoolFull(running=self.running, queued=self.queued, retry_after=self.retry_after)
+        if owner is not None and self.max_per_owner is not None:
+            held = self._per_owner[owner]
+            if held >= self.max_per_owner:
+                mine = [h for h in self._handles.values() if h.record.owner == owner]
+                running = sum(1 for h in mine if h.started)
+                raise PoolFull(
+                    running=running,
+                    queued=held - running,
+                    retry_after=self.retry_after,
+                    limit="max_generations_per_user",
+                )
         generation_id = new_generation_id()
         record = GenerationRecord(
             id=generation_id,
@@ -282,13 +297,18 @@ class GenerationPool:
             session_id=session_id,
         )
         self._reserved += 1
+        self._hold(owner)
         try:
             await self.store.create_generation(
                 record, also=also(record) if also is not None else None
             )
+        except BaseException:
+            self._let_go(owner)
+            raise
         finally:
             self._reserved -= 1
         if self._closing:
+            self._let_go(owner)
             await self._finish_unstarted(record, "interrupted")
             raise PoolClosed()
         handle = _Handle(
@@ -301,6 +321,16 @@ class GenerationPool:
         self._handles[record.id] = handle
         self._tg.start_soon(self._supervise, handle, name=f"generation {record.id}")
         return record
+
+    def _hold(self, owner: str | None) -> None:
+        if owner is not None:
+            self._per_owner[owner] += 1
+
+    def _let_go(self, owner: str | None) -> None:
+        if owner is not None:
+            self._per_owner[owner] -= 1
+            if self._per_owner[owner] <= 0:
+                del self._per_owner[owner]
 
     async def cancel(
         self, generation_id: str, *, owner: str | None = None, wait: bool = True
@@ -359,7 +389,8 @@ class GenerationPool:
                 with handle.scope:
                     if handle.after is not None:
                         await self.wait_ended(handle.after)
-                    async with self._slots:
+                    await self._slots.acquire(record.owner)  # in turn with other owners
+                    try:
                         if handle.prepare is not None:
                             handle.request = await handle.prepare()
                             self.resolve_provider(handle.request)
@@ -368,6 +399,8 @@ class GenerationPool:
                             )
                         handle.started = True
                         outcome = await self._run(handle)
+                    finally:
+                        self._slots.release()
                 if handle.scope.cancelled_caught:
                     outcome = (handle.stop_reason or "interrupted", None, None)
             except Exception as exc:
@@ -383,8 +416,7 @@ class GenerationPool:
                     logger.exception("could not record the end of generation %s", record.id)
             # Ended: whoever waits for it (a cancel, a queued successor) goes on now, without
             # waiting for the listeners, which may wait for those very callers' locks.
-            self._handles.pop(record.id, None)
-            handle.done.set()
+            self._ended(handle)
             if waited.cancelled_caught:
                 # The store keeps retrying the write; the generation ends when it lands.
                 logger.error("recording the end of generation %s is still pending", record.id)
@@ -398,8 +430,13 @@ class GenerationPool:
                 )
                 await self._notify(record, status)
         finally:
-            self._handles.pop(record.id, None)
-            handle.done.set()
+            self._ended(handle)
+
+    def _ended(self, handle: _Handle) -> None:
+        """Forget a generation that has ended and wake whoever waits for it (once)."""
+        if self._handles.pop(handle.record.id, None) is not None:
+            self._let_go(handle.record.owner)
+        handle.done.set()
 
     async def _notify(self, record: GenerationRecord, status: str) -> None:
         for listener in self._listeners:

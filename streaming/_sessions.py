@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -150,13 +151,18 @@ class SessionManager:
         self.limits = limits or SessionLimits()
         self._clock = clock
         self._locks: dict[str, tuple[anyio.Lock, int]] = {}
-        self._changed: dict[str, anyio.Event] = {}
+        # Only as long as a follower holds the event: one that stops waiting on a session
+        # that never changes again must not leave its entry behind.
+        self._changed: weakref.WeakValueDictionary[str, anyio.Event] = weakref.WeakValueDictionary()
         self._deleting: set[str] = set()  # sessions a delete is under way for
         pool.on_finished(self._generation_finished)
 
     def changed(self, session_id: str) -> anyio.Event:
         """Set by the next change to the session in this process (a new generation, a status
-        change, deletion). Take it before reading the session; it is then replaced."""
+        change, deletion). Take it before reading the session; it is then replaced.
+
+        Followers of one session share one event, kept only while one of them holds it.
+        """
         event = self._changed.get(session_id)
         if event is None:
             event = self._changed[session_id] = anyio.Event()

@@ -127,3 +127,22 @@ async def test_big_integers_round_trip(client: httpx.AsyncClient) -> None:
     assert created.status_code == 201, created.text
     assert created.json()["context"] == {"n": int(big)}
     await client.delete(f"/v1/sessions/{created.json()['id']}")
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    ["*/*", "text/*", "application/json, text/plain", "application/json;;", "json", "a b/c"],
+)
+async def test_a_stream_content_type_must_be_one_media_type(
+    client: httpx.AsyncClient, content_type: str
+) -> None:
+    """A stream answers reads with the type it was created with: a list, a wildcard or
+    garbage must not get in (schemathesis found ``*/*`` served as a stream's type)."""
+    response = await client.put(
+        "/v1/stream/typed", content=b"x", headers={"Content-Type": content_type}
+    )
+    assert_names(response, "Content-Type must be one media type")
+    ok = await client.put(
+        "/v1/stream/typed", content=b"x", headers={"Content-Type": 'text/plain; charset="utf-8"'}
+    )
+    assert ok.status_code in (200, 201)

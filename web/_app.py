@@ -26,8 +26,10 @@ from ._durable import routes as stream_routes
 from ._errors import handled_exceptions
 from ._generations import AppState
 from ._generations import routes as generation_routes
+from ._limits import OpenReaders
 from ._metrics import Metrics
 from ._metrics import routes as operator_routes
+from ._openapi import routes as openapi_routes
 from ._security import SecurityHeaders
 from ._sessions import routes as session_routes
 from ._settings import Settings
@@ -76,6 +78,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
                     coalesce_window=settings.coalesce_window,
                     max_pending_writes=settings.max_pending_writes,
                     write_wait=settings.write_wait,
+                    tail_cache_bytes=settings.tail_cache_bytes,
                     on_commit=metrics.observe_commit,
                 )
             )
@@ -88,6 +91,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 default_provider=settings.provider,
                 max_running=settings.max_running,
                 max_queued=settings.max_queued,
+                max_per_owner=settings.max_generations_per_user,
                 shutdown_grace=settings.shutdown_grace,
             )
             sessions = SessionManager(
@@ -108,7 +112,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
             pool.every(settings.session_sweep_interval, sessions.sweep)
             pool.every(EXPIRY_SWEEP_INTERVAL, streams.sweep)
             await stack.enter_async_context(pool)
-            state = AppState(settings, store, pool, sessions, streams, metrics)
+            readers = OpenReaders(settings.max_streams_per_user)
+            state = AppState(settings, store, pool, sessions, streams, metrics, readers)
             metrics.watch(state)
             app.state.keepstream = state
             # Long-lived start-up objects never need collecting; freezing them keeps the
@@ -122,7 +127,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
             yield
 
     app = Starlette(
-        routes=[*generation_routes, *session_routes, *stream_routes, *operator_routes],
+        routes=[
+            *generation_routes,
+            *session_routes,
+            *stream_routes,
+            *operator_routes,
+            *openapi_routes,
+        ],
         lifespan=lifespan,
         middleware=[Middleware(SecurityHeaders, cross_origin_prefix=STREAM_PATH)],
         exception_handlers=handled_exceptions(),  # type: ignore[arg-type]

@@ -88,6 +88,25 @@ def stream_name(request: Request) -> str:
     return name
 
 
+# RFC 9110 media-type: type "/" subtype *( OWS ";" OWS parameter ), tokens and quoted strings.
+_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_MEDIA_TYPE = re.compile(
+    rf"{_TOKEN}/{_TOKEN}(?:[ \t]*;[ \t]*{_TOKEN}=(?:{_TOKEN}|\"(?:[^\"\\]|\\.)*\"))*[ \t]*"
+)
+
+
+def content_type_of(request: Request) -> str | None:
+    """The request's ``Content-Type`` (``None`` when absent); 400 unless it is one media
+    type, without wildcards (a stream keeps it and answers with it, so no list, pattern or
+    garbage may get in)."""
+    value = request.headers.get("content-type")
+    if not value:
+        return None
+    if not _MEDIA_TYPE.fullmatch(value) or "*" in media_type(value):
+        raise BadRequest(f"Content-Type must be one media type, like text/plain: {value[:60]!r}")
+    return value
+
+
 def flag(request: Request, header: str) -> bool:
     """A boolean header: only ``true`` (any case) counts; anything else is absent."""
     return request.headers.get(header, "").strip().lower() == "true"
@@ -261,7 +280,7 @@ async def create_request(request: Request, owner: str | None, settings: Settings
         sub_offset = parse_decimal(sub_header.strip(), "Stream-Fork-Sub-Offset")
     if sub_offset and fork_offset is None:
         raise BadRequest("Stream-Fork-Sub-Offset needs Stream-Fork-Offset")
-    content_type = headers.get("content-type") or None
+    content_type = content_type_of(request)
     body = await read_body(request, settings.max_append_bytes)
     payloads: list[bytes] = []
     if body:
@@ -308,7 +327,7 @@ async def append(request: Request) -> Response:
     producer = parse_producer(request)
     seq = request.headers.get("stream-seq")
     body = await read_body(request, state.settings.max_append_bytes)
-    content_type = request.headers.get("content-type") or None
+    content_type = content_type_of(request)
     payload: bytes | None = None
     if body:
         if content_type is None:
@@ -467,7 +486,9 @@ def follow(request: Request, info: StreamInfo, start: int) -> Response:
     headers = {"Content-Type": "text/event-stream"}
     if is_binary(info.content_type):
         headers["Stream-SSE-Data-Encoding"] = "base64"
-    return sse_response(app_state(request), events(), protocol="durable_sse", headers=headers)
+    return sse_response(
+        app_state(request), events(), protocol="durable_sse", user=owner, headers=headers
+    )
 
 
 async def preflight(request: Request) -> Response:

@@ -4,6 +4,7 @@ WebError
 ├── BadRequest        400: malformed JSON, bad offsets
 ├── Unauthorized      401: a missing or unknown API key
 ├── InvalidRequest    422: a well-formed body that does not describe a valid request
+├── LimitRefused      429: a per-user limit (open event streams, …) is reached
 └── PayloadTooLarge   413: the body exceeds ``max_body_bytes``
 
 ``InvalidJSON`` (from ``_json``) answers 400 too.
@@ -80,6 +81,18 @@ class InvalidRequest(WebError):
 
     status = 422
     type = "invalid_request"
+
+
+class LimitRefused(WebError):
+    """A per-user limit refuses the request for now: 429 naming the limit's setting."""
+
+    status = 429
+    type = "limit_exceeded"
+    headers = {"Retry-After": "1"}
+
+    def __init__(self, limit: str, message: str) -> None:
+        super().__init__(message)
+        self.limit = limit
 
 
 class PayloadTooLarge(WebError):
@@ -187,6 +200,8 @@ def map_error(exc: BaseException) -> ErrorAnswer:
         )
     if isinstance(exc, LimitExceeded):
         return ErrorAnswer(413 if exc.too_large else 409, "limit_exceeded", str(exc))
+    if isinstance(exc, PoolFull) and exc.limit != "max_queued":  # the user's own bound
+        return ErrorAnswer(429, "limit_exceeded", str(exc), error_headers(exc))
     for cls, status, kind in ERROR_TABLE:
         if isinstance(exc, cls):
             return ErrorAnswer(status, kind, str(exc), error_headers(exc))
@@ -198,7 +213,9 @@ def refused_limit(exc: BaseException) -> str | None:
     if isinstance(exc, LimitExceeded):
         return exc.limit
     if isinstance(exc, PoolFull):
-        return "max_queued"
+        return exc.limit
+    if isinstance(exc, LimitRefused):
+        return exc.limit
     if isinstance(exc, StoreBusy):
         return "max_pending_writes"
     if isinstance(exc, PayloadTooLarge):

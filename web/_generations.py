@@ -17,7 +17,9 @@ from streaming import GenerationPool, GenerationRequest, SessionManager, decode_
 from ._auth import current_user
 from ._errors import BadRequest, InvalidRequest, PayloadTooLarge
 from ._json import JSONResponse, parse_json
+from ._limits import OpenReaders
 from ._metrics import Metrics
+from ._schemas import CreateGeneration, Generation, decode_body
 from ._settings import Settings
 from ._sse import READ_BYTES, follow
 
@@ -36,6 +38,7 @@ class AppState:
     sessions: SessionManager
     streams: DurableStreams
     metrics: Metrics
+    readers: OpenReaders
 
 
 def app_state(request: Request) -> AppState:
@@ -44,25 +47,24 @@ def app_state(request: Request) -> AppState:
     return state
 
 
-def generation_json(record: GenerationRecord) -> dict[str, Any]:
+def generation_json(record: GenerationRecord) -> Generation:
     """The public form of a generation snapshot."""
-    return {
-        "id": record.id,
-        "object": "generation",
-        "status": record.status,
-        "provider": record.provider,
-        "model": record.model,
-        "text": record.text,
-        "next_offset": record.next_offset,
-        "error": record.error,
-        "usage": record.usage,
-        "cancel_requested": record.cancel_requested,
-        "created_at": record.created_at,
-        "started_at": record.started_at,
-        "finished_at": record.finished_at,
-        "url": f"/v1/generations/{record.id}",
-        "events_url": f"/v1/generations/{record.id}/events",
-    }
+    return Generation(
+        id=record.id,
+        status=record.status,  # type: ignore[arg-type]
+        provider=record.provider,
+        model=record.model,
+        text=record.text,
+        next_offset=record.next_offset,
+        error=record.error,
+        usage=record.usage,
+        cancel_requested=record.cancel_requested,
+        created_at=record.created_at,
+        started_at=record.started_at,
+        finished_at=record.finished_at,
+        url=f"/v1/generations/{record.id}",
+        events_url=f"/v1/generations/{record.id}/events",
+    )
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -107,13 +109,15 @@ def sse_response(
     chunks: AsyncIterator[bytes],
     *,
     protocol: str,
+    user: str | None,
     headers: dict[str, str] | None = None,
 ) -> EventSourceResponse:
     """An SSE response of pre-formatted ``chunks``, with the server's keep-alive and
-    send-timeout settings; its reader and events are counted under ``protocol``."""
+    send-timeout settings; its reader and events are counted under ``protocol``, and it
+    counts as one of ``user``'s open streams (429 past ``max_streams_per_user``)."""
     settings = state.settings
     return EventSourceResponse(
-        state.metrics.count_events(chunks, protocol),
+        state.readers.guard(state.metrics.count_events(chunks, protocol), user),
         ping=settings.sse_ping,
         send_timeout=settings.sse_send_timeout or None,
         sep="\n",
@@ -125,6 +129,7 @@ def event_stream(
     state: AppState,
     record: GenerationRecord,
     *,
+    user: str | None,
     offset: int,
     skip_chars: int = 0,
     headers: dict[str, str] | None = None,
@@ -137,7 +142,7 @@ def event_stream(
         skip_chars=skip_chars,
         retry_ms=state.settings.sse_retry_ms,
     )
-    return sse_response(state, chunks, protocol="native", headers=headers)
+    return sse_response(state, chunks, protocol="native", user=user, headers=headers)
 
 
 async def create_generation(request: Request) -> Response:
@@ -146,16 +151,21 @@ async def create_generation(request: Request) -> Response:
     user = current_user(request)
     body = await read_json_body(request, state.settings)
     try:
-        generation_request = GenerationRequest.from_json(body)
+        generation_request = GenerationRequest.from_json(body)  # its messages say the most
+        decode_body(body, CreateGeneration)  # and the published type holds too
         state.pool.resolve_provider(generation_request)
     except ValueError as exc:
         raise InvalidRequest(str(exc)) from None
+    streaming = wants_event_stream(request)
+    if streaming:
+        state.readers.check(user)  # refuse before anything starts
     record = await state.pool.submit(generation_request, owner=user)
     location = f"/v1/generations/{record.id}"
-    if wants_event_stream(request):
+    if streaming:
         return event_stream(
             state,
             record,
+            user=user,
             offset=0,
             headers={"Location": location, "Keepstream-Generation-Id": record.id},
         )
@@ -177,9 +187,8 @@ async def generation_events(request: Request) -> Response:
     left for this client.
     """
     state = app_state(request)
-    record = await state.pool.locate(
-        request.path_params["generation_id"], owner=current_user(request)
-    )
+    user = current_user(request)
+    record = await state.pool.locate(request.path_params["generation_id"], owner=user)
     length, closed = await state.store.stream_length(record.stream_id)
     skip = 0
     last_event_id = request.headers.get("last-event-id")
@@ -196,7 +205,7 @@ async def generation_events(request: Request) -> Response:
         raise BadRequest(f"offset {offset} is beyond the end of the stream (next offset {length})")
     if closed and offset == length:
         return Response(status_code=204)
-    return event_stream(state, record, offset=offset, skip_chars=skip)
+    return event_stream(state, record, user=user, offset=offset, skip_chars=skip)
 
 
 async def locate_text_offset(

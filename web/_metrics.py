@@ -19,6 +19,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ._json import JSONResponse
+from ._schemas import Health, Readiness
 from ._timeouts import timeout_counts
 
 if TYPE_CHECKING:
@@ -166,7 +167,7 @@ class _EngineCollector(Collector):
         )
         yield GaugeMetricFamily(
             "keepstream_live_streams",
-            "Open streams this process writes (with an in-memory tail)",
+            "Streams this process holds state for (written recently, or followed)",
             value=stats["live_streams"],
         )
         yield GaugeMetricFamily(
@@ -197,7 +198,7 @@ async def metrics_endpoint(request: Request) -> Response:
 
 async def healthz(request: Request) -> Response:
     """``GET /healthz``: liveness only; the process answers. Details are in ``/metrics``."""
-    return JSONResponse({"status": "ok"})
+    return JSONResponse(Health(status="ok"))
 
 
 async def readyz(request: Request) -> Response:
@@ -205,12 +206,12 @@ async def readyz(request: Request) -> Response:
     accepting work; 503 (while starting, draining or when the disk fails) otherwise."""
     state: AppState | None = getattr(request.app.state, "keepstream", None)
     if state is None:
-        return JSONResponse({"status": "starting"}, 503)
+        return JSONResponse(Readiness(status="starting"), 503)
     checks = await state.store.readiness(write_within=READY_WRITE_TIMEOUT)
     checks["pool_accepting"] = state.pool.accepting
     ready = all(checks.values())
     return JSONResponse(
-        {"status": "ready" if ready else "not_ready", "checks": checks}, 200 if ready else 503
+        Readiness(status="ready" if ready else "not_ready", checks=checks), 200 if ready else 503
     )
 
 

@@ -13,6 +13,7 @@ from starlette.routing import Route
 from store import TERMINAL_STATUSES, SessionMessage, SessionNotFound, SessionRecord, SessionSummary
 from streaming import PostedMessage
 
+from . import _schemas as schemas
 from ._auth import current_user
 from ._errors import BadRequest, InvalidRequest
 from ._generations import (
@@ -33,11 +34,14 @@ MAX_LIST_LIMIT = 1000
 MAX_IDEMPOTENCY_KEY = 255
 
 
-def session_json(record: SessionRecord) -> dict[str, Any]:
+def session_json(record: SessionRecord) -> schemas.Session:
     """The public form of a session."""
+    return schemas.Session(**_session_fields(record))
+
+
+def _session_fields(record: SessionRecord) -> dict[str, Any]:
     return {
         "id": record.id,
-        "object": "session",
         "title": record.title,
         "status": record.status,
         "closed_reason": record.closed_reason,
@@ -57,43 +61,47 @@ def session_json(record: SessionRecord) -> dict[str, Any]:
     }
 
 
-def summary_json(summary: SessionSummary) -> dict[str, Any]:
+def summary_json(summary: SessionSummary) -> schemas.SessionSummary:
     """A session as a list shows it: with its newest generation and whether it is running."""
     latest = None
     if summary.latest_generation_id is not None:
-        latest = {"id": summary.latest_generation_id, "status": summary.latest_generation_status}
-    active = latest is not None and latest["status"] in ("queued", "running")
-    return {
-        **session_json(summary.session),
-        "latest_generation": latest,
-        "active_generation_id": summary.latest_generation_id if active else None,
-    }
+        latest = schemas.LatestGeneration(
+            id=summary.latest_generation_id,
+            status=summary.latest_generation_status,  # type: ignore[arg-type]
+        )
+    active = latest is not None and latest.status in ("queued", "running")
+    return schemas.SessionSummary(
+        **_session_fields(summary.session),
+        latest_generation=latest,
+        active_generation_id=summary.latest_generation_id if active else None,
+    )
 
 
-def message_json(message: SessionMessage) -> dict[str, Any]:
+def message_json(message: SessionMessage) -> schemas.SessionMessage:
     """The public form of a session message."""
-    return {
-        "id": message.id,
-        "role": message.role,
-        "content": message.content,
-        "generation_id": message.generation_id,
-        "generation_status": message.generation_status,
-        "created_at": message.created_at,
-    }
+    return schemas.SessionMessage(
+        id=message.id,
+        role=message.role,  # type: ignore[arg-type]
+        content=message.content,
+        generation_id=message.generation_id,
+        generation_status=message.generation_status,  # type: ignore[arg-type]
+        created_at=message.created_at,
+    )
 
 
-def body_object(body: Any) -> dict[str, Any]:
-    """The body as an object, or 422."""
-    if not isinstance(body, dict):
-        raise InvalidRequest("the request body must be a JSON object")
-    return body
+def request_fields(body: Any, kind: type[schemas.Request]) -> dict[str, Any]:
+    """The fields a JSON body of type ``kind`` sets, or 422 naming what is wrong."""
+    try:
+        return schemas.set_fields(schemas.decode_body(body, kind))
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
 
 
 async def create_session(request: Request) -> Response:
     """``POST /v1/sessions``: open a session; 201 with it."""
     state = app_state(request)
     user = current_user(request)
-    body = body_object(await read_json_body(request, state.settings))
+    body = request_fields(await read_json_body(request, state.settings), schemas.CreateSession)
     try:
         record = await state.sessions.create(user, body)
     except ValueError as exc:
@@ -119,7 +127,7 @@ async def list_sessions(request: Request) -> Response:
         summaries = await state.sessions.list_for(owner=user, status=status, limit=int(raw_limit))
     except ValueError as exc:
         raise InvalidRequest(str(exc)) from None
-    return JSONResponse({"object": "list", "data": [summary_json(s) for s in summaries]})
+    return JSONResponse(schemas.SessionList(data=[summary_json(s) for s in summaries]))
 
 
 async def get_session(request: Request) -> Response:
@@ -129,7 +137,11 @@ async def get_session(request: Request) -> Response:
     session_id = request.path_params["session_id"]
     record = await state.sessions.get(session_id, owner=user)
     messages = await state.sessions.messages(session_id, owner=user)
-    return JSONResponse({**session_json(record), "messages": [message_json(m) for m in messages]})
+    return JSONResponse(
+        schemas.SessionWithMessages(
+            **_session_fields(record), messages=[message_json(m) for m in messages]
+        )
+    )
 
 
 async def update_session(request: Request) -> Response:
@@ -140,12 +152,13 @@ async def update_session(request: Request) -> Response:
     """
     state = app_state(request)
     user = current_user(request)
-    body = body_object(await read_json_body(request, state.settings))
+    session_id = request.path_params["session_id"]
+    raw = await read_json_body(request, state.settings)
+    await state.sessions.get(session_id, owner=user)  # a missing session is 404, whatever the body
+    body = request_fields(raw, schemas.UpdateSession)
     merge = request.headers.get("content-type", "").split(";")[0].strip() == MERGE_PATCH
     try:
-        record = await state.sessions.update(
-            request.path_params["session_id"], body, owner=user, merge=merge
-        )
+        record = await state.sessions.update(session_id, body, owner=user, merge=merge)
     except ValueError as exc:
         raise InvalidRequest(str(exc)) from None
     return JSONResponse(session_json(record))
@@ -167,13 +180,12 @@ async def post_message(request: Request) -> Response:
     """
     state = app_state(request)
     user = current_user(request)
-    body = body_object(await read_json_body(request, state.settings))
-    unknown = set(body) - {"content"}
-    if unknown:
-        raise InvalidRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
-    content = body.get("content")
-    if not isinstance(content, str) or not content:
+    body = request_fields(await read_json_body(request, state.settings), schemas.PostMessage)
+    content = body["content"]
+    if not content:
         raise InvalidRequest("'content' must be a non-empty string")
+    if wants_event_stream(request):
+        state.readers.check(user)  # refuse before anything is stored
     try:
         posted = await state.sessions.post(
             request.path_params["session_id"],
@@ -187,6 +199,7 @@ async def post_message(request: Request) -> Response:
         return event_stream(
             state,
             posted.generation,
+            user=user,
             offset=0,
             headers={
                 "Keepstream-Session-Id": posted.session.id,
@@ -197,17 +210,17 @@ async def post_message(request: Request) -> Response:
     return JSONResponse(posted_json(posted), 202)
 
 
-def posted_json(posted: PostedMessage) -> dict[str, Any]:
+def posted_json(posted: PostedMessage) -> schemas.PostedMessage:
     """What ``POST .../messages`` answers."""
-    return {
-        "session": session_json(posted.session),
-        "session_id": posted.session.id,
-        "message_id": posted.message_id,
-        "generation": generation_json(posted.generation) if posted.generation else None,
-        "generation_id": posted.generation.id if posted.generation else None,
-        "reopened": posted.reopened,
-        "replayed": posted.replayed,
-    }
+    return schemas.PostedMessage(
+        session=session_json(posted.session),
+        session_id=posted.session.id,
+        message_id=posted.message_id,
+        generation=generation_json(posted.generation) if posted.generation else None,
+        generation_id=posted.generation.id if posted.generation else None,
+        reopened=posted.reopened,
+        replayed=posted.replayed,
+    )
 
 
 def idempotency_key(request: Request) -> str | None:
@@ -279,7 +292,8 @@ async def session_events(request: Request) -> Response:
     """
     state = app_state(request)
     session_id = request.path_params["session_id"]
-    record = await state.sessions.get(session_id, owner=current_user(request))
+    user = current_user(request)
+    record = await state.sessions.get(session_id, owner=user)
     generations = await state.sessions.store.generations(session_id)
     ids = [gid for gid, _ in generations]
     start = None
@@ -300,7 +314,9 @@ async def session_events(request: Request) -> Response:
         )
         if nothing_left:
             return Response(status_code=204)
-    return sse_response(state, follow_session(state, session_id, start), protocol="session")
+    return sse_response(
+        state, follow_session(state, session_id, start), protocol="session", user=user
+    )
 
 
 routes = [

@@ -44,11 +44,20 @@ class Settings:
     )
     max_running: int = _setting(256, "generations running at once")
     max_queued: int = _setting(1024, "generations waiting for a slot before 429")
+    max_generations_per_user: int = _setting(
+        256, "generations one API-key user may have running or queued (429 beyond)"
+    )
+    max_streams_per_user: int = _setting(
+        32, "event streams (SSE responses) one API-key user may have open (429 beyond)"
+    )
     max_pending_writes: int = _setting(
         10_000, "writes the SQLite writer may hold at once; more wait (then 503)"
     )
     write_wait: float = _setting(
         10.0, "seconds a write waits for room in a full writer queue before 503"
+    )
+    tail_cache_bytes: int = _setting(
+        64 * 1_048_576, "bytes of recent stream messages kept in memory, for all streams"
     )
     shutdown_grace: float = _setting(10.0, "seconds running generations get to finish on stop")
     max_body_bytes: int = _setting(1_048_576, "largest request body accepted (413 beyond)")
@@ -119,6 +128,8 @@ class Settings:
                 raise ValueError(f"{name} must be >= 0")
         for name in (
             "max_running",
+            "max_generations_per_user",
+            "max_streams_per_user",
             "max_pending_writes",
             "max_body_bytes",
             "max_json_depth",
@@ -134,6 +145,8 @@ class Settings:
                 raise ValueError(f"{name} must be >= 1")
         if self.max_queued < 0:
             raise ValueError("max_queued must be >= 0")
+        if self.tail_cache_bytes < 0:
+            raise ValueError("tail_cache_bytes must be >= 0")
         has_keys = bool(self.api_keys or self.api_keys_file)
         loopback = self.host in ("127.0.0.1", "localhost", "::1")
         if not (loopback or has_keys or self.allow_remote):
