@@ -546,7 +546,8 @@ class DurableStreams:
         stream_id = "ds_" + secrets.token_urlsafe(12)
         conn.execute(
             "INSERT INTO streams (id, content_type, closed, created_at, base_offset, forked_from,"
-            " fork_sub_offset, ttl, expires_at, expiry_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " fork_sub_offset, ttl, expires_at, expiry_at, owner)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 stream_id,
                 content_type,
@@ -558,6 +559,7 @@ class DurableStreams:
                 ttl,
                 expires_at,
                 expiry_at,
+                owner,
             ),
         )
         conn.execute("INSERT INTO stream_names (name, stream_id) VALUES (?, ?)", (key, stream_id))

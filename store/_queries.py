@@ -15,13 +15,20 @@ from .types import ActiveGeneration, GenerationRecord, ReadResult, WorkerRecord
 
 
 def insert_stream(
-    ctx: WriterContext, stream_id: str, content_type: str, *, mark: bool = True
+    ctx: WriterContext,
+    stream_id: str,
+    content_type: str,
+    *,
+    mark: bool = True,
+    owner: str | None = None,
 ) -> None:
-    """Create a stream row; raises ``StreamExists``."""
+    """Create a stream row (of ``owner``, whose stored bytes it counts toward); raises
+    ``StreamExists``."""
     try:
         ctx.conn.execute(
-            "INSERT INTO streams (id, content_type, closed, created_at) VALUES (?, ?, 0, ?)",
-            (stream_id, content_type, time.time()),
+            "INSERT INTO streams (id, content_type, closed, created_at, owner)"
+            " VALUES (?, ?, 0, ?, ?)",
+            (stream_id, content_type, time.time(), owner),
         )
     except sqlite3.IntegrityError as exc:
         raise StreamExists(stream_id) from exc
@@ -143,3 +150,24 @@ def list_workers(conn: sqlite3.Connection) -> list[WorkerRecord]:
             "SELECT id, hostname, pid, started_at, heartbeat_at FROM workers ORDER BY started_at"
         )
     ]
+
+
+def stored_bytes(conn: sqlite3.Connection, owner: str) -> int:
+    """What ``owner`` stores: the bytes of their streams (generations' event logs and
+    Durable Streams), session contexts and session messages."""
+    conn.execute("BEGIN")
+    (streams,) = conn.execute(
+        "SELECT coalesce(sum(bytes), 0) FROM streams WHERE owner = ?", (owner,)
+    ).fetchone()
+    (sessions,) = conn.execute(
+        "SELECT coalesce(sum(length(CAST(context AS BLOB)) + length(CAST(title AS BLOB))), 0)"
+        " FROM sessions WHERE owner = ?",
+        (owner,),
+    ).fetchone()
+    (messages,) = conn.execute(
+        "SELECT coalesce(sum(length(CAST(m.content AS BLOB))), 0) FROM session_messages m"
+        " JOIN sessions s ON s.id = m.session_id WHERE s.owner = ?",
+        (owner,),
+    ).fetchone()
+    conn.execute("COMMIT")
+    return int(streams) + int(sessions) + int(messages)

@@ -161,6 +161,36 @@ def m004_durable_streams(db: Database) -> None:
     )
 
 
+@migrations()
+def m005_stream_owners_and_bytes(db: Database) -> None:
+    """Who owns each stream and how many bytes it holds, for per-user storage limits.
+
+    A trigger counts every message as it is inserted, whichever path writes it (the hot
+    batch insert, single appends, closing events), in the same transaction. The existing
+    streams get their owner and size once, here.
+    """
+    db.executescript(
+        """
+        ALTER TABLE streams ADD COLUMN owner TEXT;
+        ALTER TABLE streams ADD COLUMN bytes INTEGER NOT NULL DEFAULT 0;
+        UPDATE streams SET owner = (
+            SELECT g.owner FROM generations g WHERE g.stream_id = streams.id
+        );
+        UPDATE streams SET owner = (
+            SELECT nullif(substr(n.name, 1, instr(n.name, '/') - 1), '')
+            FROM stream_names n WHERE n.stream_id = streams.id
+        ) WHERE owner IS NULL;
+        UPDATE streams SET bytes = (
+            SELECT coalesce(sum(length(m.data)), 0) FROM messages m WHERE m.stream_id = streams.id
+        );
+        CREATE INDEX streams_by_owner ON streams (owner) WHERE owner IS NOT NULL;
+        CREATE TRIGGER messages_count_bytes AFTER INSERT ON messages BEGIN
+            UPDATE streams SET bytes = bytes + length(NEW.data) WHERE id = NEW.stream_id;
+        END;
+        """
+    )
+
+
 def connect(
     path: str, *, synchronous: Synchronous = "NORMAL", readonly: bool = False
 ) -> sqlite3.Connection:

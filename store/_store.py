@@ -562,6 +562,10 @@ class StreamStore:
             return state.next_offset, state.closed
         return await self.query(queries.stream_length, stream_id)
 
+    async def stored_bytes(self, owner: str) -> int:
+        """Bytes ``owner`` stores: streams, session contexts and messages (as committed)."""
+        return await self.query(queries.stored_bytes, owner)
+
     async def query(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(conn, *args)`` on a read-only connection off the event loop."""
         if self._readers is None:
@@ -581,7 +585,9 @@ class StreamStore:
         with whatever ``also`` writes (a session's messages, say)."""
 
         def op(ctx: WriterContext) -> None:
-            queries.insert_stream(ctx, record.stream_id, content_type, mark=False)
+            queries.insert_stream(
+                ctx, record.stream_id, content_type, mark=False, owner=record.owner
+            )
             row = record.to_row()
             ctx.conn.execute(_INSERT_GENERATION, [row[c] for c in _GENERATION_COLUMNS])
             if also is not None:

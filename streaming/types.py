@@ -57,7 +57,7 @@ class GenerationRequest:
                 if not isinstance(item, dict):
                     raise ValueError(f"messages[{i}] must be an object")
                 role, content = item.get("role"), item.get("content")
-                if role not in ROLES:
+                if not isinstance(role, str) or role not in ROLES:  # (a dict is unhashable)
                     raise ValueError(f"messages[{i}].role must be one of {sorted(ROLES)}")
                 if not isinstance(content, str):
                     raise ValueError(f"messages[{i}].content must be a string")

@@ -324,6 +324,18 @@ BAD_BODIES: list[tuple[str, bytes, int, str]] = [
         "messages[1].role must be one of",
     ),
     (
+        "role-object",  # found by schemathesis: an unhashable role answered 500
+        body({"messages": [{"role": {"a": 1}, "content": "x"}]}),
+        422,
+        "messages[0].role must be one of",
+    ),
+    (
+        "role-list",
+        body({"messages": [{"role": ["user"], "content": "x"}]}),
+        422,
+        "messages[0].role must be one of",
+    ),
+    (
         "content-number",
         body({"messages": [{"role": "user", "content": 5}]}),
         422,

@@ -10,12 +10,15 @@ from pathlib import Path
 import anyio
 import httpx
 import pytest
+from sqlite_utils import Database
 
 from store import StreamStore
+from store._schema import connect, migrations
 from streaming import GenerationPool, GenerationRequest, SimulatedProvider
 from streaming._fair import FairSlots
 
 from .conftest import ServerFactory
+from .support import Server
 
 TIMEOUT = 30.0
 KEYS = {user: f"sk-{user}-0123456789abcdef" for user in ("hog", "other")}
@@ -87,6 +90,18 @@ async def test_another_users_generation_does_not_wait_behind_a_hogs_queue(
     assert len(before_other) <= 2, len(before_other)
 
 
+async def open_clients(stack: AsyncExitStack, server: Server) -> dict[str, httpx.AsyncClient]:
+    """A client of ``server`` for each user, closed with ``stack``."""
+    return {
+        user: await stack.enter_async_context(
+            httpx.AsyncClient(
+                base_url=server.url, timeout=TIMEOUT, headers={"Authorization": f"Bearer {key}"}
+            )
+        )
+        for user, key in KEYS.items()
+    }
+
+
 @pytest.fixture
 async def clients(server_factory: ServerFactory) -> AsyncIterator[dict[str, httpx.AsyncClient]]:
     server = server_factory(
@@ -95,16 +110,7 @@ async def clients(server_factory: ServerFactory) -> AsyncIterator[dict[str, http
         *("--sim-tokens-per-second", "10", "--sim-max-tokens", "200", "--shutdown-grace", "1"),
     )
     async with AsyncExitStack() as stack:
-        yield {
-            user: await stack.enter_async_context(
-                httpx.AsyncClient(
-                    base_url=server.url,
-                    timeout=TIMEOUT,
-                    headers={"Authorization": f"Bearer {key}"},
-                )
-            )
-            for user, key in KEYS.items()
-        }
+        yield await open_clients(stack, server)
 
 
 def assert_refused(response: httpx.Response, limit: str) -> None:
@@ -157,3 +163,65 @@ async def test_open_event_streams_per_user_are_bounded(
                     break
             await anyio.sleep(0.05)
     await hog.post(f"/v1/generations/{generation['id']}/cancel")
+
+
+async def test_stored_bytes_per_user_are_bounded(server_factory: ServerFactory) -> None:
+    server = server_factory(*KEY_ARGS, "--max-stored-bytes-per-user", "20000")
+    text = {"Content-Type": "text/plain"}
+    async with AsyncExitStack() as stack:
+        users = await open_clients(stack, server)
+        hog, other = users["hog"], users["other"]
+        put = await hog.put("/v1/stream/big", content=b"x" * 8000, headers=text)
+        assert put.status_code == 201
+        for _ in range(2):
+            posted = await hog.post("/v1/stream/big", content=b"y" * 8000, headers=text)
+            assert posted.status_code == 204
+        await anyio.sleep(1.2)  # past the usage cache
+        refused = [
+            await hog.post("/v1/stream/big", content=b"z", headers=text),
+            await hog.put("/v1/stream/another", headers=text),
+            await hog.post("/v1/generations", json={"prompt": "x"}),
+            await hog.post("/v1/sessions", json={}),
+        ]
+        for response in refused:
+            assert response.status_code == 413, response.text
+            error = response.json()["error"]
+            assert error["type"] == "limit_exceeded"
+            assert "max_stored_bytes_per_user" in error["message"]
+        # Reading and closing still work; another user is not affected.
+        assert (await hog.get("/v1/stream/big", params={"offset": "-1"})).status_code == 200
+        assert (await other.put("/v1/stream/big", content=b"x", headers=text)).status_code == 201
+        # Deleting frees the space.
+        assert (await hog.delete("/v1/stream/big")).status_code == 204
+        await anyio.sleep(1.2)
+        assert (await hog.put("/v1/stream/again", content=b"x", headers=text)).status_code == 201
+        metrics = (await other.get("/metrics")).text
+        assert 'keepstream_limit_refusals_total{limit="max_stored_bytes_per_user"} 4.0' in metrics
+
+
+def test_existing_streams_get_their_owner_and_size_on_upgrade(tmp_path: Path) -> None:
+    """The migration that adds per-stream owners and sizes fills them in for what an
+    older version stored: generations' streams from their rows, Durable Streams from their
+    names."""
+    path = str(tmp_path / "old.db")
+    conn = connect(path)
+    migrations.apply(Database(conn), stop_before="m005_stream_owners_and_bytes")
+    conn.executescript(
+        """
+        INSERT INTO streams (id, content_type, created_at) VALUES ('gen_a', 'application/json', 0);
+        INSERT INTO generations (id, stream_id, status, provider, owner, created_at)
+            VALUES ('gen_a', 'gen_a', 'completed', 'simulated', 'alice', 0);
+        INSERT INTO streams (id, content_type, created_at) VALUES ('ds_b', 'text/plain', 0);
+        INSERT INTO stream_names (name, stream_id) VALUES ('bob/notes', 'ds_b');
+        INSERT INTO streams (id, content_type, created_at) VALUES ('ds_c', 'text/plain', 0);
+        INSERT INTO stream_names (name, stream_id) VALUES ('/solo', 'ds_c');
+        INSERT INTO messages VALUES ('gen_a', 0, CAST('12345' AS BLOB));
+        INSERT INTO messages VALUES ('ds_b', 0, CAST('1234567' AS BLOB));
+        """
+    )
+    migrations.apply(Database(conn))
+    rows = conn.execute("SELECT id, owner, bytes FROM streams ORDER BY id").fetchall()
+    assert rows == [("ds_b", "bob", 7), ("ds_c", None, 0), ("gen_a", "alice", 5)]
+    conn.execute("INSERT INTO messages VALUES ('ds_b', 1, CAST('abc' AS BLOB))")
+    assert conn.execute("SELECT bytes FROM streams WHERE id = 'ds_b'").fetchone() == (10,)
+    conn.close()

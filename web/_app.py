@@ -26,7 +26,7 @@ from ._durable import routes as stream_routes
 from ._errors import handled_exceptions
 from ._generations import AppState
 from ._generations import routes as generation_routes
-from ._limits import OpenReaders
+from ._limits import OpenReaders, StoredBytes
 from ._metrics import Metrics
 from ._metrics import routes as operator_routes
 from ._openapi import routes as openapi_routes
@@ -113,7 +113,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
             pool.every(EXPIRY_SWEEP_INTERVAL, streams.sweep)
             await stack.enter_async_context(pool)
             readers = OpenReaders(settings.max_streams_per_user)
-            state = AppState(settings, store, pool, sessions, streams, metrics, readers)
+            stored = StoredBytes(store, settings.max_stored_bytes_per_user)
+            state = AppState(settings, store, pool, sessions, streams, metrics, readers, stored)
             metrics.watch(state)
             app.state.keepstream = state
             # Long-lived start-up objects never need collecting; freezing them keeps the

@@ -307,6 +307,7 @@ async def create_stream(request: Request) -> Response:
     state = app_state(request)
     owner = current_user(request)
     name = stream_name(request)
+    await state.stored.check(owner)
     wanted = await create_request(request, owner, state.settings)
     created, info = await state.streams.create(owner, name, wanted)
     headers = {
@@ -322,7 +323,8 @@ async def create_stream(request: Request) -> Response:
 async def append(request: Request) -> Response:
     """``POST``: append a body, close, or both; idempotent with producer headers."""
     state = app_state(request)
-    info = await state.streams.info(current_user(request), stream_name(request))
+    owner = current_user(request)
+    info = await state.streams.info(owner, stream_name(request))
     close = flag(request, "stream-closed")
     producer = parse_producer(request)
     seq = request.headers.get("stream-seq")
@@ -337,6 +339,8 @@ async def append(request: Request) -> Response:
         payload = json_message(body, allow_empty=False, max_depth=depth) if json_mode else body
     elif not close:
         raise BadRequest("the body is empty: send data, or Stream-Closed: true to close")
+    if payload is not None:
+        await state.stored.check(owner)
     outcome = await state.streams.append(
         info, content_type=content_type, payload=payload, close=close, seq=seq, producer=producer
     )

@@ -17,7 +17,7 @@ from streaming import GenerationPool, GenerationRequest, SessionManager, decode_
 from ._auth import current_user
 from ._errors import BadRequest, InvalidRequest, PayloadTooLarge
 from ._json import JSONResponse, parse_json
-from ._limits import OpenReaders
+from ._limits import OpenReaders, StoredBytes
 from ._metrics import Metrics
 from ._schemas import CreateGeneration, Generation, decode_body
 from ._settings import Settings
@@ -39,6 +39,7 @@ class AppState:
     streams: DurableStreams
     metrics: Metrics
     readers: OpenReaders
+    stored: StoredBytes
 
 
 def app_state(request: Request) -> AppState:
@@ -156,6 +157,7 @@ async def create_generation(request: Request) -> Response:
         state.pool.resolve_provider(generation_request)
     except ValueError as exc:
         raise InvalidRequest(str(exc)) from None
+    await state.stored.check(user)
     streaming = wants_event_stream(request)
     if streaming:
         state.readers.check(user)  # refuse before anything starts

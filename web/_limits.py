@@ -1,12 +1,21 @@
-"""Per-user bounds the web layer enforces: open SSE responses per user."""
+"""Per-user bounds the web layer enforces: open SSE responses and stored bytes per user."""
 
 from __future__ import annotations
 
+import time
 import weakref
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 
+from store import StreamStore
+from streaming import LimitExceeded
+
 from ._errors import LimitRefused
+
+# A user's stored bytes are read again at most this often (a write may overshoot the
+# limit by what that user stores within the interval).
+STORED_BYTES_TTL = 1.0
+MAX_CACHED_USERS = 10_000
 
 
 class OpenReaders:
@@ -67,3 +76,28 @@ class OpenReaders:
         wrapped = counted()
         weakref.finalize(wrapped, release)
         return wrapped
+
+
+class StoredBytes:
+    """``max_stored_bytes_per_user``: refuses writes (413) once a user stores the limit.
+
+    Without API keys, or with a limit of 0, nothing is checked.
+    """
+
+    def __init__(self, store: StreamStore, limit: int) -> None:
+        self.store = store
+        self.limit = limit
+        self._known: dict[str, tuple[float, int]] = {}
+
+    async def check(self, user: str | None) -> None:
+        """Raise ``LimitExceeded`` (413) if ``user`` already stores ``limit`` bytes."""
+        if user is None or not self.limit:
+            return
+        now = time.monotonic()
+        known = self._known.get(user)
+        if known is None or now - known[0] > STORED_BYTES_TTL:
+            if len(self._known) >= MAX_CACHED_USERS:
+                self._known.clear()
+            known = self._known[user] = (now, await self.store.stored_bytes(user))
+        if known[1] >= self.limit:
+            raise LimitExceeded("max_stored_bytes_per_user", self.limit, too_large=True)

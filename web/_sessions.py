@@ -101,6 +101,7 @@ async def create_session(request: Request) -> Response:
     """``POST /v1/sessions``: open a session; 201 with it."""
     state = app_state(request)
     user = current_user(request)
+    await state.stored.check(user)
     body = request_fields(await read_json_body(request, state.settings), schemas.CreateSession)
     try:
         record = await state.sessions.create(user, body)
@@ -156,6 +157,8 @@ async def update_session(request: Request) -> Response:
     raw = await read_json_body(request, state.settings)
     await state.sessions.get(session_id, owner=user)  # a missing session is 404, whatever the body
     body = request_fields(raw, schemas.UpdateSession)
+    if "context" in body or "title" in body:
+        await state.stored.check(user)
     merge = request.headers.get("content-type", "").split(";")[0].strip() == MERGE_PATCH
     try:
         record = await state.sessions.update(session_id, body, owner=user, merge=merge)
@@ -184,6 +187,7 @@ async def post_message(request: Request) -> Response:
     content = body["content"]
     if not content:
         raise InvalidRequest("'content' must be a non-empty string")
+    await state.stored.check(user)
     if wants_event_stream(request):
         state.readers.check(user)  # refuse before anything is stored
     try:

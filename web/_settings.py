@@ -50,6 +50,9 @@ class Settings:
     max_streams_per_user: int = _setting(
         32, "event streams (SSE responses) one API-key user may have open (429 beyond)"
     )
+    max_stored_bytes_per_user: int = _setting(
+        1 << 30, "bytes one API-key user may store: streams, sessions (413 beyond; 0 = no limit)"
+    )
     max_pending_writes: int = _setting(
         10_000, "writes the SQLite writer may hold at once; more wait (then 503)"
     )
@@ -145,6 +148,8 @@ class Settings:
                 raise ValueError(f"{name} must be >= 1")
         if self.max_queued < 0:
             raise ValueError("max_queued must be >= 0")
+        if self.max_stored_bytes_per_user < 0:
+            raise ValueError("max_stored_bytes_per_user must be >= 0")
         if self.tail_cache_bytes < 0:
             raise ValueError("tail_cache_bytes must be >= 0")
         has_keys = bool(self.api_keys or self.api_keys_file)

@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar, Protocol, cast
 
@@ -103,25 +104,37 @@ class _Deadlines(asyncio.Protocol):
         """Whether a 408 could be written now without landing inside another response."""
         return True
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # uvicorn's protocol, next in the MRO
+        self._arm_head_deadline()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_deadlines()
+        super().connection_lost(exc)
+
+    def _arm(
+        self, timer: asyncio.TimerHandle | None, seconds: float, fire: Callable[[], None]
+    ) -> asyncio.TimerHandle | None:
+        """A new timer for ``fire`` in ``seconds`` (none for 0), replacing ``timer``."""
+        if timer is not None:
+            timer.cancel()
+        return self.loop.call_later(seconds, fire) if seconds > 0 else None
+
     def _arm_head_deadline(self) -> None:
-        self._cancel_head_deadline()
-        if self.head_timeout > 0:
-            self._head_timer = self.loop.call_later(self.head_timeout, self._head_deadline_passed)
+        self._head_timer = self._arm(
+            self._head_timer, self.head_timeout, self._head_deadline_passed
+        )
 
     def _cancel_head_deadline(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        self._head_timer = self._arm(self._head_timer, 0, self._head_deadline_passed)
 
     def _arm_body_deadline(self) -> None:
-        self._cancel_body_deadline()
-        if self.body_timeout > 0:
-            self._body_timer = self.loop.call_later(self.body_timeout, self._body_deadline_passed)
+        self._body_timer = self._arm(
+            self._body_timer, self.body_timeout, self._body_deadline_passed
+        )
 
     def _cancel_body_deadline(self) -> None:
-        if self._body_timer is not None:
-            self._body_timer.cancel()
-            self._body_timer = None
+        self._body_timer = self._arm(self._body_timer, 0, self._body_deadline_passed)
 
     def _cancel_deadlines(self) -> None:
         self._cancel_head_deadline()
@@ -176,14 +189,6 @@ class _Deadlines(asyncio.Protocol):
 class _H11DeadlineProtocol(_Deadlines, H11Protocol):
     """uvicorn's h11 protocol with the head and body deadlines."""
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._arm_head_deadline()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel_deadlines()
-        super().connection_lost(exc)
-
     def handle_events(self) -> None:
         # h11 only reports a request once its head is complete, and uvicorn makes a new
         # scope for each one (WebSocket upgrades included, unlike the cycle).
@@ -215,14 +220,6 @@ def _httptools_deadline_protocol() -> type[asyncio.Protocol]:
 
     class _HttpToolsDeadlineProtocol(_Deadlines, HttpToolsProtocol):
         """uvicorn's httptools protocol with the head and body deadlines."""
-
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            self._arm_head_deadline()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._cancel_deadlines()
-            super().connection_lost(exc)
 
         def on_headers_complete(self) -> None:
             self._cancel_head_deadline()
