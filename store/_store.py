@@ -23,7 +23,9 @@ from ._exceptions import (
     StoreUnavailable,
     StreamNotFound,
 )
-from ._schema import connect, initialise, pending_migrations
+from ._handoff import Completion, OneShotAppend, Readers
+from ._schema import initialise, pending_migrations
+from ._tails import StreamState
 from ._writer import (
     CLOSE_STREAM,
     INSERT_MESSAGE,
@@ -77,155 +79,6 @@ _GENERATION_COLUMNS = tuple(GenerationRecord("", "", "", "").to_row())
 _INSERT_GENERATION = "INSERT INTO generations ({}) VALUES ({})".format(
     ", ".join(_GENERATION_COLUMNS), ", ".join("?" for _ in _GENERATION_COLUMNS)
 )
-
-
-class _Completion:
-    """A one-shot result set on the event loop by the writer's publish step; ``on_set`` runs
-    when it is (to free the write's place in the queue)."""
-
-    __slots__ = ("_error", "_event", "_on_set", "_value")
-
-    def __init__(self, on_set: Callable[[], None] | None = None) -> None:
-        self._event = anyio.Event()
-        self._value: Any = None
-        self._error: BaseException | None = None
-        self._on_set = on_set
-
-    def set(self, value: Any, error: BaseException | None) -> None:
-        self._value, self._error = value, error
-        self._event.set()
-        if self._on_set is not None:
-            self._on_set()
-
-    async def wait(self) -> Any:
-        await self._event.wait()
-        if self._error is not None:
-            raise self._error
-        return self._value
-
-
-class _OneShotAppend:
-    """An append source holding one batch: how plain ``append()`` calls reach the writer."""
-
-    __slots__ = ("_batch", "_taken", "done", "stream_id")
-
-    def __init__(
-        self, stream_id: str, batch: AppendBatch, on_done: Callable[[], None] | None = None
-    ) -> None:
-        self.stream_id = stream_id
-        self._batch: AppendBatch | None = batch
-        self._taken: AppendBatch | None = None
-        self.done = _Completion(on_done)
-
-    def take(self) -> AppendBatch | None:
-        """The batch, once."""
-        batch, self._batch = self._batch, None
-        self._taken = batch
-        return batch
-
-    def untake(self) -> None:
-        """Hold the batch again: its transaction was rolled back and will be retried."""
-        self._batch, self._taken = self._taken, None
-
-    def committed(self, result: AppendResult) -> None:
-        """Resolve the waiting ``append()``."""
-        self.done.set(result, None)
-
-    def failed(self, error: StoreError) -> None:
-        """Fail the waiting ``append()``."""
-        self.done.set(None, error)
-
-
-class _StreamState:
-    """What this process knows of a stream it writes: recent messages and a wake-up event.
-
-    Only streams this process appended to have a state, for as long as they are appended to
-    or waited on (see ``StreamStore._sweep``); a closed one for ``CLOSED_GRACE`` more. Their
-    committed length is known exactly, whether or not the tail holds any messages: the tail
-    is capped per stream and by the store's budget for all tails, and older offsets are read
-    from SQLite. The event is *replaced* on every commit: a reader takes the current one
-    before it reads, so a commit between its read and its wait still wakes it. It is made
-    only once a reader asks for it: most streams written are never followed live.
-    """
-
-    __slots__ = ("closed", "event", "swept_at", "tail", "tail_bytes", "tail_start")
-
-    def __init__(self, tail_start: int, now: float) -> None:
-        self.tail: list[bytes] = []
-        self.tail_bytes = 0
-        self.tail_start = tail_start
-        self.closed = False
-        self.event: anyio.Event | None = None
-        self.swept_at = now  # the last append, or the last sweep that found a reader waiting
-
-    @property
-    def next_offset(self) -> int:
-        return self.tail_start + len(self.tail)
-
-    def extend(self, payloads: list[bytes], *, max_messages: int, max_bytes: int) -> int:
-        """Add committed messages, dropping the oldest half once a cap is passed; return by
-        how many bytes the tail grew (or shrank)."""
-        before = self.tail_bytes
-        self.tail.extend(payloads)
-        self.tail_bytes += sum(map(len, payloads))
-        if len(self.tail) > max_messages or self.tail_bytes > max_bytes:
-            drop = max(len(self.tail) // 2, len(self.tail) - max_messages // 2)
-            self.tail_bytes -= sum(map(len, self.tail[:drop]))
-            del self.tail[:drop]
-            self.tail_start += drop
-        return self.tail_bytes - before
-
-    def empty(self) -> int:
-        """Drop the whole tail (the length stays known); return the bytes freed."""
-        freed = self.tail_bytes
-        self.tail_start = self.next_offset
-        self.tail = []
-        self.tail_bytes = 0
-        return freed
-
-    def change_event(self) -> anyio.Event:
-        """The event the next commit sets (made now if nobody asked since the last one)."""
-        if self.event is None:
-            self.event = anyio.Event()
-        return self.event
-
-    def wake(self) -> None:
-        """Wake whoever holds the event; the next reader gets a new one."""
-        if self.event is not None:
-            self.event.set()
-            self.event = None
-
-    def waited_on(self) -> bool:
-        """Whether a reader is waiting on the event right now."""
-        return self.event is not None and self.event.statistics().tasks_waiting > 0
-
-
-class _Readers:
-    """A small pool of read-only connections used from worker threads."""
-
-    def __init__(self, path: str, size: int) -> None:
-        self._idle = [connect(path, readonly=True) for _ in range(size)]
-        self._limiter = anyio.CapacityLimiter(size)
-
-    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        def call() -> T:
-            conn = self._idle.pop()
-            try:
-                return fn(conn)
-            finally:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                self._idle.append(conn)
-
-        try:
-            return await anyio.to_thread.run_sync(call, limiter=self._limiter)
-        except sqlite3.Error as exc:
-            raise StoreUnavailable(f"read failed: {exc}") from exc
-
-    def close(self) -> None:
-        for conn in self._idle:
-            conn.close()
-        self._idle.clear()
 
 
 class StreamStore:
@@ -289,7 +142,7 @@ class StreamStore:
         self._idle_after = idle_after
         self._max_tracked_streams = max_tracked_streams
         # Every state, least recently appended to (or found waited on) first.
-        self._states: OrderedDict[str, _StreamState] = OrderedDict()
+        self._states: OrderedDict[str, StreamState] = OrderedDict()
         # The streams whose tail holds messages, least recently appended to or read first:
         # the order the budget empties them in.
         self._cached: OrderedDict[str, None] = OrderedDict()
@@ -298,7 +151,7 @@ class StreamStore:
         self._sweep_timer: asyncio.TimerHandle | None = None
         self._external_event = anyio.Event()
         self._writer: Writer | None = None
-        self._readers: _Readers | None = None
+        self._readers: Readers | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -323,7 +176,7 @@ class StreamStore:
             max_tracked_streams=self._max_tracked_streams,
         )
         await anyio.to_thread.run_sync(self._writer.start)
-        self._readers = await anyio.to_thread.run_sync(_Readers, self.path, self._reader_count)
+        self._readers = await anyio.to_thread.run_sync(Readers, self.path, self._reader_count)
         self._schedule_sweep()
 
     async def aclose(self) -> None:
@@ -423,7 +276,7 @@ class StreamStore:
         no room frees within ``write_wait`` seconds.
         """
         release = await self._reserve()
-        completion = _Completion(release)
+        completion = Completion(release)
         try:
             self._require_writer().submit(fn, completion.set)
         except BaseException:
@@ -452,7 +305,7 @@ class StreamStore:
 
         Waits for room in the writer's queue as ``execute`` does."""
         release = await self._reserve()
-        source = _OneShotAppend(stream_id, AppendBatch(list(payloads), close=close), release)
+        source = OneShotAppend(stream_id, AppendBatch(list(payloads), close=close), release)
         try:
             self.mark_dirty(source)
         except BaseException:
@@ -738,7 +591,7 @@ class StreamStore:
                     # wait on the shared event.
                     wake_external = True
                     continue
-                state = self._states[sid] = _StreamState(change.first_offset, now)
+                state = self._states[sid] = StreamState(change.first_offset, now)
                 # Readers that read the stream before it was ours wait on the shared event.
                 wake_external = True
             elif change.first_offset is not None and change.first_offset != state.next_offset:
