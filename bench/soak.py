@@ -77,6 +77,7 @@ import anyio  # noqa: E402
 import anyio.to_thread  # noqa: E402
 import httpx  # noqa: E402
 from httpx_sse import ServerSentEvent, SSEError, aconnect_sse  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from bench._client import TERMINAL  # noqa: E402
 from bench._durable import STREAM_ROOT, encode, unique_name  # noqa: E402
@@ -858,13 +859,19 @@ class Soak:
         return await anyio.to_thread.run_sync(probe, self.server)
 
     async def health(self, client: httpx.AsyncClient) -> dict[str, Any] | None:
-        """``GET /healthz``, or ``None`` if it did not answer in time."""
+        """Generations running and queued, from ``GET /metrics`` (parsed with
+        prometheus-client's parser), or ``None`` if it did not answer in time."""
         try:
-            response = await client.get("/healthz", timeout=HEALTH_TIMEOUT)
-            health: dict[str, Any] = response.json()
-            return health
-        except (httpx.HTTPError, ValueError):
+            response = await client.get("/metrics", timeout=HEALTH_TIMEOUT)
+            response.raise_for_status()
+        except httpx.HTTPError:
             return None
+        health: dict[str, Any] = {}
+        for family in text_string_to_metric_families(response.text):
+            if family.name == "keepstream_generations":
+                for sample in family.samples:
+                    health[sample.labels["state"]] = int(sample.value)
+        return health
 
     async def sample(self, client: httpx.AsyncClient, elapsed: float) -> Probe:
         """Close the current minute: look at the server, print its line, keep its record."""
