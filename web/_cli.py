@@ -56,6 +56,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"keepstream: {exc}", file=sys.stderr)
         return 2
     log_config = configure_logging(settings.log_level, settings.log_format)
+    # One line even when quiet, so a person who started it sees where it is.
+    print(
+        f"keepstream {package_version()}: serving http://{settings.host}:{settings.port}"
+        f" (database {settings.db}; API reference at /docs)",
+        file=sys.stderr,
+        flush=True,
+    )
     uvicorn.run(
         app,
         host=settings.host,
