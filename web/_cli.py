@@ -5,22 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from importlib.metadata import PackageNotFoundError, version
 
 import uvicorn
 
 from ._app import create_app
 from ._logging import configure_logging
+from ._openapi import package_version
 from ._settings import Settings
 from ._timeouts import build_http_protocol
-
-
-def package_version() -> str:
-    """keepstream's installed version."""
-    try:
-        return version("keepstream")
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        return "unknown"
 
 
 def build_parser() -> argparse.ArgumentParser:

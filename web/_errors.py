@@ -210,11 +210,7 @@ def map_error(exc: BaseException) -> ErrorAnswer:
 
 def refused_limit(exc: BaseException) -> str | None:
     """The setting whose limit refused a request, if a limit did."""
-    if isinstance(exc, LimitExceeded):
-        return exc.limit
-    if isinstance(exc, PoolFull):
-        return exc.limit
-    if isinstance(exc, LimitRefused):
+    if isinstance(exc, LimitExceeded | PoolFull | LimitRefused):
         return exc.limit
     if isinstance(exc, StoreBusy):
         return "max_pending_writes"

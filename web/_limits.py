@@ -29,10 +29,6 @@ class OpenReaders:
         self.limit = limit
         self._open: Counter[str] = Counter()
 
-    def open(self, user: str | None) -> int:
-        """How many SSE responses ``user`` has open."""
-        return self._open[user] if user is not None else 0
-
     def check(self, user: str | None) -> None:
         """Raise ``LimitRefused`` if ``user`` may open no more."""
         if user is not None and self._open[user] >= self.limit:

@@ -296,7 +296,7 @@ def package_version() -> str:
     try:
         return version("keepstream")
     except PackageNotFoundError:  # a source tree that was never installed
-        return "0.0.0"
+        return "unknown"
 
 
 def _types() -> list[type]:

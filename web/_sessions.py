@@ -155,8 +155,11 @@ async def update_session(request: Request) -> Response:
     user = current_user(request)
     session_id = request.path_params["session_id"]
     raw = await read_json_body(request, state.settings)
-    await state.sessions.get(session_id, owner=user)  # a missing session is 404, whatever the body
-    body = request_fields(raw, schemas.UpdateSession)
+    try:
+        body = request_fields(raw, schemas.UpdateSession)
+    except InvalidRequest:
+        await state.sessions.get(session_id, owner=user)  # a missing session is 404 first
+        raise
     if "context" in body or "title" in body:
         await state.stored.check(user)
     merge = request.headers.get("content-type", "").split(";")[0].strip() == MERGE_PATCH
