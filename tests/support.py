@@ -177,3 +177,11 @@ async def wait_for_status(
             if snapshot["status"] in statuses:
                 return snapshot
             await anyio.sleep(0.02)
+
+
+def readme_block(after: str, language: str) -> str:
+    """The first fenced ``language`` block of the README after the line ``after``."""
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index(after)
+    opening = readme.index(f"```{language}\n", start) + len(language) + 4
+    return readme[opening : readme.index("```", opening)]

@@ -21,6 +21,7 @@ from streaming import (
 )
 
 from ._auth import ApiKeys
+from ._cors import ApiCors
 from ._durable import STREAM_PATH
 from ._durable import routes as stream_routes
 from ._errors import handled_exceptions
@@ -33,6 +34,7 @@ from ._openapi import routes as openapi_routes
 from ._security import SecurityHeaders
 from ._sessions import routes as session_routes
 from ._settings import Settings
+from ._signing import UrlSigner, signing_key
 
 logger = logging.getLogger("keepstream")
 
@@ -136,9 +138,15 @@ def create_app(settings: Settings | None = None) -> Starlette:
             *openapi_routes,
         ],
         lifespan=lifespan,
-        middleware=[Middleware(SecurityHeaders, cross_origin_prefix=STREAM_PATH)],
+        middleware=[
+            Middleware(SecurityHeaders, cross_origin_prefix=STREAM_PATH),
+            Middleware(ApiCors, origins=settings.allowed_origins, skip_prefix=STREAM_PATH),
+        ],
         exception_handlers=handled_exceptions(),  # type: ignore[arg-type]
     )
     app.state.api_keys = api_keys
+    app.state.url_signer = UrlSigner(
+        signing_key(settings.url_signing_key, api_keys.digests()), ttl=settings.signed_url_ttl
+    )
     app.state.metrics = metrics
     return app

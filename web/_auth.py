@@ -10,6 +10,8 @@ from pathlib import Path
 from starlette.requests import Request
 
 from ._errors import Unauthorized
+from ._schemas import EventsUrl
+from ._signing import TOKEN_PARAM, UrlSigner
 
 MIN_KEY_LENGTH = 16
 
@@ -23,6 +25,10 @@ class ApiKeys:
 
     def __init__(self, users_by_key: Mapping[str, str]) -> None:
         self._users = {_digest(key): user for key, user in users_by_key.items()}
+
+    def digests(self) -> list[bytes]:
+        """The keys' SHA-256 digests (what a URL-signing key can be derived from)."""
+        return list(self._users)
 
     @property
     def enabled(self) -> bool:
@@ -91,3 +97,28 @@ def current_user(request: Request) -> str | None:
     """The user making ``request`` (``None`` on a single-user server)."""
     keys: ApiKeys = request.app.state.api_keys
     return keys.user_for(request.headers.get("authorization"))
+
+
+def event_token(request: Request) -> str | None:
+    """The signed-URL token of an events request, when the server has keys and one is given.
+
+    Without API keys every request is the single user's, so a token changes nothing.
+    """
+    keys: ApiKeys = request.app.state.api_keys
+    return request.query_params.get(TOKEN_PARAM) if keys.enabled else None
+
+
+def check_event_token(request: Request, token: str, *, resource: str, owner: str | None) -> None:
+    """Raise ``Unauthorized`` unless ``token`` opens ``resource``'s events for ``owner``."""
+    signer: UrlSigner = request.app.state.url_signer
+    signer.verify(token, resource=resource, owner=owner)
+
+
+def events_url(request: Request, path: str, *, resource: str, owner: str | None) -> EventsUrl:
+    """A URL for ``path`` (an events endpoint of ``resource``) that needs no header."""
+    keys: ApiKeys = request.app.state.api_keys
+    if not keys.enabled:
+        return EventsUrl(url=path, expires_at=None)
+    signer: UrlSigner = request.app.state.url_signer
+    signed = signer.sign(path, resource=resource, owner=owner)
+    return EventsUrl(url=signed.url, expires_at=signed.expires_at)

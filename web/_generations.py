@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
 from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from store import DurableStreams, GenerationRecord, StreamStore
+from store import DurableStreams, GenerationNotFound, GenerationRecord, StreamStore
 from streaming import GenerationPool, GenerationRequest, SessionManager, decode_event
 
-from ._auth import current_user
-from ._errors import BadRequest, InvalidRequest, PayloadTooLarge
+from ._auth import check_event_token, current_user, event_token, events_url
+from ._errors import BadRequest, InvalidRequest, PayloadTooLarge, Unauthorized
 from ._json import JSONResponse, parse_json
 from ._limits import OpenReaders, StoredBytes
 from ._metrics import Metrics
@@ -126,6 +128,13 @@ def sse_response(
     )
 
 
+def lifetime_deadline(settings: Settings) -> float:
+    """When an event stream opened now ends by ``sse_lifetime`` (never when it is 0)."""
+    if not settings.sse_lifetime:
+        return math.inf
+    return anyio.current_time() + settings.sse_lifetime
+
+
 def event_stream(
     state: AppState,
     record: GenerationRecord,
@@ -142,6 +151,7 @@ def event_stream(
         offset,
         skip_chars=skip_chars,
         retry_ms=state.settings.sse_retry_ms,
+        deadline=lifetime_deadline(state.settings),
     )
     return sse_response(state, chunks, protocol="native", user=user, headers=headers)
 
@@ -184,13 +194,24 @@ async def get_generation(request: Request) -> Response:
 async def generation_events(request: Request) -> Response:
     """``GET /v1/generations/{id}/events``: SSE from the client's resume point.
 
-    The start is ``Last-Event-ID``, else ``?offset=``, else ``?text_offset=`` (characters —
+    A ``?token=`` from ``POST …/events-url`` stands in for the API key. The start is
+    ``Last-Event-ID``, else ``?offset=``, else ``?text_offset=`` (characters —
     Unicode code points — already shown), else 0. 204 when a finished generation has nothing
     left for this client.
     """
     state = app_state(request)
-    user = current_user(request)
-    record = await state.pool.locate(request.path_params["generation_id"], owner=user)
+    generation_id = request.path_params["generation_id"]
+    token = event_token(request)
+    if token is None:
+        user = current_user(request)
+        record = await state.pool.locate(generation_id, owner=user)
+    else:
+        try:
+            record = await state.pool.locate(generation_id)
+        except GenerationNotFound:
+            raise Unauthorized("the signed URL's token is not valid for this resource") from None
+        user = record.owner
+        check_event_token(request, token, resource=f"generation:{generation_id}", owner=user)
     length, closed = await state.store.stream_length(record.stream_id)
     skip = 0
     last_event_id = request.headers.get("last-event-id")
@@ -238,6 +259,22 @@ async def locate_text_offset(
     return offset, 0
 
 
+async def generation_events_url(request: Request) -> Response:
+    """``POST /v1/generations/{id}/events-url``: a short-lived URL for its events that needs
+    no ``Authorization`` header (for a browser's ``EventSource``)."""
+    user = current_user(request)
+    generation_id = request.path_params["generation_id"]
+    await app_state(request).pool.locate(generation_id, owner=user)
+    return JSONResponse(
+        events_url(
+            request,
+            f"/v1/generations/{generation_id}/events",
+            resource=f"generation:{generation_id}",
+            owner=user,
+        )
+    )
+
+
 async def cancel_generation(request: Request) -> Response:
     """``POST /v1/generations/{id}/cancel``: stop it; idempotent; a finished one is unchanged."""
     pool = app_state(request).pool
@@ -250,4 +287,5 @@ routes = [
     Route("/v1/generations/{generation_id}", get_generation, methods=["GET"]),
     Route("/v1/generations/{generation_id}/events", generation_events, methods=["GET"]),
     Route("/v1/generations/{generation_id}/cancel", cancel_generation, methods=["POST"]),
+    Route("/v1/generations/{generation_id}/events-url", generation_events_url, methods=["POST"]),
 ]

@@ -92,6 +92,7 @@ STREAM_NAME = Param(
 )
 ACCEPT = Param("Accept", "header", "text/event-stream to stream the answer in this response")
 LAST_EVENT_ID = Param("Last-Event-ID", "header", "resume after this event id")
+EVENT_TOKEN = Param("token", "query", "a signed URL's token, in place of the API key")
 STREAM_HEADERS = tuple(
     Param(name, "header", description)
     for name, description in (
@@ -143,6 +144,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
             LAST_EVENT_ID,
             Param("offset", "query", "resume at this event offset"),
             Param("text_offset", "query", "resume after this many characters of text"),
+            EVENT_TOKEN,
         ),
     ),
     ("POST", "/v1/generations/{generation_id}/cancel"): Operation(
@@ -209,7 +211,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         "Follow a session's answers",
         "sessions",
         {200: sse("the latest answer, then every newer one"), 204: NO_CONTENT},
-        params=(SESSION_ID, LAST_EVENT_ID),
+        params=(SESSION_ID, LAST_EVENT_ID, EVENT_TOKEN),
     ),
     ("PUT", "/v1/stream/{name}"): Operation(
         "Create a Durable Stream",
@@ -288,6 +290,21 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         {200: Answer("an HTML page", content={"text/html": {"type": "string"}})},
         public=True,
     ),
+    # -- signed event URLs ------------------------------------------------------------------
+    ("POST", "/v1/generations/{generation_id}/events-url"): Operation(
+        "A short-lived URL for a generation's events (for EventSource)",
+        "generations",
+        {200: Answer("the URL and when its token expires", schemas.EventsUrl)},
+        params=(GENERATION_ID,),
+    ),
+    ("POST", "/v1/sessions/{session_id}/events-url"): Operation(
+        "A short-lived URL for a session's events (for EventSource)",
+        "sessions",
+        {200: Answer("the URL and when its token expires", schemas.EventsUrl)},
+        params=(SESSION_ID,),
+    ),
+    # -- the OpenAI Responses view (/v1/responses) -------------------------------------------
+    # -- the Vercel AI SDK chat view (/api/chat) ---------------------------------------------
 }
 
 

@@ -62,6 +62,15 @@ class Generation(Struct, kw_only=True):
     events_url: str
 
 
+class EventsUrl(Struct, kw_only=True):
+    """A URL that opens a generation's or session's events without an ``Authorization``
+    header (for ``EventSource``); ``expires_at`` (Unix seconds) is ``null`` when the server
+    has no API keys and the URL needs no token."""
+
+    url: str
+    expires_at: int | None
+
+
 # -- sessions ----------------------------------------------------------------------------------
 
 

@@ -14,13 +14,14 @@ from store import TERMINAL_STATUSES, SessionMessage, SessionNotFound, SessionRec
 from streaming import PostedMessage
 
 from . import _schemas as schemas
-from ._auth import current_user
-from ._errors import BadRequest, InvalidRequest
+from ._auth import check_event_token, current_user, event_token, events_url
+from ._errors import BadRequest, InvalidRequest, Unauthorized
 from ._generations import (
     AppState,
     app_state,
     event_stream,
     generation_json,
+    lifetime_deadline,
     parse_offset,
     read_json_body,
     sse_response,
@@ -260,9 +261,10 @@ async def follow_session(
     then each newer one, while the session stays open."""
     sessions = state.sessions
     yield b"retry: %d\n\n" % state.settings.sse_retry_ms
+    deadline = lifetime_deadline(state.settings)
     following, offset = start if start is not None else (None, 0)
     finished: str | None = None
-    while True:
+    while anyio.current_time() < deadline:
         changed = sessions.changed(session_id)
         try:
             record = await sessions.store.get(session_id)
@@ -274,9 +276,15 @@ async def follow_session(
         if following is not None and following != finished:
             # A session's generation writes the stream named by its id.
             async for chunk in follow(
-                state.store, following, offset, id_prefix=following.encode() + b":"
+                state.store,
+                following,
+                offset,
+                id_prefix=following.encode() + b":",
+                deadline=deadline,
             ):
                 yield chunk
+            if anyio.current_time() >= deadline:
+                return  # maybe mid-answer: the client resumes from its last event id
             finished = following
         newer = ids[ids.index(following) + 1 :] if following in ids else []
         if newer:
@@ -284,7 +292,7 @@ async def follow_session(
             continue
         if record.status == "closed":
             return
-        with anyio.move_on_after(SESSION_POLL_INTERVAL):
+        with anyio.move_on_after(min(SESSION_POLL_INTERVAL, deadline - anyio.current_time())):
             await changed.wait()
 
 
@@ -295,11 +303,19 @@ async def session_events(request: Request) -> Response:
     then every newer one while the session is open. Event ids are
     ``<generation id>:<offset>``, so a ``Last-Event-ID`` from an older answer first finishes
     that answer, then goes on with the newer ones. 204 when a closed session has nothing
-    left for the client.
+    left for the client. A ``?token=`` from ``POST …/events-url`` stands in for the API key.
     """
     state = app_state(request)
     session_id = request.path_params["session_id"]
-    user = current_user(request)
+    token = event_token(request)
+    if token is None:
+        user = current_user(request)
+    else:
+        try:
+            user = (await state.sessions.store.get(session_id)).owner
+        except SessionNotFound:
+            raise Unauthorized("the signed URL's token is not valid for this resource") from None
+        check_event_token(request, token, resource=f"session:{session_id}", owner=user)
     record = await state.sessions.get(session_id, owner=user)
     generations = await state.sessions.store.generations(session_id)
     ids = [gid for gid, _ in generations]
@@ -326,6 +342,22 @@ async def session_events(request: Request) -> Response:
     )
 
 
+async def session_events_url(request: Request) -> Response:
+    """``POST /v1/sessions/{id}/events-url``: a short-lived URL for the session's events
+    that needs no ``Authorization`` header (for a browser's ``EventSource``)."""
+    user = current_user(request)
+    session_id = request.path_params["session_id"]
+    await app_state(request).sessions.get(session_id, owner=user)
+    return JSONResponse(
+        events_url(
+            request,
+            f"/v1/sessions/{session_id}/events",
+            resource=f"session:{session_id}",
+            owner=user,
+        )
+    )
+
+
 routes = [
     Route("/v1/sessions", create_session, methods=["POST"]),
     Route("/v1/sessions", list_sessions, methods=["GET"]),
@@ -334,4 +366,5 @@ routes = [
     Route("/v1/sessions/{session_id}", delete_session, methods=["DELETE"]),
     Route("/v1/sessions/{session_id}/messages", post_message, methods=["POST"]),
     Route("/v1/sessions/{session_id}/events", session_events, methods=["GET"]),
+    Route("/v1/sessions/{session_id}/events-url", session_events_url, methods=["POST"]),
 ]

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 ENV_PREFIX = "KEEPSTREAM_"
+MIN_SIGNING_KEY = 32
 
 
 def _setting(default: Any, help: str, *, choices: Sequence[str] | None = None) -> Any:
@@ -75,6 +76,11 @@ class Settings:
     sse_send_timeout: float = _setting(
         30.0, "drop an SSE client that accepts nothing for this long"
     )
+    sse_lifetime: float = _setting(
+        0.0,
+        "seconds before a generation's or session's event stream ends, so the client "
+        "reconnects from its last event id (0 = never)",
+    )
     sse_retry_ms: int = _setting(1000, "reconnect delay suggested to SSE clients (retry:)")
     long_poll_timeout: float = _setting(
         20.0, "Durable Streams: seconds a long-poll waits for data before 204"
@@ -98,6 +104,15 @@ class Settings:
         None, "comma-separated user=key pairs (prefer the env var or --api-keys-file)"
     )
     api_keys_file: str | None = _setting(None, "a file of user=key lines, one per API key")
+    cors_origins: str | None = _setting(
+        None,
+        "comma-separated browser origins allowed to call the API (e.g. http://localhost:3000),"
+        " or * for any; none by default (/v1/stream allows any)",
+    )
+    signed_url_ttl: float = _setting(300.0, "seconds a signed event URL can be opened for")
+    url_signing_key: str | None = _setting(
+        None, "secret that signs event URLs (prefer the env var); default: derived from the keys"
+    )
     allow_remote: bool = _setting(
         False, "allow binding beyond loopback without API keys (anyone could use it)"
     )
@@ -126,6 +141,7 @@ class Settings:
             "retention",
             "long_poll_timeout",
             "stream_sse_lifetime",
+            "sse_lifetime",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
@@ -146,6 +162,13 @@ class Settings:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.signed_url_ttl <= 0:
+            raise ValueError("signed_url_ttl must be > 0")
+        if self.url_signing_key is not None and len(self.url_signing_key) < MIN_SIGNING_KEY:
+            raise ValueError(f"url_signing_key must be at least {MIN_SIGNING_KEY} characters")
+        for origin in self.allowed_origins:
+            if origin != "*" and not origin.startswith(("http://", "https://")):
+                raise ValueError(f"cors_origins: {origin!r} is not an http(s) origin")
         if self.max_queued < 0:
             raise ValueError("max_queued must be >= 0")
         if self.max_stored_bytes_per_user < 0:
@@ -159,6 +182,13 @@ class Settings:
                 f"refusing to bind {self.host} without API keys: configure --api-keys-file "
                 "(or KEEPSTREAM_API_KEYS), bind to loopback, or pass --allow-remote"
             )
+
+    @property
+    def allowed_origins(self) -> list[str]:
+        """``cors_origins`` as a list (empty: no browser origin may call the API)."""
+        if not self.cors_origins:
+            return []
+        return [o.strip().rstrip("/") for o in self.cors_origins.split(",") if o.strip()]
 
     @classmethod
     def add_arguments(

@@ -9,7 +9,10 @@ browser's automatic ``Last-Event-ID`` is exactly where to resume.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import AsyncIterator
+
+import anyio
 
 from store import StreamNotFound, StreamStore
 from streaming import decode_event, encode_event
@@ -79,15 +82,20 @@ async def follow(
     skip_chars: int = 0,
     retry_ms: int | None = None,
     id_prefix: bytes = b"",
+    deadline: float = math.inf,
 ) -> AsyncIterator[bytes]:
-    """SSE chunks from ``offset`` until the stream is closed and fully sent.
+    """SSE chunks from ``offset`` until the stream is closed and fully sent, or until
+    ``deadline`` (``anyio.current_time()``) passes between two chunks: the client then
+    reconnects from its last event id.
 
     Ends quietly if the stream is deleted. Waiting costs nothing per reader beyond one
     event wait; the wait is woken only after a commit.
     """
     if retry_ms is not None:
         yield b"retry: %d\n\n" % retry_ms
-    while True:
+    # A deadline, not a cancel scope around the loop: a generator must not yield inside a
+    # scope that another task may end up closing.
+    while anyio.current_time() < deadline:
         changed = store.change_event(stream_id)
         try:
             result = await store.read(stream_id, offset, max_bytes=READ_BYTES)
@@ -105,4 +113,5 @@ async def follow(
         if result.at_end:
             return
         if not result.messages:
-            await changed.wait()
+            with anyio.move_on_after(deadline - anyio.current_time()):
+                await changed.wait()
