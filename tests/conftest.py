@@ -23,11 +23,19 @@ ServerFactory = Callable[..., Server]
 
 @pytest.fixture
 def server_factory(tmp_path: Path) -> Iterator[ServerFactory]:
-    """Start servers on ``tmp_path/keepstream.db`` (or ``db=``); all are killed afterwards."""
+    """Start servers on ``tmp_path/keepstream.db`` (or ``db=``) and a free port (or ``port=``);
+    all are killed afterwards."""
     started: list[Server] = []
 
-    def start(*args: str, db: Path | None = None, env: dict[str, str] | None = None) -> Server:
+    def start(
+        *args: str,
+        db: Path | None = None,
+        env: dict[str, str] | None = None,
+        port: int | None = None,
+    ) -> Server:
         server = Server(db=db or tmp_path / "keepstream.db", args=args, env=env or {})
+        if port is not None:  # a restart on the port clients already use
+            server.port = port
         started.append(server)
         return server.start()
 
