@@ -58,6 +58,7 @@ async def prepare_one_token_per_event(db: Path, tokens: int) -> tuple[str, int]:
     from streaming import (
         ChatMessage,
         GenerationRequest,
+        GenerationRun,
         SimulatedProvider,
         encode_event,
         new_generation_id,
@@ -67,8 +68,9 @@ async def prepare_one_token_per_event(db: Path, tokens: int) -> tuple[str, int]:
     params = {"tokens_per_second": 0, "max_tokens": tokens}
     request = GenerationRequest((ChatMessage("user", PROMPT),), params=params)
     provider = SimulatedProvider(tokens_per_second=0, max_tokens=tokens)
-    texts = [chunk.text async for chunk in provider.stream(request) if chunk.text]
     generation_id = new_generation_id()
+    run = GenerationRun(generation_id)
+    texts = [chunk.text async for chunk in provider.stream(request, run=run) if chunk.text]
     now = time.time()
     async with StreamStore(str(db), flush_interval=0) as store:
         await store.create_generation(

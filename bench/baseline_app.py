@@ -27,7 +27,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from streaming import GenerationRequest, SimulatedProvider, encode_event, status_event
+from streaming import (
+    GenerationRequest,
+    GenerationRun,
+    SimulatedProvider,
+    encode_event,
+    status_event,
+)
 
 SSE_SEP = "\n"  # keepstream's native SSE uses bare LF separators too
 SSE_PING = 15.0
@@ -94,7 +100,7 @@ async def follow(
 
     yield event(status_event("running"))
     usage = None
-    async for chunk in provider.stream(request):
+    async for chunk in provider.stream(request, run=GenerationRun("baseline")):
         if chunk.text:
             yield event({"type": "delta", "text": chunk.text})
         if chunk.usage is not None:

@@ -36,6 +36,7 @@ from ._exceptions import StreamReadOnly as StreamReadOnly
 from ._exceptions import WriteRejected as WriteRejected
 from ._sessions import SessionStore as SessionStore
 from ._sessions import check_not_busy as check_not_busy
+from ._sessions import drop_last_answer as drop_last_answer
 from ._sessions import insert_messages as insert_messages
 from ._sessions import remember as remember
 from ._store import DEFAULT_FLUSH_INTERVAL as DEFAULT_FLUSH_INTERVAL
@@ -98,6 +99,7 @@ __all__ = [
     "WriteRejected",
     "WriterContext",
     "check_not_busy",
+    "drop_last_answer",
     "format_offset",
     "insert_messages",
     "is_json",

@@ -84,6 +84,27 @@ class SessionStore:
 
         await self.streams.execute(op)
 
+    async def create_if_absent(self, record: SessionRecord, *, max_open: int | None = None) -> bool:
+        """Insert ``record`` unless a session with its id exists; returns whether it did.
+
+        The check and the insert share one transaction, so callers racing to create the same
+        session (in any process) create it once. ``max_open`` as for ``create``, checked only
+        when inserting.
+        """
+        row = record.to_row()
+
+        def op(ctx: WriterContext) -> bool:
+            conn = ctx.conn
+            if conn.execute("SELECT 1 FROM sessions WHERE id = ?", (record.id,)).fetchone():
+                return False
+            if max_open is not None:
+                check_open_below(ctx, record.owner, max_open)
+            conn.execute(_INSERT_SESSION, [row[c] for c in SESSION_COLUMNS])
+            return True
+
+        created: bool = await self.streams.execute(op)
+        return created
+
     async def get(self, session_id: str) -> SessionRecord:
         """A session. Raises ``SessionNotFound``."""
         return await self.streams.query(_get_session, session_id)
@@ -158,6 +179,29 @@ class SessionStore:
     async def recall(self, owner: str | None, key: str) -> JSONDict | None:
         """The response stored for an idempotency key, if any."""
         return await self.streams.query(_recall, owner or "", key)
+
+
+def drop_last_answer(ctx: WriterContext, session_id: str, *, now: float) -> str | None:
+    """Delete the session's last message if it is an assistant's answer, inside another
+    op's transaction; its generation (row, stream and events) stays. Returns the dropped
+    answer's generation id, or ``None`` when the last message is not an answer."""
+    conn = ctx.conn
+    row = conn.execute(
+        "SELECT seq, role, generation_id FROM session_messages WHERE session_id = ?"
+        " ORDER BY seq DESC LIMIT 1",
+        (session_id,),
+    ).fetchone()
+    if row is None or row[1] != "assistant":
+        return None
+    seq, _, generation_id = row
+    conn.execute("DELETE FROM session_messages WHERE session_id = ? AND seq = ?", (session_id, seq))
+    conn.execute(
+        "UPDATE sessions SET message_count = message_count - 1, updated_at = ?,"
+        " last_activity_at = ? WHERE id = ?",
+        (now, now, session_id),
+    )
+    dropped: str | None = generation_id
+    return dropped
 
 
 def check_open_below(

@@ -10,6 +10,9 @@ from ._exceptions import SessionBusy as SessionBusy
 from ._exceptions import SessionClosed as SessionClosed
 from ._exceptions import StreamingError as StreamingError
 from ._exceptions import UnknownProvider as UnknownProvider
+from ._generator import GeneratorInput as GeneratorInput
+from ._generator import GeneratorProvider as GeneratorProvider
+from ._generator import TextGenerator as TextGenerator
 from ._log import GenerationLog as GenerationLog
 from ._log import TextSanitizer as TextSanitizer
 from ._log import decode_event as decode_event
@@ -18,10 +21,12 @@ from ._log import status_event as status_event
 from ._openai import OpenAIProvider as OpenAIProvider
 from ._pool import GenerationPool as GenerationPool
 from ._pool import new_generation_id as new_generation_id
+from ._provider import GenerationRun as GenerationRun
 from ._provider import Provider as Provider
 from ._sessions import PostedMessage as PostedMessage
 from ._sessions import SessionLimits as SessionLimits
 from ._sessions import SessionManager as SessionManager
+from ._sessions import answer_message_id as answer_message_id
 from ._sessions import merge_patch as merge_patch
 from ._simulated import SimulatedProvider as SimulatedProvider
 from .types import ChatMessage as ChatMessage
@@ -33,6 +38,9 @@ __all__ = [
     "GenerationLog",
     "GenerationPool",
     "GenerationRequest",
+    "GenerationRun",
+    "GeneratorInput",
+    "GeneratorProvider",
     "LimitExceeded",
     "OpenAIProvider",
     "PoolClosed",
@@ -47,8 +55,10 @@ __all__ = [
     "SessionManager",
     "SimulatedProvider",
     "StreamingError",
+    "TextGenerator",
     "TextSanitizer",
     "UnknownProvider",
+    "answer_message_id",
     "decode_event",
     "encode_event",
     "merge_patch",

@@ -15,6 +15,7 @@ import httpx
 from httpx_sse import SSEError, aconnect_sse
 
 from ._exceptions import ProviderError
+from ._provider import GenerationRun
 from .types import GenerationRequest, ProviderChunk
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
@@ -90,7 +91,9 @@ class OpenAIProvider:
         body.update(request.params)
         return body
 
-    async def stream(self, request: GenerationRequest) -> AsyncGenerator[ProviderChunk, None]:
+    async def stream(
+        self, request: GenerationRequest, *, run: GenerationRun
+    ) -> AsyncGenerator[ProviderChunk, None]:
         """The upstream's answer; every failure becomes ``ProviderError``."""
         url = f"{self.base_url}/chat/completions"
         finished = False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import secrets
 import time
@@ -29,7 +30,7 @@ from store.types import JSONDict
 from ._exceptions import PoolClosed, PoolFull, ProviderError, UnknownProvider
 from ._fair import FairSlots
 from ._log import GenerationLog, TextSanitizer, encode_event, scrub, status_event
-from ._provider import Provider
+from ._provider import GenerationRun, Provider
 from ._workers import DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_LEASE_TIMEOUT, is_dead, this_host
 from .types import GenerationRequest
 
@@ -103,7 +104,8 @@ class GenerationPool:
     * Each generation runs under its own cancel scope in a supervisor: a failure ends that
       generation as ``failed`` and touches no other.
     * ``cancel`` is explicit, idempotent and persisted; nothing else stops a generation —
-      in particular not a client disconnecting.
+      in particular not a client disconnecting — but its ``time_limit`` (seconds from its
+      start, if set): past it, it ends ``failed`` (``deadline_exceeded``), its text kept.
     * Shutdown (leaving the ``async with``) stops intake, interrupts queued generations, lets
       running ones finish for ``shutdown_grace`` seconds, then ends them ``interrupted``.
     * On entry, and every heartbeat after, generations owned by dead workers are ended
@@ -123,6 +125,7 @@ class GenerationPool:
         max_queued: int = DEFAULT_MAX_QUEUED,
         max_per_owner: int | None = None,
         shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE,
+        time_limit: float | None = None,
         retry_after: float = DEFAULT_RETRY_AFTER,
         heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
         lease_timeout: float = DEFAULT_LEASE_TIMEOUT,
@@ -139,6 +142,7 @@ class GenerationPool:
         self.max_queued = max_queued
         self.max_per_owner = max_per_owner
         self.shutdown_grace = shutdown_grace
+        self.time_limit = time_limit
         self.retry_after = retry_after
         self.heartbeat_interval = heartbeat_interval
         self.lease_timeout = lease_timeout
@@ -398,7 +402,10 @@ class GenerationPool:
                                 record.id, {"request": handle.request.to_json()}
                             )
                         handle.started = True
-                        outcome = await self._run(handle)
+                        with anyio.move_on_after(self.time_limit or math.inf) as limit:
+                            outcome = await self._run(handle)
+                        if limit.cancelled_caught:
+                            outcome = ("failed", self._deadline_error(), None)
                     finally:
                         self._slots.release()
                 if handle.scope.cancelled_caught:
@@ -431,6 +438,12 @@ class GenerationPool:
                 await self._notify(record, status)
         finally:
             self._ended(handle)
+
+    def _deadline_error(self) -> JSONDict:
+        return {
+            "type": "deadline_exceeded",
+            "message": f"the generation ran longer than its limit of {self.time_limit:g} s",
+        }
 
     def _ended(self, handle: _Handle) -> None:
         """Forget a generation that has ended and wake whoever waits for it (once)."""
@@ -465,7 +478,8 @@ class GenerationPool:
     async def _run(self, handle: _Handle) -> tuple[str, JSONDict | None, JSONDict | None]:
         """Stream the provider's answer into the log; return (status, error, usage)."""
         log = handle.log
-        provider = self.providers[handle.record.provider]
+        record = handle.record
+        provider = self.providers[record.provider]
         log.add_event(
             status_event("running"),
             fields={"status": "running", "started_at": self._clock()},
@@ -475,7 +489,8 @@ class GenerationPool:
         try:
             # aclosing: whatever ends the loop, the provider's stream (and its upstream
             # connection) is closed now, not whenever the garbage collector gets to it.
-            async with aclosing(provider.stream(handle.request)) as chunks:
+            run = GenerationRun(record.id, owner=record.owner, session_id=record.session_id)
+            async with aclosing(provider.stream(handle.request, run=run)) as chunks:
                 async for chunk in chunks:
                     if chunk.text:
                         self.stats.chunks += 1

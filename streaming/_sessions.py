@@ -35,6 +35,7 @@ from store import (
     WriterContext,
     WriteRejected,
     check_not_busy,
+    drop_last_answer,
     insert_messages,
     remember,
 )
@@ -118,6 +119,12 @@ def new_message_id() -> str:
     return "msg_" + secrets.token_urlsafe(12)
 
 
+def answer_message_id(generation_id: str) -> str:
+    """The id of the assistant message a generation answers with: derived from the
+    generation's, so a view of the generation names the message without a lookup."""
+    return f"msg_{generation_id}"
+
+
 def merge_patch(target: Any, patch: Any) -> Any:
     """RFC 7396 JSON Merge Patch: ``patch`` applied to ``target`` (neither is modified)."""
     if not isinstance(patch, dict):
@@ -178,11 +185,37 @@ class SessionManager:
     async def create(self, owner: str | None, settings: Mapping[str, Any]) -> SessionRecord:
         """Open a new session. ``settings``: title, context, keep_open, on_closed, on_busy,
         close_on_complete (all optional). Raises ``ValueError`` or ``LimitExceeded``."""
+        record = self._new_record(new_session_id(), owner, settings)
+        await self._create(record)
+        return record
+
+    async def get_or_create(
+        self, session_id: str, *, owner: str | None, settings: Mapping[str, Any]
+    ) -> SessionRecord:
+        """The session ``session_id`` of ``owner``, created with ``settings`` (as for
+        ``create``) if it does not exist yet — once, however many callers race. Raises
+        ``SessionNotFound`` if the id is another owner's, ``LimitExceeded`` when creating
+        would pass the open-session limit."""
+        try:
+            return await self.get(session_id, owner=owner)
+        except SessionNotFound:
+            if session_id in self._deleting:
+                raise
+        record = self._new_record(session_id, owner, settings)
+        try:
+            await self.store.create_if_absent(record, max_open=self.limits.active_sessions_per_user)
+        except WriteRejected:
+            raise self._too_many_open() from None
+        return await self.get(session_id, owner=owner)
+
+    def _new_record(
+        self, session_id: str, owner: str | None, settings: Mapping[str, Any]
+    ) -> SessionRecord:
         values = self._validated(settings, creating=True)
         self._check_context(values.setdefault("context", {}))
         now = self._clock()
-        record = SessionRecord(
-            id=new_session_id(),
+        return SessionRecord(
+            id=session_id,
             owner=owner,
             title=values.get("title", ""),
             status="active",
@@ -195,8 +228,6 @@ class SessionManager:
             keep_open=values.get("keep_open", False),
             close_on_complete=values.get("close_on_complete", False),
         )
-        await self._create(record)
-        return record
 
     async def _create(self, record: SessionRecord) -> None:
         """Insert a session within the owner's open-session limit (checked atomically)."""
@@ -426,7 +457,9 @@ class SessionManager:
                 (message_id, role, content, None)
             ]
             if generation_id is not None:
-                messages.append((new_message_id(), "assistant", None, generation_id))
+                messages.append(
+                    (answer_message_id(generation_id), "assistant", None, generation_id)
+                )
             insert_messages(
                 ctx, record.id, messages, now=now, max_messages=self.limits.messages_per_session
             )
@@ -473,6 +506,88 @@ class SessionManager:
             raise SessionBusy(record.id, exc.detail or "?") from None
         self._signal(record.id)
         return PostedMessage(await self.store.get(record.id), message_id, generation, reopened)
+
+    async def regenerate(
+        self, session_id: str, *, owner: str | None, idempotency_key: str | None = None
+    ) -> PostedMessage:
+        """Replace the session's last answer with a new answer to its last user message.
+
+        The last message, if it is an answer, leaves the history (its generation stays in the
+        log; if still running it is cancelled, and the new answer waits for it to end); no
+        message is added but the new answer's. A closed session reopens only if its
+        ``on_closed`` is "reopen" (``SessionClosed`` otherwise). ``ValueError`` in a paused
+        session or one with no user message to answer. ``idempotency_key`` as for ``post``.
+        """
+        async with self._serialised(session_id):
+            record = await self.get(session_id, owner=owner)
+            idempotency = None
+            if idempotency_key is not None:
+                replay = await self._replay(session_id, owner, idempotency_key)
+                if replay is not None:
+                    return replay
+                idempotency = _Idempotency(owner, idempotency_key, session_id)
+            reopened = record.status == "closed"
+            if record.status == "paused":
+                raise ValueError("the session is paused: set it active to answer in it")
+            if reopened and record.on_closed != "reopen":
+                raise SessionClosed(session_id, record.closed_reason)
+            question = next(
+                (m for m in reversed(await self.store.messages(session_id)) if m.role == "user"),
+                None,
+            )
+            if question is None:
+                raise ValueError("the session has no user message to answer")
+            if reopened:
+                await self._reopen(
+                    session_id, {"status": "active", "closed_reason": None, "closed_at": None}
+                )
+            running = await self._running_generation(session_id)
+            if running is not None:
+                await self.pool.cancel(running, wait=False)  # it is being replaced
+            now = self._clock()
+
+            def also(generation: GenerationRecord) -> Op:
+                def op(ctx: WriterContext) -> None:
+                    if running is None:
+                        check_not_busy(ctx, session_id, new_generation_id=generation.id)
+                    drop_last_answer(ctx, session_id, now=now)
+                    answer = (answer_message_id(generation.id), "assistant", None, generation.id)
+                    insert_messages(
+                        ctx,
+                        session_id,
+                        [answer],
+                        now=now,
+                        max_messages=self.limits.messages_per_session,
+                    )
+                    if idempotency is not None:
+                        idempotency.remember(ctx, session_id, question.id, generation.id, now)
+
+                return op
+
+            async def prepare() -> GenerationRequest:
+                prompt = await self._prompt(session_id, question.id, question.content, "user")
+                return GenerationRequest(prompt)
+
+            try:
+                generation = await self.pool.submit(
+                    GenerationRequest((ChatMessage("user", question.content),)),
+                    owner=record.owner,
+                    session_id=session_id,
+                    also=also,
+                    after=running,
+                    prepare=prepare,
+                )
+            except WriteRejected as exc:  # another process started an answer meanwhile
+                raise SessionBusy(session_id, exc.detail or "?") from None
+            self._signal(session_id)
+            return PostedMessage(
+                await self.store.get(session_id), question.id, generation, reopened
+            )
+
+    async def active_generation(self, session_id: str, *, owner: str | None) -> str | None:
+        """The id of the session's queued or running generation (the newest), if any."""
+        await self.get(session_id, owner=owner)
+        return await self._running_generation(session_id)
 
     async def _successor(self, record: SessionRecord) -> SessionRecord:
         """The fresh session a message to a closed ``on_closed="new"`` session opens."""

@@ -14,6 +14,7 @@ import anyio
 import anyio.lowlevel
 
 from ._exceptions import ProviderError
+from ._provider import GenerationRun
 from .types import GenerationRequest, ProviderChunk
 
 DEFAULT_TOKENS_PER_SECOND = 50.0
@@ -104,7 +105,9 @@ class SimulatedProvider:
             raise ValueError("params.fail_after must be a non-negative integer")
         return float(rate), count, echo, fail_after, stamp
 
-    async def stream(self, request: GenerationRequest) -> AsyncGenerator[ProviderChunk, None]:
+    async def stream(
+        self, request: GenerationRequest, *, run: GenerationRun
+    ) -> AsyncGenerator[ProviderChunk, None]:
         """The deterministic answer, paced at ``tokens_per_second``."""
         rate, count, echo, fail_after, stamp = self._settings(request.params)
         prompt = request.prompt

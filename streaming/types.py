@@ -26,6 +26,9 @@ class GenerationRequest:
     provider: str | None = None
     model: str | None = None
     params: JSONDict = field(default_factory=dict)
+    # Kept with the generation and never sent to a provider, keyed by who keeps it (the
+    # OpenAI Responses view keeps a response's options under "responses").
+    metadata: JSONDict = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, body: Any) -> GenerationRequest:
@@ -73,13 +76,16 @@ class GenerationRequest:
         return cls(messages, provider, model, params)
 
     def to_json(self) -> JSONDict:
-        """The request as stored with its generation."""
-        return {
+        """The request as stored with its generation (``metadata`` only when set)."""
+        stored: JSONDict = {
             "messages": [{"role": m.role, "content": m.content} for m in self.messages],
             "provider": self.provider,
             "model": self.model,
             "params": self.params,
         }
+        if self.metadata:
+            stored["metadata"] = self.metadata
+        return stored
 
     @property
     def prompt(self) -> str:

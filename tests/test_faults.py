@@ -32,6 +32,7 @@ from streaming import (
     GenerationLog,
     GenerationPool,
     GenerationRequest,
+    GenerationRun,
     ProviderChunk,
     SimulatedProvider,
     decode_event,
@@ -114,7 +115,9 @@ class GatedProvider:
     def validate(self, request: GenerationRequest) -> None:
         return None
 
-    async def stream(self, request: GenerationRequest) -> AsyncGenerator[ProviderChunk, None]:
+    async def stream(
+        self, request: GenerationRequest, *, run: GenerationRun
+    ) -> AsyncGenerator[ProviderChunk, None]:
         await self.gate.wait()
         yield ProviderChunk(self.text)
 

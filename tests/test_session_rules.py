@@ -22,6 +22,7 @@ from store import (
 from streaming import (
     GenerationPool,
     GenerationRequest,
+    GenerationRun,
     ProviderChunk,
     SessionLimits,
     SessionManager,
@@ -166,7 +167,9 @@ class StubbornProvider:
     def validate(self, request: GenerationRequest) -> None:
         return None
 
-    async def stream(self, request: GenerationRequest) -> AsyncGenerator[ProviderChunk, None]:
+    async def stream(
+        self, request: GenerationRequest, *, run: GenerationRun
+    ) -> AsyncGenerator[ProviderChunk, None]:
         try:
             while True:
                 yield ProviderChunk("word ")

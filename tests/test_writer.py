@@ -12,7 +12,13 @@ import anyio.lowlevel
 import pytest
 
 from store import AppendBatch, StoreBusy, StreamStore
-from streaming import GenerationLog, GenerationPool, GenerationRequest, ProviderChunk
+from streaming import (
+    GenerationLog,
+    GenerationPool,
+    GenerationRequest,
+    GenerationRun,
+    ProviderChunk,
+)
 from streaming._pool import MAX_UNCOMMITTED_CHARS
 
 from .test_faults import set_disk_full, wait_until
@@ -121,7 +127,9 @@ class FloodProvider:
     def validate(self, request: GenerationRequest) -> None:
         return None
 
-    async def stream(self, request: GenerationRequest) -> AsyncGenerator[ProviderChunk, None]:
+    async def stream(
+        self, request: GenerationRequest, *, run: GenerationRun
+    ) -> AsyncGenerator[ProviderChunk, None]:
         await self.gate.wait()
         for _ in range(self.chunks):
             self.sent += 1

@@ -21,6 +21,7 @@ from streaming import (
 )
 
 from ._auth import ApiKeys
+from ._chat import routes as chat_routes
 from ._cors import ApiCors
 from ._durable import STREAM_PATH
 from ._durable import routes as stream_routes
@@ -31,6 +32,7 @@ from ._limits import OpenReaders, StoredBytes
 from ._metrics import Metrics
 from ._metrics import routes as operator_routes
 from ._openapi import routes as openapi_routes
+from ._responses import routes as responses_routes
 from ._security import SecurityHeaders
 from ._sessions import routes as session_routes
 from ._settings import Settings
@@ -95,6 +97,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 max_queued=settings.max_queued,
                 max_per_owner=settings.max_generations_per_user,
                 shutdown_grace=settings.shutdown_grace,
+                time_limit=settings.generation_time_limit or None,
             )
             sessions = SessionManager(
                 SessionStore(store),
@@ -136,6 +139,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
             *stream_routes,
             *operator_routes,
             *openapi_routes,
+            *chat_routes,
+            *responses_routes,
         ],
         lifespan=lifespan,
         middleware=[

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 READY_WRITE_TIMEOUT = 2.0
-PROTOCOLS = ("native", "session", "durable_sse", "durable_long_poll")
+PROTOCOLS = ("native", "session", "durable_sse", "durable_long_poll", "responses", "ai-sdk")
 COMMIT_SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 BATCH_ROWS_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
 

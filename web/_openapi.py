@@ -22,7 +22,9 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from swagger_ui_bundle import swagger_ui_path
 
+from . import _responses_schemas as responses_schemas
 from . import _schemas as schemas
+from ._chat import ChatRequest
 
 Where = Literal["query", "header", "path"]
 SSE = "text/event-stream"
@@ -84,6 +86,8 @@ def sse(description: str) -> Answer:
 
 GENERATION_ID = Param("generation_id", "path", "a generation's id (gen_…)", required=True)
 SESSION_ID = Param("session_id", "path", "a session's id (ses_…)", required=True)
+CHAT_ID = Param("chat_id", "path", "a Vercel AI SDK chat id (per owner)", required=True)
+RESPONSE_ID = Param("response_id", "path", "a response's id: a generation's (gen_…)", required=True)
 STREAM_NAME = Param(
     "name",
     "path",
@@ -304,7 +308,70 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         params=(SESSION_ID,),
     ),
     # -- the OpenAI Responses view (/v1/responses) -------------------------------------------
+    ("POST", "/v1/responses"): Operation(
+        "Create a response (a generation; background: true runs it detached)",
+        "openai responses",
+        {
+            200: Answer(
+                "the Response (queued with background, final without), or its events as SSE"
+                " with stream: true",
+                responses_schemas.OpenAIResponse,
+                content={SSE: SSE_EVENT},
+            ),
+        },
+        body=responses_schemas.CreateResponse,
+    ),
+    ("GET", "/v1/responses/{response_id}"): Operation(
+        "A response, or its events from the start (or after starting_after) with stream=true",
+        "openai responses",
+        {
+            200: Answer(
+                "the Response, or its events as SSE with stream=true",
+                responses_schemas.OpenAIResponse,
+                content={SSE: SSE_EVENT},
+            ),
+        },
+        params=(
+            RESPONSE_ID,
+            Param(
+                "stream",
+                "query",
+                "true: the events, replayed from sequence 0, then live until the end",
+                {"type": "string", "enum": ["true", "false"]},
+            ),
+            Param(
+                "starting_after",
+                "query",
+                "with stream=true: only the events with a higher sequence_number",
+                {"type": "integer", "minimum": 0},
+            ),
+        ),
+    ),
+    ("POST", "/v1/responses/{response_id}/cancel"): Operation(
+        "Cancel a response (idempotent; the text so far is kept)",
+        "openai responses",
+        {200: Answer("the Response after the cancel", responses_schemas.OpenAIResponse)},
+        params=(RESPONSE_ID,),
+    ),
     # -- the Vercel AI SDK chat view (/api/chat) ---------------------------------------------
+    ("POST", "/api/chat"): Operation(
+        "Send a chat message (or regenerate the last answer), as the Vercel AI SDK does",
+        "ai sdk",
+        {200: sse("the answer as a UI message stream v1 (data: chunks, then [DONE])")},
+        body=ChatRequest,
+    ),
+    ("GET", "/api/chat/{chat_id}/stream"): Operation(
+        "Resume a chat's running answer from its start chunk",
+        "ai sdk",
+        {200: sse("the running answer as a UI message stream v1"), 204: NO_CONTENT},
+        params=(CHAT_ID,),
+    ),
+    ("POST", "/api/chat/{chat_id}/stop"): Operation(
+        "Stop a chat's running answer, keeping its partial text (idempotent)",
+        "ai sdk",
+        {204: Answer("stopped, or nothing was running")},
+        params=(CHAT_ID,),
+    ),
 }
 
 

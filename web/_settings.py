@@ -64,6 +64,9 @@ class Settings:
         64 * 1_048_576, "bytes of recent stream messages kept in memory, for all streams"
     )
     shutdown_grace: float = _setting(10.0, "seconds running generations get to finish on stop")
+    generation_time_limit: float = _setting(
+        3600.0, "seconds a generation may run before it ends failed, its text kept (0 = no limit)"
+    )
     max_body_bytes: int = _setting(1_048_576, "largest request body accepted (413 beyond)")
     max_json_depth: int = _setting(64, "deepest nesting of arrays and objects a JSON body may have")
     request_head_timeout: float = _setting(
@@ -131,6 +134,7 @@ class Settings:
         for name in (
             "flush_interval",
             "shutdown_grace",
+            "generation_time_limit",
             "write_wait",
             "sse_send_timeout",
             "sse_ping",
