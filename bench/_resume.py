@@ -8,7 +8,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from bench._client import (
     ResumeRead,
@@ -18,10 +17,10 @@ from bench._client import (
 from bench._live import PROMPT
 from bench._servers import (
     Server,
-    get_json,
     keepstream_server,
     post_json,
 )
+from client import TERMINAL_STATUSES, Delta, Generation, KeepstreamClient
 
 RESUME_BATCH = 10_000  # events per append when preparing the one-token-per-event stream
 RESUME_READ_TIMEOUT = 60.0
@@ -105,18 +104,33 @@ async def prepare_one_token_per_event(db: Path, tokens: int) -> tuple[str, int]:
     return generation_id, result.next_offset
 
 
-def wait_completed(server: Server, generation_id: str, *, timeout: float) -> dict[str, Any]:
-    """Poll a generation's snapshot until it is terminal."""
+def wait_completed(server: Server, generation_id: str, *, timeout: float) -> Generation:
+    """Poll a generation's snapshot (with keepstream's Python client) until it is terminal."""
     deadline = time.monotonic() + timeout
-    while True:
-        snapshot: dict[str, Any] = get_json(
-            f"{server.url}/v1/generations/{generation_id}", timeout=30.0
-        )
-        if snapshot["status"] in ("completed", "failed", "cancelled", "interrupted"):
-            return snapshot
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"generation {generation_id} still {snapshot['status']}")
-        time.sleep(0.1)
+    with KeepstreamClient(server.url) as ks:
+        while True:
+            snapshot = ks.get_generation(generation_id)
+            if snapshot.status in TERMINAL_STATUSES:
+                return snapshot
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"generation {generation_id} still {snapshot.status}")
+            time.sleep(0.1)
+
+
+def client_catch_up(server: Server, generation_id: str) -> tuple[float, float, int]:
+    """A full resume through keepstream's Python client, as a desktop app would read it:
+    (seconds to the first delta, seconds in all, characters)."""
+    first: float | None = None
+    chars = 0
+    with KeepstreamClient(server.url, timeout=RESUME_READ_TIMEOUT) as ks:
+        start = time.perf_counter()
+        for event in ks.follow_generation(generation_id):
+            if isinstance(event, Delta):
+                if first is None:
+                    first = time.perf_counter() - start
+                chars += len(event.text)
+        total = time.perf_counter() - start
+    return first if first is not None else total, total, chars
 
 
 def resume_bench(
@@ -156,12 +170,12 @@ def resume_bench(
         )
         out(
             f"  created (a) {coalesced_id} through the server at tokens_per_second=0: "
-            f"{snapshot['status']}, {snapshot['next_offset']:,} events, "
+            f"{snapshot.status}, {snapshot.next_offset:,} events, "
             f"{time.perf_counter() - t:.1f} s to generate"
         )
         outcomes = [
             ResumeOutcome(
-                "(a) server-made, coalesced", tokens, note=f"{snapshot['next_offset']:,} events"
+                "(a) server-made, coalesced", tokens, note=f"{snapshot.next_offset:,} events"
             ),
             ResumeOutcome("(b) one token per event", tokens, note=f"{one_each_events:,} events"),
         ]
@@ -178,6 +192,14 @@ def resume_bench(
                     ),
                 )
                 outcome.reads.append(read)
+            # The same read through the Python client (SSE parsing and typed events in
+            # Python): what an app using it gets, beside the raw reader's figure above.
+            first, total, chars = client_catch_up(server, generation_id)
+            out(
+                f"  {outcome.shape} via keepstream's Python client: first delta "
+                f"{first * 1000:.1f} ms, all {chars:,} characters in {total:.2f} s "
+                f"({tokens / total:,.0f} tokens/s)"
+            )
     finally:
         server.kill()
         if not opts.keep_dir:

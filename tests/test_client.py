@@ -30,6 +30,7 @@ from client import (
 )
 
 from .conftest import DEFAULT_ARGS, ServerFactory
+from .scripted_http import cut_stream, http_response, scripted_server
 from .support import ROOT, Server, free_port
 
 ALICE = "sk-alice-0123456789abcdef"
@@ -264,40 +265,30 @@ async def test_async_retry_budget_and_transport_errors_when_nothing_listens() ->
 
 
 def test_a_503_with_retry_after_is_retried_and_resume_sends_the_last_delivered_id() -> None:
-    """The resume bookkeeping, on an injected client: a 503, a stream cut mid-way, the rest."""
-    seen: list[str | None] = []
-
-    def stream(body: bytes, *, cut: bool) -> Iterator[bytes]:
-        yield body
-        if cut:
-            raise httpx.ReadError("connection reset")
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request.headers.get("last-event-id"))
-        sse = {"content-type": "text/event-stream"}
-        if len(seen) == 1:
-            return httpx.Response(
-                503,
-                json={"error": {"type": "shutting_down", "message": "bye"}},
-                headers={"retry-after": "0"},
-            )
-        if len(seen) == 2:
-            body = (
-                b"retry: 1000\n\n"
-                b'id: 1\nevent: status\ndata: {"type":"status","status":"running"}\n\n'
-                b'id: 2\nevent: delta\ndata: {"type":"delta","text":"a "}\n\nid: 3\nevent: de'
-            )
-            return httpx.Response(200, headers=sse, content=stream(body, cut=True))
-        body = (
+    """The resume bookkeeping against a real peer: a 503, a stream cut mid-event, the rest."""
+    sse = {"Content-Type": "text/event-stream"}
+    answers = [
+        http_response(
+            "503 Service Unavailable",
+            {"Content-Type": "application/json", "Retry-After": "0"},
+            b'{"error": {"type": "shutting_down", "message": "bye"}}',
+        ),
+        cut_stream(
+            b"retry: 1000\n\n"
+            b'id: 1\nevent: status\ndata: {"type":"status","status":"running"}\n\n'
+            b'id: 2\nevent: delta\ndata: {"type":"delta","text":"a "}\n\nid: 3\nevent: de'
+        ),
+        http_response(
+            "200 OK",
+            sse,
             b'id: 3\nevent: delta\ndata: {"type":"delta","text":"b"}\n\n'
-            b'id: 4\nevent: status\ndata: {"type":"status","status":"completed","usage":{}}\n\n'
-        )
-        return httpx.Response(200, headers=sse, content=stream(body, cut=False))
-
-    with httpx.Client(transport=httpx.MockTransport(handler)) as http:
-        ks = KeepstreamClient("http://keepstream.test/base", http_client=http, retry=SHORT_RETRY)
-        events = list(ks.follow_generation("gen_1"))
-    assert seen == [None, None, "2"]
+            b'id: 4\nevent: status\ndata: {"type":"status","status":"completed","usage":{}}\n\n',
+        ),
+    ]
+    with scripted_server(answers) as (url, requests):
+        with KeepstreamClient(url + "/base", retry=SHORT_RETRY) as ks:
+            events = list(ks.follow_generation("gen_1"))
+    assert [r.get("last-event-id") for r in requests] == [None, None, "2"]
     assert events == [
         Status("running", None, None, 1, "gen_1"),
         Delta("a ", 2, "gen_1"),
@@ -397,12 +388,12 @@ def test_error_answers_are_typed(server_factory: ServerFactory) -> None:
 
 
 def test_server_errors_are_server_errors() -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(502, text="<html>bad gateway</html>")
-
-    with httpx.Client(transport=httpx.MockTransport(handler)) as http:
-        ks = KeepstreamClient("http://keepstream.test", http_client=http)
-        with pytest.raises(ServerError) as caught:
+    """A proxy's HTML error page is a ``ServerError`` with the page as its message."""
+    page = http_response(
+        "502 Bad Gateway", {"Content-Type": "text/html"}, b"<html>bad gateway</html>"
+    )
+    with scripted_server([page]) as (url, _):
+        with KeepstreamClient(url) as ks, pytest.raises(ServerError) as caught:
             ks.get_generation("gen_1")
     assert caught.value.status_code == 502 and caught.value.code == "http_error"
     assert "bad gateway" in caught.value.message
