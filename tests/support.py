@@ -29,6 +29,38 @@ def free_port() -> int:
         return port
 
 
+def spawn_until_ready(
+    command: Sequence[str],
+    *,
+    env: dict[str, str],
+    log: Path,
+    ready_url: str,
+    name: str,
+    cwd: Path = ROOT,
+) -> subprocess.Popen[bytes]:
+    """Start ``command`` in ``cwd`` (output appended to ``log``) and wait until ``ready_url``
+    answers 200. ``RuntimeError`` with the log if it exits or never does."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+    with open(log, "ab") as log_file:
+        proc = subprocess.Popen(
+            command, stdout=log_file, stderr=subprocess.STDOUT, env=full_env, cwd=cwd
+        )
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            output = log.read_text(errors="replace")
+            raise RuntimeError(f"{name} exited with {proc.returncode}: {output}")
+        try:
+            if httpx.get(ready_url, timeout=1.0).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait(10)
+    raise RuntimeError(f"{name} did not start: {log.read_text(errors='replace')}")
+
+
 @dataclass
 class Server:
     """A ``keepstream serve`` process on 127.0.0.1, on its own port and database file."""
@@ -61,23 +93,10 @@ class Server:
             "warning",
             *self.args,
         ]
-        env = {**os.environ, "PYTHONPATH": str(ROOT), **self.env}
-        with open(log_path, "ab") as log_file:
-            self.proc = subprocess.Popen(
-                command, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=ROOT
-            )
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.output()}")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1.0).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        self.kill()
-        raise RuntimeError(f"server did not start: {self.output()}")
+        self.proc = spawn_until_ready(
+            command, env=self.env, log=log_path, ready_url=f"{self.url}/healthz", name="server"
+        )
+        return self
 
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log and self.log.exists() else ""

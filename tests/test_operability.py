@@ -112,7 +112,7 @@ async def test_readyz_is_503_while_draining(tmp_path: Path) -> None:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://k") as http:
             assert (await http.get("/readyz")).status_code == 200
-            await app.state.keepstream.pool.shutdown()
+            await app.state.runtime.state.pool.shutdown()
             draining = await http.get("/readyz")
             assert draining.status_code == 503
             assert draining.json()["checks"]["pool_accepting"] is False

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ["keepstream", "store", "streaming", "web", "client"]
 
 
-@pytest.mark.parametrize("name", ["store", "streaming", "web", "client"])
+@pytest.mark.parametrize("name", PACKAGES)
 def test_all_lists_exactly_the_public_names(name: str) -> None:
     module = importlib.import_module(name)
     public = {
@@ -25,7 +26,7 @@ def test_all_lists_exactly_the_public_names(name: str) -> None:
     assert set(module.__all__) == public
 
 
-@pytest.mark.parametrize("name", ["store", "streaming", "web", "client"])
+@pytest.mark.parametrize("name", PACKAGES)
 def test_packages_are_this_projects_not_pypis(name: str) -> None:
     module = importlib.import_module(name)
     assert module.__file__ is not None

@@ -4,7 +4,8 @@ single-user and asks nobody."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+import inspect
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 
 from starlette.requests import Request
@@ -93,32 +94,67 @@ class ApiKeys:
         return user
 
 
-def current_user(request: Request) -> str | None:
+# A host application's own authentication: the owner a request acts for (a non-empty
+# string), or an exception (an HTTPException 401, say) to refuse it.
+Authenticate = Callable[[Request], "str | Awaitable[str]"]
+
+
+class Access:
+    """Who is asking: by API key (the default; with no keys the server is single-user), or
+    by a host application's ``authenticate`` callable; and the signer of event URLs."""
+
+    def __init__(
+        self, keys: ApiKeys, signer: UrlSigner, *, authenticate: Authenticate | None = None
+    ) -> None:
+        self.keys = keys
+        self.signer = signer
+        self.authenticate = authenticate
+
+    @property
+    def enabled(self) -> bool:
+        """Whether requests are authenticated (resources then have owners)."""
+        return self.authenticate is not None or self.keys.enabled
+
+    async def user(self, request: Request) -> str | None:
+        """The owner ``request`` acts for; ``None`` only on a single-user server."""
+        if self.authenticate is None:
+            return self.keys.user_for(request.headers.get("authorization"))
+        owner = self.authenticate(request)
+        if inspect.isawaitable(owner):
+            owner = await owner
+        if not isinstance(owner, str) or not owner:
+            # None would mean "everyone's" to the engine: a host must name an owner.
+            raise Unauthorized("the request was not authenticated")
+        return owner
+
+
+def access_of(request: Request) -> Access:
+    """The app's ``Access``."""
+    access: Access = request.app.state.access
+    return access
+
+
+async def current_user(request: Request) -> str | None:
     """The user making ``request`` (``None`` on a single-user server)."""
-    keys: ApiKeys = request.app.state.api_keys
-    return keys.user_for(request.headers.get("authorization"))
+    return await access_of(request).user(request)
 
 
 def event_token(request: Request) -> str | None:
-    """The signed-URL token of an events request, when the server has keys and one is given.
-
-    Without API keys every request is the single user's, so a token changes nothing.
-    """
-    keys: ApiKeys = request.app.state.api_keys
-    return request.query_params.get(TOKEN_PARAM) if keys.enabled else None
+    """The signed-URL token of an events request, when the server authenticates and one is
+    given. Without authentication every request is the single user's: a token changes
+    nothing."""
+    return request.query_params.get(TOKEN_PARAM) if access_of(request).enabled else None
 
 
 def check_event_token(request: Request, token: str, *, resource: str, owner: str | None) -> None:
     """Raise ``Unauthorized`` unless ``token`` opens ``resource``'s events for ``owner``."""
-    signer: UrlSigner = request.app.state.url_signer
-    signer.verify(token, resource=resource, owner=owner)
+    access_of(request).signer.verify(token, resource=resource, owner=owner)
 
 
 def events_url(request: Request, path: str, *, resource: str, owner: str | None) -> EventsUrl:
     """A URL for ``path`` (an events endpoint of ``resource``) that needs no header."""
-    keys: ApiKeys = request.app.state.api_keys
-    if not keys.enabled:
+    access = access_of(request)
+    if not access.enabled:
         return EventsUrl(url=path, expires_at=None)
-    signer: UrlSigner = request.app.state.url_signer
-    signed = signer.sign(path, resource=resource, owner=owner)
+    signed = access.signer.sign(path, resource=resource, owner=owner)
     return EventsUrl(url=signed.url, expires_at=signed.expires_at)

@@ -238,7 +238,7 @@ async def send_chat(request: Request) -> Response:
     that names the replaced message (``messageId``).
     """
     state = app_state(request)
-    user = current_user(request)
+    user = await current_user(request)
     body = decode_chat_request(await read_json_body(request, state.settings))
     question = question_of(body) if body.trigger == "submit-message" else None
     await state.stored.check(user)
@@ -282,7 +282,7 @@ async def resume_chat(request: Request) -> Response:
     """``GET /api/chat/{chat_id}/stream``: the running answer from its ``start`` chunk, then
     live to its end; 204 when the chat has no queued or running answer (or is unknown)."""
     state = app_state(request)
-    user = current_user(request)
+    user = await current_user(request)
     session_id = chat_session_id(user, request.path_params["chat_id"])
     active = await _active_generation(state, user, session_id)
     if active is None:
@@ -294,7 +294,7 @@ async def stop_chat(request: Request) -> Response:
     """``POST /api/chat/{chat_id}/stop``: cancel the running answer, keeping its partial
     text (its streams end with ``abort``); idempotent, 204 whether or not one ran."""
     state = app_state(request)
-    user = current_user(request)
+    user = await current_user(request)
     session_id = chat_session_id(user, request.path_params["chat_id"])
     active = await _active_generation(state, user, session_id)
     if active is not None:

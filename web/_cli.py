@@ -11,6 +11,7 @@ import uvicorn
 from ._app import create_app
 from ._logging import configure_logging
 from ._openapi import package_version
+from ._plugins import plugin_providers
 from ._settings import Settings
 from ._timeouts import build_http_protocol
 
@@ -43,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     settings = Settings.from_namespace(args)
     try:
-        app = create_app(settings)
+        app = create_app(settings, providers=plugin_providers(settings), tune_gc=True)
     except ValueError as exc:
         print(f"keepstream: {exc}", file=sys.stderr)
         return 2

@@ -15,7 +15,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ._errors import error_response
-from ._security import EXPOSED
+from ._security import EXPOSED, route_path
 
 METHODS = ("GET", "POST", "PATCH", "DELETE", "OPTIONS")
 # What a browser script may read besides the safelisted headers.
@@ -61,7 +61,7 @@ class ApiCors:
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"].startswith(self.skip_prefix):
+        if scope["type"] != "http" or route_path(scope).startswith(self.skip_prefix):
             await self.app(scope, receive, send)
             return
         await self.cors(scope, receive, send)

@@ -36,7 +36,7 @@ from store import (
     media_type,
 )
 
-from ._auth import current_user
+from ._auth import access_of, current_user
 from ._errors import BadRequest
 from ._generations import app_state, read_body, sse_response
 from ._json import encode_json, parse_json
@@ -305,7 +305,7 @@ async def create_request(request: Request, owner: str | None, settings: Settings
 async def create_stream(request: Request) -> Response:
     """``PUT``: create a stream (201), or find it with the same configuration (200)."""
     state = app_state(request)
-    owner = current_user(request)
+    owner = await current_user(request)
     name = stream_name(request)
     await state.stored.check(owner)
     wanted = await create_request(request, owner, state.settings)
@@ -323,7 +323,7 @@ async def create_stream(request: Request) -> Response:
 async def append(request: Request) -> Response:
     """``POST``: append a body, close, or both; idempotent with producer headers."""
     state = app_state(request)
-    owner = current_user(request)
+    owner = await current_user(request)
     info = await state.streams.info(owner, stream_name(request))
     close = flag(request, "stream-closed")
     producer = parse_producer(request)
@@ -357,7 +357,7 @@ async def append(request: Request) -> Response:
 
 async def describe(request: Request) -> Response:
     """``HEAD``: the stream's metadata; does not slide its TTL."""
-    info = await streams_of(request).info(current_user(request), stream_name(request))
+    info = await streams_of(request).info(await current_user(request), stream_name(request))
     headers = {
         "Content-Type": info.content_type,
         "Stream-Next-Offset": format_offset(info.next_offset),
@@ -376,7 +376,7 @@ async def describe(request: Request) -> Response:
 async def delete(request: Request) -> Response:
     """``DELETE``: remove the stream (soft-deleted while forks read it)."""
     streams = streams_of(request)
-    info = await streams.info(current_user(request), stream_name(request))
+    info = await streams.info(await current_user(request), stream_name(request))
     await streams.delete(info)
     return Response(status_code=204)
 
@@ -384,7 +384,8 @@ async def delete(request: Request) -> Response:
 async def read(request: Request) -> Response:
     """``GET``: catch-up, long-poll or SSE from ``?offset=``."""
     state = app_state(request)
-    info = await state.streams.info(current_user(request), stream_name(request), touch=True)
+    owner = await current_user(request)
+    info = await state.streams.info(owner, stream_name(request), touch=True)
     offset = read_offset(request)
     live = request.query_params.get("live")
     if live not in (None, "long-poll", "sse"):
@@ -395,7 +396,7 @@ async def read(request: Request) -> Response:
     if start > info.next_offset:
         raise BadRequest(f"offset {format_offset(start)} is beyond the end of the stream")
     if live == "sse":
-        return follow(request, info, start)
+        return follow(request, info, start, owner=owner)
     if live == "long-poll":
         with state.metrics.open_readers.labels("durable_long_poll").track_inprogress():
             return await long_poll(request, info, start)
@@ -416,7 +417,7 @@ def chunk_response(request: Request, info: StreamInfo, chunk: Chunk) -> Response
     if chunk.up_to_date and not chunk.closed:
         headers["Cache-Control"] = "no-store"  # the tail of an open stream moves on
     else:
-        scope = "private" if request.app.state.api_keys.enabled else "public"
+        scope = "private" if access_of(request).enabled else "public"
         headers["Cache-Control"] = f"{scope}, max-age=60, stale-while-revalidate=300"
     held = request.headers.get("if-none-match", "")
     if held.strip() == "*" or etag in (tag.strip() for tag in held.split(",")):
@@ -444,7 +445,7 @@ async def long_poll(request: Request, info: StreamInfo, start: int) -> Response:
     return Response(status_code=204, headers=headers)
 
 
-def follow(request: Request, info: StreamInfo, start: int) -> Response:
+def follow(request: Request, info: StreamInfo, start: int, *, owner: str | None) -> Response:
     """SSE from ``start``: a ``data`` event per read, each followed by a ``control`` event;
     ends after the closing control event, after ``stream_sse_lifetime``, or as soon as the
     stream is deleted or expires (a reconnect then gets the protocol's 404 or 410). An open
@@ -452,7 +453,6 @@ def follow(request: Request, info: StreamInfo, start: int) -> Response:
     settings = app_state(request).settings
     streams = streams_of(request)
     stream_cursor = cursor(request)
-    owner = current_user(request)
     # Wake at least this often to slide the TTL while nothing is appended.
     touch_every = info.ttl / 2 if info.ttl else math.inf
 

@@ -5,6 +5,7 @@ WebError
 ├── Unauthorized      401: a missing or unknown API key
 ├── InvalidRequest    422: a well-formed body that does not describe a valid request
 ├── LimitRefused      429: a per-user limit (open event streams, …) is reached
+├── NotStarted        503: mounted in a host app whose lifespan has not started keepstream
 └── PayloadTooLarge   413: the body exceeds ``max_body_bytes``
 
 ``InvalidJSON`` (from ``_json``) answers 400 too.
@@ -95,6 +96,14 @@ class LimitRefused(WebError):
         self.limit = limit
 
 
+class NotStarted(WebError):
+    """The API is mounted in a host app, but the keepstream instance behind it is not
+    running (the host's lifespan has not entered it, or has left it)."""
+
+    status = 503
+    type = "not_started"
+
+
 class PayloadTooLarge(WebError):
     """The body is larger than allowed."""
 
@@ -130,7 +139,13 @@ ERROR_TABLE: tuple[tuple[type[BaseException], int, str], ...] = (
     (StoreUnavailable, 503, "store_unavailable"),
 )
 
-HTTP_TYPES = {404: "not_found", 405: "method_not_allowed", 400: "bad_request"}
+HTTP_TYPES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+}
 
 
 def error_headers(exc: BaseException) -> dict[str, str] | None:

@@ -46,12 +46,18 @@ class AppState:
 
 def app_state(request: Request) -> AppState:
     """The running app's state."""
-    state: AppState = request.app.state.keepstream
+    state: AppState = request.app.state.runtime.state
     return state
 
 
-def generation_json(record: GenerationRecord) -> Generation:
-    """The public form of a generation snapshot."""
+def url_base(request: Request) -> str:
+    """The prefix of the API's own URLs: where it is mounted in a host app ("" at the root)."""
+    base: str = request.scope.get("root_path", "")
+    return base.rstrip("/")
+
+
+def generation_json(record: GenerationRecord, *, base: str = "") -> Generation:
+    """The public form of a generation snapshot; its URLs start with ``base``."""
     return Generation(
         id=record.id,
         status=record.status,  # type: ignore[arg-type]
@@ -65,8 +71,8 @@ def generation_json(record: GenerationRecord) -> Generation:
         created_at=record.created_at,
         started_at=record.started_at,
         finished_at=record.finished_at,
-        url=f"/v1/generations/{record.id}",
-        events_url=f"/v1/generations/{record.id}/events",
+        url=f"{base}/v1/generations/{record.id}",
+        events_url=f"{base}/v1/generations/{record.id}/events",
     )
 
 
@@ -159,7 +165,7 @@ def event_stream(
 async def create_generation(request: Request) -> Response:
     """``POST /v1/generations``: start a generation; 202 with it, or its events as SSE."""
     state = app_state(request)
-    user = current_user(request)
+    user = await current_user(request)
     body = await read_json_body(request, state.settings)
     try:
         generation_request = GenerationRequest.from_json(body)  # its messages say the most
@@ -172,7 +178,8 @@ async def create_generation(request: Request) -> Response:
     if streaming:
         state.readers.check(user)  # refuse before anything starts
     record = await state.pool.submit(generation_request, owner=user)
-    location = f"/v1/generations/{record.id}"
+    base = url_base(request)
+    location = f"{base}/v1/generations/{record.id}"
     if streaming:
         return event_stream(
             state,
@@ -181,14 +188,14 @@ async def create_generation(request: Request) -> Response:
             offset=0,
             headers={"Location": location, "Keepstream-Generation-Id": record.id},
         )
-    return JSONResponse(generation_json(record), 202, headers={"Location": location})
+    return JSONResponse(generation_json(record, base=base), 202, headers={"Location": location})
 
 
 async def get_generation(request: Request) -> Response:
     """``GET /v1/generations/{id}``: the snapshot (status, text so far, next_offset, …)."""
     pool = app_state(request).pool
-    record = await pool.get(request.path_params["generation_id"], owner=current_user(request))
-    return JSONResponse(generation_json(record))
+    record = await pool.get(request.path_params["generation_id"], owner=await current_user(request))
+    return JSONResponse(generation_json(record, base=url_base(request)))
 
 
 async def generation_events(request: Request) -> Response:
@@ -203,7 +210,7 @@ async def generation_events(request: Request) -> Response:
     generation_id = request.path_params["generation_id"]
     token = event_token(request)
     if token is None:
-        user = current_user(request)
+        user = await current_user(request)
         record = await state.pool.locate(generation_id, owner=user)
     else:
         try:
@@ -262,13 +269,13 @@ async def locate_text_offset(
 async def generation_events_url(request: Request) -> Response:
     """``POST /v1/generations/{id}/events-url``: a short-lived URL for its events that needs
     no ``Authorization`` header (for a browser's ``EventSource``)."""
-    user = current_user(request)
+    user = await current_user(request)
     generation_id = request.path_params["generation_id"]
     await app_state(request).pool.locate(generation_id, owner=user)
     return JSONResponse(
         events_url(
             request,
-            f"/v1/generations/{generation_id}/events",
+            f"{url_base(request)}/v1/generations/{generation_id}/events",
             resource=f"generation:{generation_id}",
             owner=user,
         )
@@ -278,8 +285,10 @@ async def generation_events_url(request: Request) -> Response:
 async def cancel_generation(request: Request) -> Response:
     """``POST /v1/generations/{id}/cancel``: stop it; idempotent; a finished one is unchanged."""
     pool = app_state(request).pool
-    record = await pool.cancel(request.path_params["generation_id"], owner=current_user(request))
-    return JSONResponse(generation_json(record))
+    record = await pool.cancel(
+        request.path_params["generation_id"], owner=await current_user(request)
+    )
+    return JSONResponse(generation_json(record, base=url_base(request)))
 
 
 routes = [

@@ -37,6 +37,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._engine: _EngineCollector | None = None
         self.commit_seconds = Histogram(
             "keepstream_commit_seconds",
             "Time from BEGIN to COMMIT of each writer transaction",
@@ -83,8 +84,12 @@ class Metrics:
         self.commit_rows.observe(rows)
 
     def watch(self, state: AppState) -> None:
-        """Expose the store's and the pool's own counters from now on."""
-        self.registry.register(_EngineCollector(state))
+        """Expose the store's and the pool's own counters from now on (in place of those
+        of an earlier run of the same app)."""
+        if self._engine is not None:
+            self.registry.unregister(self._engine)
+        self._engine = _EngineCollector(state)
+        self.registry.register(self._engine)
 
     async def count_events(
         self, chunks: AsyncIterator[bytes], protocol: str
@@ -204,9 +209,10 @@ async def healthz(request: Request) -> Response:
 async def readyz(request: Request) -> Response:
     """``GET /readyz``: 200 when the store is writable, its schema current and the pool
     accepting work; 503 (while starting, draining or when the disk fails) otherwise."""
-    state: AppState | None = getattr(request.app.state, "keepstream", None)
-    if state is None:
+    runtime = request.app.state.runtime
+    if not runtime.started:
         return JSONResponse(Readiness(status="starting"), 503)
+    state: AppState = runtime.state
     checks = await state.store.readiness(write_within=READY_WRITE_TIMEOUT)
     checks["pool_accepting"] = state.pool.accepting
     ready = all(checks.values())

@@ -211,7 +211,7 @@ async def create_response(request: Request) -> Response:
     at once (``queued``), or its events with ``stream``; without it the answer is awaited
     (or streamed), as the real API does. The generation runs to its end either way."""
     state = app_state(request)
-    user = current_user(request)
+    user = await current_user(request)
     raw = await read_json_body(request, state.settings)
     try:
         body: CreateResponse = decode_body(raw, CreateResponse)
@@ -243,7 +243,7 @@ async def get_response(request: Request) -> Response:
     """``GET /v1/responses/{id}``: the Response; with ``?stream=true`` its events — all of
     them, or those after ``starting_after`` — then live until it ends."""
     state = app_state(request)
-    user = current_user(request)
+    user = await current_user(request)
     stream = query_flag(request, "stream")
     starting_after = None
     if stream and "starting_after" in request.query_params:
@@ -265,7 +265,7 @@ async def cancel_response(request: Request) -> Response:
     finished response is answered unchanged)."""
     state = app_state(request)
     record = await state.pool.cancel(
-        request.path_params["response_id"], owner=current_user(request)
+        request.path_params["response_id"], owner=await current_user(request)
     )
     return JSONResponse(snapshot(record))
 

@@ -26,6 +26,15 @@ EXPOSED = ", ".join(
 )
 
 
+def route_path(scope: Scope) -> str:
+    """The request's path within the app: without the prefix it is mounted under."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root) : len(root) + 1] in ("/", ""):
+        return path[len(root) :]
+    return path
+
+
 class SecurityHeaders:
     """ASGI middleware adding the headers to every response's start."""
 
@@ -37,7 +46,7 @@ class SecurityHeaders:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        cross_origin = scope["path"].startswith(self.prefix)
+        cross_origin = route_path(scope).startswith(self.prefix)
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":

@@ -25,6 +25,7 @@ from ._generations import (
     parse_offset,
     read_json_body,
     sse_response,
+    url_base,
     wants_event_stream,
 )
 from ._json import JSONResponse
@@ -35,12 +36,12 @@ MAX_LIST_LIMIT = 1000
 MAX_IDEMPOTENCY_KEY = 255
 
 
-def session_json(record: SessionRecord) -> schemas.Session:
-    """The public form of a session."""
-    return schemas.Session(**_session_fields(record))
+def session_json(record: SessionRecord, *, base: str = "") -> schemas.Session:
+    """The public form of a session; its URL starts with ``base``."""
+    return schemas.Session(**_session_fields(record, base))
 
 
-def _session_fields(record: SessionRecord) -> dict[str, Any]:
+def _session_fields(record: SessionRecord, base: str) -> dict[str, Any]:
     return {
         "id": record.id,
         "title": record.title,
@@ -58,11 +59,11 @@ def _session_fields(record: SessionRecord) -> dict[str, Any]:
         "updated_at": record.updated_at,
         "last_activity_at": record.last_activity_at,
         "closed_at": record.closed_at,
-        "url": f"/v1/sessions/{record.id}",
+        "url": f"{base}/v1/sessions/{record.id}",
     }
 
 
-def summary_json(summary: SessionSummary) -> schemas.SessionSummary:
+def summary_json(summary: SessionSummary, *, base: str = "") -> schemas.SessionSummary:
     """A session as a list shows it: with its newest generation and whether it is running."""
     latest = None
     if summary.latest_generation_id is not None:
@@ -72,7 +73,7 @@ def summary_json(summary: SessionSummary) -> schemas.SessionSummary:
         )
     active = latest is not None and latest.status in ("queued", "running")
     return schemas.SessionSummary(
-        **_session_fields(summary.session),
+        **_session_fields(summary.session, base),
         latest_generation=latest,
         active_generation_id=summary.latest_generation_id if active else None,
     )
@@ -101,22 +102,25 @@ def request_fields(body: Any, kind: type[schemas.Request]) -> dict[str, Any]:
 async def create_session(request: Request) -> Response:
     """``POST /v1/sessions``: open a session; 201 with it."""
     state = app_state(request)
-    user = current_user(request)
+    user = await current_user(request)
     await state.stored.check(user)
     body = request_fields(await read_json_body(request, state.settings), schemas.CreateSession)
     try:
         record = await state.sessions.create(user, body)
     except ValueError as exc:
         raise InvalidRequest(str(exc)) from None
+    base = url_base(request)
     return JSONResponse(
-        session_json(record), 201, headers={"Location": f"/v1/sessions/{record.id}"}
+        session_json(record, base=base),
+        201,
+        headers={"Location": f"{base}/v1/sessions/{record.id}"},
     )
 
 
 async def list_sessions(request: Request) -> Response:
     """``GET /v1/sessions``: the caller's sessions, newest activity first (``?status=``)."""
     state = app_state(request)
-    user = current_user(request)
+    user = await current_user(request)
     status = request.query_params.get("status")
     raw_limit = request.query_params.get("limit", "100")
     if (
@@ -129,19 +133,21 @@ async def list_sessions(request: Request) -> Response:
         summaries = await state.sessions.list_for(owner=user, status=status, limit=int(raw_limit))
     except ValueError as exc:
         raise InvalidRequest(str(exc)) from None
-    return JSONResponse(schemas.SessionList(data=[summary_json(s) for s in summaries]))
+    base = url_base(request)
+    return JSONResponse(schemas.SessionList(data=[summary_json(s, base=base) for s in summaries]))
 
 
 async def get_session(request: Request) -> Response:
     """``GET /v1/sessions/{id}``: the session with its messages."""
     state = app_state(request)
-    user = current_user(request)
+    user = await current_user(request)
     session_id = request.path_params["session_id"]
     record = await state.sessions.get(session_id, owner=user)
     messages = await state.sessions.messages(session_id, owner=user)
     return JSONResponse(
         schemas.SessionWithMessages(
-            **_session_fields(record), messages=[message_json(m) for m in messages]
+            **_session_fields(record, url_base(request)),
+            messages=[message_json(m) for m in messages],
         )
     )
 
@@ -153,7 +159,7 @@ async def update_session(request: Request) -> Response:
     with ``application/json`` a given context replaces the old one.
     """
     state = app_state(request)
-    user = current_user(request)
+    user = await current_user(request)
     session_id = request.path_params["session_id"]
     raw = await read_json_body(request, state.settings)
     try:
@@ -168,13 +174,15 @@ async def update_session(request: Request) -> Response:
         record = await state.sessions.update(session_id, body, owner=user, merge=merge)
     except ValueError as exc:
         raise InvalidRequest(str(exc)) from None
-    return JSONResponse(session_json(record))
+    return JSONResponse(session_json(record, base=url_base(request)))
 
 
 async def delete_session(request: Request) -> Response:
     """``DELETE /v1/sessions/{id}``: cancel its answer, delete it and all it holds."""
     state = app_state(request)
-    await state.sessions.delete(request.path_params["session_id"], owner=current_user(request))
+    await state.sessions.delete(
+        request.path_params["session_id"], owner=await current_user(request)
+    )
     return Response(status_code=204)
 
 
@@ -186,7 +194,7 @@ async def post_message(request: Request) -> Response:
     the first request's message and generation.
     """
     state = app_state(request)
-    user = current_user(request)
+    user = await current_user(request)
     body = request_fields(await read_json_body(request, state.settings), schemas.PostMessage)
     content = body["content"]
     if not content:
@@ -215,16 +223,16 @@ async def post_message(request: Request) -> Response:
                 "Keepstream-Generation-Id": posted.generation.id,
             },
         )
-    return JSONResponse(posted_json(posted), 202)
+    return JSONResponse(posted_json(posted, base=url_base(request)), 202)
 
 
-def posted_json(posted: PostedMessage) -> schemas.PostedMessage:
+def posted_json(posted: PostedMessage, *, base: str = "") -> schemas.PostedMessage:
     """What ``POST .../messages`` answers."""
     return schemas.PostedMessage(
-        session=session_json(posted.session),
+        session=session_json(posted.session, base=base),
         session_id=posted.session.id,
         message_id=posted.message_id,
-        generation=generation_json(posted.generation) if posted.generation else None,
+        generation=generation_json(posted.generation, base=base) if posted.generation else None,
         generation_id=posted.generation.id if posted.generation else None,
         reopened=posted.reopened,
         replayed=posted.replayed,
@@ -309,7 +317,7 @@ async def session_events(request: Request) -> Response:
     session_id = request.path_params["session_id"]
     token = event_token(request)
     if token is None:
-        user = current_user(request)
+        user = await current_user(request)
     else:
         try:
             user = (await state.sessions.store.get(session_id)).owner
@@ -345,13 +353,13 @@ async def session_events(request: Request) -> Response:
 async def session_events_url(request: Request) -> Response:
     """``POST /v1/sessions/{id}/events-url``: a short-lived URL for the session's events
     that needs no ``Authorization`` header (for a browser's ``EventSource``)."""
-    user = current_user(request)
+    user = await current_user(request)
     session_id = request.path_params["session_id"]
     await app_state(request).sessions.get(session_id, owner=user)
     return JSONResponse(
         events_url(
             request,
-            f"/v1/sessions/{session_id}/events",
+            f"{url_base(request)}/v1/sessions/{session_id}/events",
             resource=f"session:{session_id}",
             owner=user,
         )

@@ -25,7 +25,14 @@ class Settings:
     host: str = _setting("127.0.0.1", "address to bind")
     port: int = _setting(8000, "port to bind (0 picks a free one)")
     db: str = _setting("./keepstream.db", "SQLite database file")
-    provider: str = _setting("simulated", "default provider", choices=("simulated", "openai"))
+    provider: str = _setting(
+        "simulated", "default provider: simulated, openai, or one a provider factory adds"
+    )
+    provider_factory: str | None = _setting(
+        None,
+        "comma-separated package.module:callable factories of more providers (each takes the"
+        " settings and returns {name: async generator function or Provider})",
+    )
     upstream_url: str | None = _setting(
         None, "base URL of an OpenAI-compatible API, e.g. http://127.0.0.1:11434/v1"
     )
@@ -186,6 +193,11 @@ class Settings:
                 f"refusing to bind {self.host} without API keys: configure --api-keys-file "
                 "(or KEEPSTREAM_API_KEYS), bind to loopback, or pass --allow-remote"
             )
+
+    @property
+    def factories(self) -> list[str]:
+        """``provider_factory`` as a list of ``module:callable`` specs."""
+        return [s.strip() for s in (self.provider_factory or "").split(",") if s.strip()]
 
     @property
     def allowed_origins(self) -> list[str]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -66,12 +67,15 @@ class UrlSigner:
 
 
 def signing_key(configured: str | None, key_digests: list[bytes]) -> bytes:
-    """The key that signs URLs: the configured secret, else one derived from the API keys.
+    """The key that signs URLs: the configured secret, else one derived from the API keys,
+    else (no keys: a host authenticates) a random one, good until the process ends.
 
     Derived from the keys, every process of a deployment with the same keys file agrees on
     it and tokens survive restarts; changing the keys invalidates the tokens, as it should.
     """
     if configured:
         return hashlib.sha256(b"keepstream url signing\n" + configured.encode()).digest()
+    if not key_digests:  # a host's own authentication: a key of this process only
+        return secrets.token_bytes(32)
     material = b"".join(sorted(key_digests))
     return hashlib.sha256(b"keepstream url signing from keys\n" + material).digest()

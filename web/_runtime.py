@@ -1,0 +1,212 @@
+"""A keepstream instance's running parts, opened and closed together: the store, the
+providers, the generation pool, sessions, the Durable Streams view and the limits.
+
+``keepstream serve`` opens them in its app's lifespan; an application that embeds keepstream
+opens them in its own. Nothing here touches process-wide state (the garbage collector,
+logging, signals): that is the CLI's business.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager
+from types import TracebackType
+from typing import Self
+
+from store import DurableStreams, SessionStore, StreamStore
+from streaming import (
+    GenerationPool,
+    GeneratorProvider,
+    OpenAIProvider,
+    Provider,
+    SessionLimits,
+    SessionManager,
+    SimulatedProvider,
+    TextGenerator,
+)
+
+from ._auth import Access, ApiKeys, Authenticate
+from ._errors import NotStarted
+from ._generations import AppState
+from ._limits import OpenReaders, StoredBytes
+from ._metrics import Metrics
+from ._settings import Settings
+from ._signing import UrlSigner, signing_key
+
+# Expired Durable Streams are removed this often (any access finds them gone at once).
+EXPIRY_SWEEP_INTERVAL = 1.0
+BUILT_IN_PROVIDERS = ("simulated", "openai")
+
+
+def build_providers(settings: Settings) -> dict[str, Provider]:
+    """The providers the settings configure: ``simulated`` always, ``openai`` with a URL."""
+    providers: dict[str, Provider] = {
+        "simulated": SimulatedProvider(
+            tokens_per_second=settings.sim_tokens_per_second, max_tokens=settings.sim_max_tokens
+        )
+    }
+    if settings.upstream_url:
+        providers["openai"] = OpenAIProvider(
+            base_url=settings.upstream_url,
+            api_key=settings.upstream_api_key,
+            model=settings.model,
+            read_timeout=settings.upstream_read_timeout,
+        )
+    return providers
+
+
+def as_provider(name: str, source: Provider | TextGenerator) -> Provider:
+    """``source`` as a provider named ``name``: a ``Provider`` as it is, any other callable
+    (returning an async iterator of text) wrapped in a ``GeneratorProvider``."""
+    if hasattr(source, "stream") and hasattr(source, "validate"):
+        provider: Provider = source  # type: ignore[assignment]
+        if provider.name != name:
+            raise ValueError(f"provider {provider.name!r} registered as {name!r}")
+        return provider
+    return GeneratorProvider(name, source)
+
+
+class Runtime:
+    """What a keepstream app runs on, with its settings, providers, access rules and
+    metrics. ``async with`` opens it (``state`` is then available) and closes it: running
+    generations get ``shutdown_grace`` to finish, then the providers and the store close.
+    """
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        providers: Mapping[str, Provider | TextGenerator] | None = None,
+        authenticate: Authenticate | None = None,
+    ) -> None:
+        self.settings = settings or Settings()
+        self.settings.validate()
+        self.providers: dict[str, Provider] = {}
+        for name, source in (providers or {}).items():
+            self.add_provider(name, source)
+        keys = ApiKeys.load(inline=self.settings.api_keys, file=self.settings.api_keys_file)
+        signer = UrlSigner(
+            signing_key(self.settings.url_signing_key, keys.digests()),
+            ttl=self.settings.signed_url_ttl,
+        )
+        self.access = Access(keys, signer, authenticate=authenticate)
+        self.metrics = Metrics()
+        self._state: AppState | None = None
+        self._stack: AsyncExitStack | None = None
+
+    def add_provider(self, name: str, source: Provider | TextGenerator) -> None:
+        """Make ``source`` available as provider ``name`` (before the runtime starts)."""
+        if self._running:
+            raise RuntimeError("providers are added before keepstream starts")
+        if name in BUILT_IN_PROVIDERS or name in self.providers:
+            raise ValueError(f"a provider named {name!r} already exists")
+        self.providers[name] = as_provider(name, source)
+
+    def check_default_provider(self) -> None:
+        """Raise ``ValueError`` unless the ``provider`` setting names a provider there is."""
+        known = {"simulated", *self.providers}
+        if self.settings.upstream_url:
+            known.add("openai")
+        if self.settings.provider not in known:
+            raise ValueError(
+                f"the default provider {self.settings.provider!r} is not configured"
+                f" (known: {', '.join(sorted(known))})"
+            )
+
+    @property
+    def _running(self) -> bool:
+        return getattr(self, "_stack", None) is not None
+
+    @property
+    def state(self) -> AppState:
+        """The running parts; ``NotStarted`` (503 over HTTP) before the runtime starts."""
+        if self._state is None:
+            raise NotStarted("keepstream is not running: enter it in the app's lifespan")
+        return self._state
+
+    @property
+    def started(self) -> bool:
+        """Whether the runtime is open."""
+        return self._state is not None
+
+    async def __aenter__(self) -> Self:
+        if self._stack is not None:
+            raise RuntimeError("this keepstream instance is already running")
+        self.check_default_provider()
+        providers = {**build_providers(self.settings), **self.providers}
+        stack = AsyncExitStack()
+        try:
+            self._state = await stack.enter_async_context(
+                open_state(self.settings, providers, self.metrics)
+            )
+        except BaseException:
+            await stack.aclose()
+            raise
+        self._stack = stack
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        stack, self._stack, self._state = self._stack, None, None
+        if stack is not None:
+            await stack.aclose()
+
+
+@asynccontextmanager
+async def open_state(
+    settings: Settings, providers: Mapping[str, Provider], metrics: Metrics
+) -> AsyncIterator[AppState]:
+    """Open everything a keepstream instance runs on; on exit, drain the pool (running
+    generations get ``shutdown_grace``), close the providers and the store, in that order."""
+    async with AsyncExitStack() as stack:
+        store = await stack.enter_async_context(
+            StreamStore(
+                settings.db,
+                synchronous="FULL" if settings.synchronous == "FULL" else "NORMAL",
+                flush_interval=settings.flush_interval,
+                coalesce_window=settings.coalesce_window,
+                max_pending_writes=settings.max_pending_writes,
+                write_wait=settings.write_wait,
+                tail_cache_bytes=settings.tail_cache_bytes,
+                on_commit=metrics.observe_commit,
+            )
+        )
+        for provider in providers.values():
+            stack.push_async_callback(provider.aclose)
+        pool = GenerationPool(
+            store,
+            providers,
+            default_provider=settings.provider,
+            max_running=settings.max_running,
+            max_queued=settings.max_queued,
+            max_per_owner=settings.max_generations_per_user,
+            shutdown_grace=settings.shutdown_grace,
+            time_limit=settings.generation_time_limit or None,
+        )
+        sessions = SessionManager(
+            SessionStore(store),
+            pool,
+            limits=SessionLimits(
+                active_sessions_per_user=settings.max_sessions_per_user,
+                messages_per_session=settings.max_session_messages,
+                context_bytes=settings.max_context_bytes,
+                message_chars=settings.max_message_chars,
+                history_chars=settings.history_chars,
+                idle_timeout=settings.idle_timeout,
+                retention=settings.retention,
+                auto_clean=settings.auto_clean,
+            ),
+        )
+        streams = DurableStreams(store)
+        pool.every(settings.session_sweep_interval, sessions.sweep)
+        pool.every(EXPIRY_SWEEP_INTERVAL, streams.sweep)
+        await stack.enter_async_context(pool)
+        readers = OpenReaders(settings.max_streams_per_user)
+        stored = StoredBytes(store, settings.max_stored_bytes_per_user)
+        state = AppState(settings, store, pool, sessions, streams, metrics, readers, stored)
+        metrics.watch(state)
+        yield state
