@@ -1143,3 +1143,30 @@ async def test_on_busy_reject_holds_across_two_processes(
             assert len(stored["messages"]) == 2, [m["role"] for m in stored["messages"]]
             assert sorted(codes) == [202] + [409] * (2 * POSTS_PER_PROCESS - 1)
             await call(one, "DELETE", f"/v1/sessions/{session['id']}", expect=204)
+
+
+async def test_regenerate_replaces_the_last_answer(fast_server: Server) -> None:
+    async with as_user(fast_server) as http:
+        session = await create(http)
+        posted = await post(http, session["id"], "tell me again")
+        first = posted["generation_id"]
+        await wait_for_status(http, first, TERMINAL)
+        url = f"/v1/sessions/{session['id']}/regenerate"
+        again = body(await call(http, "POST", url, expect=202, headers={"Idempotency-Key": "r1"}))
+        second = again["generation_id"]
+        assert second != first and again["message_id"] == posted["message_id"]
+        replayed = body(
+            await call(http, "POST", url, expect=202, headers={"Idempotency-Key": "r1"})
+        )
+        assert replayed["generation_id"] == second and replayed["replayed"]
+        await wait_for_status(http, second, TERMINAL)
+        messages = (await get_session(http, session["id"]))["messages"]
+        assert [(m["role"], m["generation_id"]) for m in messages] == [
+            ("user", None),
+            ("assistant", second),
+        ]
+        # The replaced answer stays readable.
+        assert (await call(http, "GET", f"/v1/generations/{first}", expect=200)).json()["text"]
+        empty = await create(http)
+        refused = await call(http, "POST", f"/v1/sessions/{empty['id']}/regenerate", expect=422)
+        assert "no user message" in refused.json()["error"]["message"]

@@ -211,6 +211,19 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
             Param("Idempotency-Key", "header", "a retry with the same key changes nothing"),
         ),
     ),
+    ("POST", "/v1/sessions/{session_id}/regenerate"): Operation(
+        "Replace the last answer with a new one",
+        "sessions",
+        {
+            202: Answer("the new answer runs", schemas.PostedMessage),
+            200: sse("the answer's events, when asked for with Accept: text/event-stream"),
+        },
+        params=(
+            SESSION_ID,
+            ACCEPT,
+            Param("Idempotency-Key", "header", "a retry with the same key changes nothing"),
+        ),
+    ),
     ("GET", "/v1/sessions/{session_id}/events"): Operation(
         "Follow a session's answers",
         "sessions",

@@ -211,6 +211,37 @@ async def post_message(request: Request) -> Response:
         )
     except ValueError as exc:
         raise InvalidRequest(str(exc)) from None
+    return posted_answer(request, state, posted, user)
+
+
+async def regenerate_answer(request: Request) -> Response:
+    """``POST /v1/sessions/{id}/regenerate``: answer the last user message again.
+
+    The last answer leaves the history (its generation stays readable; a running one is
+    cancelled first) and a new one starts, with no new user message. Answers as ``POST
+    …/messages`` does (202, or SSE with ``Accept: text/event-stream``); ``Idempotency-Key``
+    likewise. 422 when the session is paused or has no user message to answer.
+    """
+    state = app_state(request)
+    user = await current_user(request)
+    await state.stored.check(user)
+    if wants_event_stream(request):
+        state.readers.check(user)
+    try:
+        posted = await state.sessions.regenerate(
+            request.path_params["session_id"],
+            owner=user,
+            idempotency_key=idempotency_key(request),
+        )
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
+    return posted_answer(request, state, posted, user)
+
+
+def posted_answer(
+    request: Request, state: AppState, posted: PostedMessage, user: str | None
+) -> Response:
+    """202 with what was posted, or (``Accept: text/event-stream``) the answer's events."""
     if posted.generation is not None and wants_event_stream(request):
         return event_stream(
             state,
@@ -373,6 +404,7 @@ routes = [
     Route("/v1/sessions/{session_id}", update_session, methods=["PATCH"]),
     Route("/v1/sessions/{session_id}", delete_session, methods=["DELETE"]),
     Route("/v1/sessions/{session_id}/messages", post_message, methods=["POST"]),
+    Route("/v1/sessions/{session_id}/regenerate", regenerate_answer, methods=["POST"]),
     Route("/v1/sessions/{session_id}/events", session_events, methods=["GET"]),
     Route("/v1/sessions/{session_id}/events-url", session_events_url, methods=["POST"]),
 ]
