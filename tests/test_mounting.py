@@ -90,3 +90,17 @@ async def test_urls_carry_the_prefix_and_owners_come_from_the_host(
         assert refused.json()["error"] == {"type": "unauthorized", "message": "log in first"}
         # The Python API's snapshots name the same URLs as the mounted HTTP API.
         assert (await ks.get(body["id"], owner="ann")).url == body["url"]
+
+
+async def test_the_api_reference_works_under_the_prefix(
+    mounted: tuple[Keepstream, httpx.AsyncClient],
+) -> None:
+    ks, http = mounted
+    async with ks:
+        document = (await http.get("/ks/openapi.json")).json()
+        assert document["servers"] == [{"url": "/ks"}]
+        page = (await http.get("/ks/docs")).text
+        for asset in ("docs/assets/swagger-ui.css", "docs/assets/swagger-ui-bundle.js"):
+            assert f'"{asset}"' in page  # relative: resolves under /ks/
+            assert (await http.get(f"/ks/{asset}")).status_code == 200
+        assert 'url: "openapi.json"' in (await http.get("/ks/docs/init.js")).text

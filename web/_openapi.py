@@ -459,8 +459,9 @@ def _operation(
 
 
 @cache
-def openapi_document() -> bytes:
-    """The whole document, encoded (it never changes while the process runs)."""
+def openapi_document(base: str = "") -> bytes:
+    """The whole document, encoded (it never changes while the process runs); ``base`` is
+    the prefix the API is mounted under, if any (its one ``servers`` entry)."""
     types = _types()
     _, components = msgspec.json.schema_components(
         types, ref_template="#/components/schemas/{name}"
@@ -484,6 +485,8 @@ def openapi_document() -> bytes:
         },
         "security": [{"bearer": []}],
     }
+    if base:
+        document["servers"] = [{"url": base}]
     return msgspec.json.encode(document)
 
 
@@ -498,7 +501,7 @@ def documented_routes(routes: Iterable[BaseRoute]) -> set[tuple[str, str]]:
 
 async def openapi_endpoint(request: Request) -> Response:
     """``GET /openapi.json``."""
-    return Response(openapi_document(), media_type=JSON)
+    return Response(openapi_document(request.scope.get("root_path", "")), media_type=JSON)
 
 
 DOCS_PAGE = """<!doctype html>
@@ -506,18 +509,18 @@ DOCS_PAGE = """<!doctype html>
 <head>
 <meta charset="utf-8">
 <title>keepstream API</title>
-<link rel="stylesheet" href="/docs/assets/swagger-ui.css">
+<link rel="stylesheet" href="docs/assets/swagger-ui.css">
 </head>
 <body>
 <div id="swagger-ui"></div>
-<script src="/docs/assets/swagger-ui-bundle.js"></script>
-<script src="/docs/init.js"></script>
+<script src="docs/assets/swagger-ui-bundle.js"></script>
+<script src="docs/init.js"></script>
 </body>
 </html>
 """
 
 DOCS_INIT = """window.onload = () => {
-  window.ui = SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui", deepLinking: true});
+  window.ui = SwaggerUIBundle({url: "openapi.json", dom_id: "#swagger-ui", deepLinking: true});
 };
 """
 
