@@ -589,8 +589,8 @@ async def test_wrong_method_is_405(
 
 @pytest.mark.parametrize(
     "path",
-    ["/", "/nope", "/v1", "/v1/chat/completions", "/v1/generations/gen_x/events/more"],
-    ids=["root", "nope", "v1", "chat-completions", "below-events"],
+    ["/nope", "/v1", "/v1/chat/completions", "/v1/generations/gen_x/events/more"],
+    ids=["nope", "v1", "chat-completions", "below-events"],
 )
 async def test_unknown_route_is_404(bad_client: httpx.AsyncClient, path: str) -> None:
     for method in ("GET", "POST"):

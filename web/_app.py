@@ -21,6 +21,7 @@ from ._errors import handled_exceptions
 from ._generations import routes as generation_routes
 from ._metrics import routes as operator_routes
 from ._openapi import routes as openapi_routes
+from ._page import routes as page_routes
 from ._responses import routes as responses_routes
 from ._runtime import Runtime
 from ._security import SecurityHeaders
@@ -52,6 +53,7 @@ def build_app(runtime: Runtime, *, lifespan: Lifespan | None = None) -> Starlett
             *openapi_routes,
             *chat_routes,
             *responses_routes,
+            *page_routes,
         ],
         lifespan=lifespan,
         middleware=[
