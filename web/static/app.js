@@ -106,7 +106,7 @@ function describe(error, about = "chat") {
   if (!(error instanceof KeepstreamError)) return "Something went wrong in the page. Reload it to go on.";
   if (error.status === 0) return "The server did not answer. Check that keepstream is running.";
   if (error.status === 401) return "This server needs an API key.";
-  if (error.status === 404) return about === "answer" ? "That answer was deleted." : "That chat was deleted.";
+  if (error.status === 404) return about === "answer" ? "That answer was not found; it may have been deleted." : "That chat was not found; it may have been deleted.";
   if (error.type === "session_busy") return "An answer is still being written in this chat. Wait for it, or stop it, then send again.";
   if (error.type === "session_closed") return "This chat is closed. Reopen it to write in it.";
   if (error.status === 413) return `That is too much for this server: ${error.message}`;
@@ -427,7 +427,7 @@ async function reloadConversation(target = view) {
     if (error instanceof KeepstreamError && error.status === 404) {
       forgetSession(target.id);
       goHome();
-      showError("That chat was deleted.");
+      showError("That chat was not found; it may have been deleted.");
       return;
     }
     if (error instanceof KeepstreamError && error.status === 401) return;
