@@ -18,11 +18,23 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 INDEX = STATIC_DIR / "index.html"
 
 # The page is small and changes with the package: always revalidate it. Model output never
-# reaches the DOM as HTML (markdown.js builds nodes), so the policy only keeps plugins and
-# foreign framing out; it leaves scripts alone so a page test may add its own.
+# reaches the DOM as HTML (markdown.js builds nodes); the policy is the second line: only the
+# page's own scripts run and it talks only to its own server.
+CONTENT_SECURITY_POLICY = "; ".join(
+    (
+        "default-src 'self'",
+        "script-src 'self'",
+        "style-src 'self' 'unsafe-inline'",
+        "img-src 'self' data:",
+        "connect-src 'self'",
+        "object-src 'none'",
+        "base-uri 'self'",
+        "frame-ancestors 'self'",
+    )
+)
 PAGE_HEADERS = {
     "Cache-Control": "no-cache",
-    "Content-Security-Policy": "object-src 'none'; base-uri 'self'; frame-ancestors 'self'",
+    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
     "Referrer-Policy": "same-origin",
 }
 
