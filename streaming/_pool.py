@@ -18,6 +18,7 @@ from anyio.abc import TaskGroup
 
 from store import (
     TERMINAL_STATUSES,
+    ActiveGeneration,
     GenerationNotFound,
     GenerationRecord,
     Op,
@@ -42,6 +43,8 @@ DEFAULT_SHUTDOWN_GRACE = 10.0
 DEFAULT_RETRY_AFTER = 1.0
 FINALIZE_TIMEOUT = 10.0
 REMOTE_POLL_INTERVAL = 0.1
+# Orphaned generations ended at once by a recovery (each is one small writer op).
+RECOVERY_PARALLELISM = 64
 # A generation whose text is not being committed (a slow or failing disk) stops reading
 # from its provider once this much is buffered, until the writer catches up.
 MAX_UNCOMMITTED_CHARS = 256 * 1024
@@ -157,6 +160,7 @@ class GenerationPool:
         self._listeners: list[Callable[[GenerationRecord, str], Awaitable[None]]] = []
         self._periodic: list[tuple[float, Callable[[], Awaitable[object]]]] = []
         self.stats = PoolStats()
+        self.recovered = anyio.Event()  # set once the start-up recovery has run
         self.worker = WorkerRecord(
             id="wrk_" + secrets.token_urlsafe(9),
             hostname=this_host(),
@@ -169,8 +173,10 @@ class GenerationPool:
 
     async def __aenter__(self) -> GenerationPool:
         await self.store.register_worker(self.worker)
-        await self.recover()
         self._tg = await self._stack.enter_async_context(anyio.create_task_group())
+        # In the background: the server takes requests at once, however many orphans a
+        # crash left (a reader of one simply waits for its final event).
+        self._tg.start_soon(self._recover_at_start)
         self._tg.start_soon(self._sweep_forever)
         for interval, job in self._periodic:
             self._tg.start_soon(self._repeat, interval, job)
@@ -536,13 +542,28 @@ class GenerationPool:
 
     # -- other processes ----------------------------------------------------------------------
 
+    async def _recover_at_start(self) -> None:
+        started = anyio.current_time()
+        try:
+            ended = await self.recover()
+        except StoreError:
+            logger.exception("recovery at start failed; the heartbeat sweep tries again")
+            return
+        finally:
+            self.recovered.set()
+        if ended:
+            logger.info(
+                "ended %d orphaned generations in %.2f s", ended, anyio.current_time() - started
+            )
+
     async def recover(self) -> int:
         """End the active generations no live worker owns; return how many were ended.
 
         A generation is orphaned when its worker is dead (see ``is_dead``) or no longer
         registered. Active generations are read *before* the workers: a generation that a
         peer starts in between was created after its worker registered, so it is never
-        mistaken for an orphan.
+        mistaken for an orphan. Up to ``RECOVERY_PARALLELISM`` are ended at once, so the
+        writer commits them in a few group commits rather than one transaction each.
         """
         active = await self.store.active_generations(ACTIVE_STATUSES)
         now = self._clock()
@@ -552,13 +573,24 @@ class GenerationPool:
             for w in workers.values()
             if is_dead(w, me=self.worker, now=now, lease_timeout=self.lease_timeout)
         }
+        orphans = [
+            record
+            for record in active
+            if record.worker_id != self.worker.id
+            and (record.worker_id not in workers or record.worker_id in dead)
+        ]
         ended = 0
-        for record in active:
-            owner = record.worker_id
-            if owner == self.worker.id or (owner in workers and owner not in dead):
-                continue
+        limiter = anyio.CapacityLimiter(RECOVERY_PARALLELISM)
+
+        async def end(record: ActiveGeneration) -> None:
+            nonlocal ended
             status = "cancelled" if record.cancel_requested else "interrupted"
-            ended += await self._end_elsewhere(record.id, status)
+            async with limiter:
+                ended += await self._end_elsewhere(record.id, status)
+
+        async with anyio.create_task_group() as tg:
+            for record in orphans:
+                tg.start_soon(end, record)
         for worker_id in dead:
             await self.store.remove_worker(worker_id)
             logger.info("recovered the generations of dead worker %s", worker_id)

@@ -319,6 +319,8 @@ async def test_a_worker_removed_by_a_peer_is_registered_again_by_its_heartbeat(
         )
         async with mine:
             async with peer:  # its start-up recover() removes our (stale) worker row
+                with anyio.fail_after(TIMEOUT):
+                    await peer.recovered.wait()
                 skew[0] = 0.0  # we are back
                 assert not await mine_store.heartbeat(mine.worker)  # our sweep: the row was gone
                 registered = {w.id for w in await mine_store.list_workers()}

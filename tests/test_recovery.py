@@ -7,11 +7,16 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import anyio
+import httpx
 import pytest
 
 from store import GenerationRecord, StreamStore, WorkerRecord
 from streaming import GenerationPool, SimulatedProvider, decode_event
 from streaming._workers import is_dead
+
+from .conftest import ServerFactory
+from .support import read_events, wait_for_status
 
 
 @pytest.fixture
@@ -59,7 +64,9 @@ async def test_start_up_ends_orphans_and_leaves_live_peers_alone(store: StreamSt
     await add_generation(store, "g_unregistered", "wrk_gone")
     await add_generation(store, "g_cancel", "wrk_gone", cancel_requested=True)
 
-    async with pool_for(store):
+    async with pool_for(store) as pool:
+        with anyio.fail_after(10):
+            await pool.recovered.wait()  # in the background: the pool took work at once
         statuses = {g.id: g.status for g in await store.list_generations()}
     assert statuses == {
         "g_live": "running",
@@ -84,3 +91,31 @@ def test_a_worker_with_our_pid_but_another_id_is_dead() -> None:
     elsewhere = WorkerRecord("wrk_far", "other-host", 999_999, now, now)
     assert not is_dead(elsewhere, me=me, now=now, lease_timeout=15)
     assert is_dead(elsewhere, me=me, now=now + 16, lease_timeout=15)
+
+
+async def test_a_restarted_server_answers_at_once_and_ends_every_orphan(
+    tmp_path: Path, server_factory: ServerFactory
+) -> None:
+    """Hundreds of generations a dead process left running: the server takes requests while
+    it ends them in the background, and a reader of one gets its text and final event."""
+    db = tmp_path / "keepstream.db"
+    count = 300
+    async with StreamStore(str(db)) as store:
+        now = time.time()
+        await store.register_worker(WorkerRecord("wrk_dead", "elsewhere", 1, now - 100, now - 100))
+        for i in range(count):
+            await add_generation(store, f"gen_orphan{i:04d}", "wrk_dead")
+        await store.append("gen_orphan0000", [b'{"type":"delta","text":"half an answer "}'])
+    server = server_factory(db=db)
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+        events = await read_events(http, "gen_orphan0000")
+        assert [e.event for e in events] == ["delta", "status"]
+        assert events[-1].json() | {"error": None} == {
+            "type": "status",
+            "status": "interrupted",
+            "error": None,
+        }
+        last = await wait_for_status(http, f"gen_orphan{count - 1:04d}", {"interrupted"})
+        assert last["status"] == "interrupted"
+    async with StreamStore(str(db)) as store:
+        assert await store.active_generations(("queued", "running")) == []
