@@ -68,6 +68,7 @@ class Reply:
     framing: Framing = "chunked"
     end: Ending = "complete"
     send_head: bool = True  # False: not even the status line is sent (a stall before headers)
+    headers: Sequence[tuple[str, str]] = ()  # extra response headers (``Retry-After``, ...)
 
 
 @dataclass
@@ -94,6 +95,7 @@ class FakeUpstream:
         self.port = free_port()
         self.requests: list[Received] = []
         self._replies: dict[str, Reply] = {}
+        self._sequences: dict[str, list[Reply]] = {}
         self._counter = itertools.count(1)
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
@@ -139,6 +141,16 @@ class FakeUpstream:
             self._replies[prompt] = reply
         return prompt
 
+    def expect_sequence(self, replies: Sequence[Reply], *, label: str = "case") -> str:
+        """Register ``replies`` for successive requests (the last one repeats); return the
+        unique prompt that selects them."""
+        if not replies:
+            raise ValueError("expect_sequence needs at least one reply")
+        prompt = f"{label}-{next(self._counter)}"
+        with self._lock:
+            self._sequences[prompt] = list(replies)
+        return prompt
+
     def requests_for(self, prompt: str) -> list[Received]:
         """The requests whose last user message was ``prompt``."""
         with self._lock:
@@ -179,7 +191,11 @@ class FakeUpstream:
             received = await _read_request(reader)
             with self._lock:
                 self.requests.append(received)
-                reply = self._replies.get(_last_user_message(received.body) or "")
+                prompt = _last_user_message(received.body) or ""
+                reply = self._replies.get(prompt)
+                sequence = self._sequences.get(prompt)
+                if sequence is not None:
+                    reply = sequence.pop(0) if len(sequence) > 1 else sequence[0]
             if reply is None:
                 reply = error_reply(404, "the fake upstream has no reply for this prompt")
             # The reply may wait (a gate, a stall): watch for the client hanging up meanwhile,
@@ -232,6 +248,7 @@ async def _write_reply(writer: asyncio.StreamWriter, reply: Reply) -> None:
         f"Content-Type: {reply.content_type}",
         "Cache-Control: no-cache",
         "Connection: close",
+        *(f"{name}: {value}" for name, value in reply.headers),
     ]
     if reply.framing == "chunked":
         head.append("Transfer-Encoding: chunked")

@@ -285,8 +285,9 @@ async def test_dropped_stream_fails_and_keeps_the_partial_text(
 
 @pytest.mark.parametrize(
     ("send_head", "sent"),
-    [(False, ()), (True, ()), (True, DELTAS[:2])],
-    ids=["stall-before-headers", "stall-before-any-text", "stall-after-some-text"],
+    # A stall before the response head is retried: tests/test_upstream_faults.py covers it.
+    [(True, ()), (True, DELTAS[:2])],
+    ids=["stall-before-any-text", "stall-after-some-text"],
 )
 async def test_stalled_upstream_fails_after_the_read_timeout(
     openai_client: httpx.AsyncClient,
@@ -316,14 +317,16 @@ async def test_stalled_upstream_fails_after_the_read_timeout(
 BAD_STREAMS: list[tuple[list[Step], str, str]] = [
     (
         [
-            sse_data('{"id": "chatcmpl-fake", "choices": [{"index": 0, "delta": {"content": "x"'),
+            *[sse_data('{"id": "chatcmpl-fake", "choices": [{"index": 0, "delta": {"content": "x"')]
+            * 4,
             DONE,
         ],
         "upstream_malformed",
-        "malformed chunk",
+        "malformed chunks",
     ),
-    ([sse_data("[1, 2, 3]"), DONE], "upstream_malformed", "malformed chunk"),
-    ([sse_data("this is not json"), DONE], "upstream_malformed", "malformed chunk"),
+    # Up to 3 malformed chunks are skipped and counted; the 4th fails the answer.
+    ([*[sse_data("[1, 2, 3]")] * 4, DONE], "upstream_malformed", "malformed chunks"),
+    ([*[sse_data("this is not json")] * 4, DONE], "upstream_malformed", "malformed chunks"),
     (
         [sse_data('{"error": {"message": "The model is overloaded.", "type": "server_error"}}')],
         "upstream_error",

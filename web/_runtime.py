@@ -51,6 +51,9 @@ def build_providers(settings: Settings) -> dict[str, Provider]:
             api_key=settings.upstream_api_key,
             model=settings.model,
             read_timeout=settings.upstream_read_timeout,
+            idle_timeout=settings.upstream_idle_timeout,
+            retry_attempts=settings.upstream_retry_attempts,
+            retry_deadline=settings.upstream_retry_deadline,
         )
     return providers
 

@@ -41,6 +41,17 @@ class Settings:
     upstream_read_timeout: float = _setting(
         120.0, "seconds an upstream may stall between chunks (0 = no limit)"
     )
+    upstream_idle_timeout: float = _setting(
+        60.0,
+        "seconds an upstream may send no text, keep-alive comments or not, before the"
+        " generation fails as stalled (0 = no limit)",
+    )
+    upstream_retry_attempts: int = _setting(
+        4, "calls to the upstream at most for one answer, while it has not started (1 = no retry)"
+    )
+    upstream_retry_deadline: float = _setting(
+        30.0, "seconds the calls and backoffs before an answer starts may take in total"
+    )
     sim_tokens_per_second: float = _setting(50.0, "simulated model: tokens per second")
     sim_max_tokens: int = _setting(200, "simulated model: tokens per answer")
     flush_interval: float = _setting(0.01, "group commit window in seconds")
@@ -148,6 +159,7 @@ class Settings:
             "request_head_timeout",
             "request_body_timeout",
             "upstream_read_timeout",
+            "upstream_idle_timeout",
             "idle_timeout",
             "retention",
             "long_poll_timeout",
@@ -170,9 +182,12 @@ class Settings:
             "max_message_chars",
             "history_chars",
             "session_sweep_interval",
+            "upstream_retry_attempts",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.upstream_retry_deadline <= 0:
+            raise ValueError("upstream_retry_deadline must be > 0")
         if self.signed_url_ttl <= 0:
             raise ValueError("signed_url_ttl must be > 0")
         if self.url_signing_key is not None and len(self.url_signing_key) < MIN_SIGNING_KEY:

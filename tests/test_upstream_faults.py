@@ -1,0 +1,323 @@
+"""Upstream faults against a real server and a real fault-injecting upstream: each ends in its
+defined state, after exactly the expected number of upstream calls, within a bounded time, with
+exactly the text streamed before the fault kept.
+
+Before the answer starts, connection failures, 408/409/429 and 5xx are retried (backoff with
+full jitter, ``Retry-After`` honoured, attempts and a deadline); once it has started nothing
+is retried. No text for ``--upstream-idle-timeout`` fails the answer as stalled even while the
+upstream sends keep-alives.
+"""
+
+from __future__ import annotations
+
+import email.utils
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+import anyio.to_thread
+import httpx
+import pytest
+
+from streaming._exceptions import ProviderError
+from streaming._retry import BACKOFF_INITIAL, RetryableError, backoff, retry_after_seconds
+
+from .conftest import ServerFactory, openai_args
+from .fake_upstream import (
+    DONE,
+    FakeUpstream,
+    Reply,
+    Step,
+    answer,
+    completion_chunk,
+    error_reply,
+    sse_data,
+    usage_chunk,
+    usage_of,
+)
+from .support import Server, free_port, get_snapshot, read_events, start_generation, text_of
+
+ATTEMPTS = 4
+DEADLINE = 5.0
+READ_TIMEOUT = 1.0
+IDLE_TIMEOUT = 1.5
+BOUND = DEADLINE + 5.0  # every case ends within this many seconds
+TOKENS = ("The ", "quick", " brown ", "fox")
+FULL = "".join(TOKENS)
+BAD = sse_data('{"choices": [{"delta": {"content": "x"')  # truncated JSON
+
+SERVER_ARGS = (
+    *("--upstream-retry-attempts", str(ATTEMPTS)),
+    *("--upstream-retry-deadline", str(DEADLINE)),
+    *("--upstream-read-timeout", str(READ_TIMEOUT)),
+    *("--upstream-idle-timeout", str(IDLE_TIMEOUT)),
+    *("--coalesce-window", "0", "--shutdown-grace", "1"),
+)
+
+
+@pytest.fixture(scope="module")
+def fault_server(
+    upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    """One server for the whole matrix, with short retry and idle settings."""
+    server = Server(
+        db=tmp_path_factory.mktemp("faults") / "keepstream.db",
+        args=(*openai_args(upstream), *SERVER_ARGS),
+    )
+    try:
+        yield server.start()
+    finally:
+        server.kill()
+
+
+def opening(*texts: str) -> list[Step]:
+    """A role chunk and one chunk per text."""
+    return [completion_chunk(role="assistant", content=""), *map(completion_chunk, texts)]
+
+
+def ending() -> list[Step]:
+    """The stop chunk, a usage chunk (3 + 4 tokens) and ``[DONE]``."""
+    return [completion_chunk(finish_reason="stop"), usage_chunk(3, 4), DONE]
+
+
+def retry_after(status: int, seconds: str) -> Reply:
+    reply = error_reply(status, f"slow down ({status})", kind="requests")
+    reply.headers = [("Retry-After", seconds)]
+    return reply
+
+
+def keepalives(count: int) -> list[Step]:
+    """Keep-alive comments and chunks without content, 0.1 s apart: bytes, but no text."""
+    steps: list[Step] = []
+    for _ in range(count):
+        steps += [b": ping\n\n", 0.1, completion_chunk(content=""), 0.1]
+    return steps
+
+
+OK = Reply(answer(TOKENS, usage=(3, 4)))
+
+
+@dataclass
+class Case:
+    replies: list[Reply]
+    status: str
+    error: str | None
+    calls: int
+    text: str
+    message: str = ""  # a part of the error message
+    at_least: float = 0.0  # seconds the case must take (a backoff it must honour)
+    usage: dict[str, int] | None = field(default=None)
+    hangs_up: bool = False  # keepstream must close the connection of its last call
+
+
+CASES: dict[str, Case] = {
+    "429-retry-after-then-success": Case(
+        [retry_after(429, "1"), OK], "completed", None, 2, FULL, at_least=0.9
+    ),
+    "429-retry-after-past-deadline": Case(
+        [retry_after(429, "60")], "failed", "upstream_error", 1, "", "slow down (429)"
+    ),
+    "500": Case(
+        [error_reply(500, "boom")], "failed", "upstream_error", ATTEMPTS, "", "gave up after 4"
+    ),
+    "503-then-success": Case(
+        [error_reply(503, "busy"), error_reply(503, "busy"), OK], "completed", None, 3, FULL
+    ),
+    "400-not-retried": Case(
+        [error_reply(400, "bad request", kind="invalid_request_error")],
+        "failed",
+        "upstream_error",
+        1,
+        "",
+        "bad request",
+    ),
+    "reset-before-head": Case(
+        [Reply([], send_head=False, end="drop")],
+        "failed",
+        "upstream_dropped",
+        ATTEMPTS,
+        "",
+        "RemoteProtocolError",
+    ),
+    "stall-before-head": Case(
+        [Reply([], end="stall", send_head=False)],
+        "failed",
+        "upstream_timeout",
+        ATTEMPTS,
+        "",
+        "gave up after 4",
+        at_least=ATTEMPTS * READ_TIMEOUT * 0.9,
+    ),
+    "drop-after-2-tokens": Case(
+        [Reply(opening(*TOKENS[:2]), end="drop")],
+        "failed",
+        "upstream_dropped",
+        1,
+        "".join(TOKENS[:2]),
+        "connection failed",
+    ),
+    "stall-silence": Case(
+        [Reply(opening(*TOKENS[:2]), end="stall")],
+        "failed",
+        "upstream_timeout",
+        1,
+        "".join(TOKENS[:2]),
+        "timed out",
+        at_least=READ_TIMEOUT * 0.9,
+        hangs_up=True,
+    ),
+    "keepalive-only-stall": Case(
+        [Reply([*opening(*TOKENS[:2]), *keepalives(100)])],
+        "failed",
+        "upstream_stalled",
+        1,
+        "".join(TOKENS[:2]),
+        "no text for 1.5 s",
+        at_least=IDLE_TIMEOUT * 0.9,
+        hangs_up=True,
+    ),
+    "malformed-below-threshold": Case(
+        [
+            Reply(
+                [
+                    *opening(TOKENS[0]),
+                    BAD,
+                    *opening(*TOKENS[1:2]),
+                    BAD,
+                    BAD,
+                    *opening(*TOKENS[2:]),
+                    *ending(),
+                ]
+            )
+        ],
+        "completed",
+        None,
+        1,
+        FULL,
+        usage={**usage_of(3, 4), "malformed_chunks": 3},
+    ),
+    "malformed-above-threshold": Case(
+        [
+            Reply(
+                [
+                    *opening(*TOKENS[:2]),
+                    BAD,
+                    sse_data("[1]"),
+                    BAD,
+                    sse_data("nope"),
+                    *opening(*TOKENS[2:]),
+                    *ending(),
+                ]
+            )
+        ],
+        "failed",
+        "upstream_malformed",
+        1,
+        "".join(TOKENS[:2]),
+        "4 malformed chunks",
+    ),
+    "wrong-content-type": Case(
+        [Reply([b"<html>please log in</html>"], content_type="text/html", framing="length")],
+        "failed",
+        "upstream_error",
+        1,
+        "",
+        "'text/html'",
+    ),
+    "empty-stream": Case([Reply([])], "failed", "upstream_dropped", 1, "", "empty event stream"),
+    "huge-error-body": Case(
+        [
+            Reply(
+                [b"x" * (5 * 1024 * 1024)], status=502, content_type="text/plain", framing="length"
+            )
+        ],
+        "failed",
+        "upstream_error",
+        ATTEMPTS,
+        "",
+        "truncated",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
+async def test_upstream_fault_ends_in_its_defined_state(
+    fault_server: Server, upstream: FakeUpstream, case: Case
+) -> None:
+    prompt = upstream.expect_sequence(case.replies, label="fault")
+    started = anyio.current_time()
+    async with httpx.AsyncClient(base_url=fault_server.url, timeout=BOUND) as client:
+        generation = await start_generation(client, prompt=prompt)
+        events = await read_events(client, generation["id"], timeout=BOUND)
+        elapsed = anyio.current_time() - started
+        snapshot = await get_snapshot(client, generation["id"])
+    calls = upstream.requests_for(prompt)
+    error = snapshot["error"] or {}
+    assert (snapshot["status"], error.get("type"), len(calls)) == (
+        case.status,
+        case.error,
+        case.calls,
+    ), snapshot
+    assert case.message in error.get("message", ""), error
+    assert len(error.get("message", "")) < 1000  # a huge error body is not copied
+    assert case.at_least <= elapsed < BOUND, elapsed
+    assert snapshot["text"] == case.text
+    assert text_of(events) == case.text
+    last = events[-1].json()
+    assert last["status"] == case.status
+    if case.usage is not None:
+        assert snapshot["usage"] == case.usage
+        assert last["usage"] == case.usage
+    if case.hangs_up:
+        hung_up = await anyio.to_thread.run_sync(calls[-1].hung_up.wait, 5.0)
+        assert hung_up, "the upstream connection was left open"
+
+
+async def test_refused_connection_is_retried_then_fails(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    """A closed port: every attempt is refused (the attempts cannot be counted there, but the
+    message says how many were made), and the generation fails within the deadline."""
+    closed = f"http://127.0.0.1:{free_port()}/v1"
+    server = server_factory(
+        "--provider", "openai", "--model", "test-model", "--upstream-url", closed, *SERVER_ARGS
+    )
+    started = anyio.current_time()
+    async with httpx.AsyncClient(base_url=server.url, timeout=BOUND) as client:
+        generation = await start_generation(client, prompt="anyone there?")
+        events = await read_events(client, generation["id"], timeout=BOUND)
+        elapsed = anyio.current_time() - started
+        snapshot = await get_snapshot(client, generation["id"])
+    assert snapshot["status"] == "failed", snapshot
+    assert snapshot["error"]["type"] == "upstream_dropped"
+    assert "ConnectError" in snapshot["error"]["message"]
+    assert f"gave up after {ATTEMPTS} attempts" in snapshot["error"]["message"]
+    assert elapsed < BOUND
+    assert snapshot["text"] == text_of(events) == ""
+
+
+# -- the policy on its own ------------------------------------------------------------------------
+
+
+def test_retry_after_reads_seconds_and_http_dates() -> None:
+    now = 1_700_000_000.0
+    assert retry_after_seconds("7", now=now) == 7.0
+    assert retry_after_seconds(email.utils.formatdate(now + 12, usegmt=True), now=now) == 12.0
+    assert retry_after_seconds(email.utils.formatdate(now - 12, usegmt=True), now=now) == 0.0
+    assert retry_after_seconds("soon", now=now) is None
+    assert retry_after_seconds(None) is None
+
+
+def test_backoff_is_full_jitter_capped_by_the_deadline() -> None:
+    def failure(attempt: int, remaining: float, after: float | None = None) -> RetryableError:
+        return RetryableError(
+            "x", kind="upstream_error", attempt=attempt, remaining=remaining, retry_after=after
+        )
+
+    waits = [backoff(failure(3, 100.0)) for _ in range(200)]
+    assert all(isinstance(w, float) and 0 <= w <= BACKOFF_INITIAL * 4 for w in waits)
+    assert max(waits) > BACKOFF_INITIAL * 2  # spread over the whole range, not a fixed step
+    assert backoff(failure(1, 100.0, after=3.0)) == 3.0
+    assert backoff(failure(1, 2.0, after=3.0)) is False  # past the deadline: give up now
+    assert backoff(ProviderError("bad request", kind="upstream_error")) is False
