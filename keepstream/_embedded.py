@@ -62,22 +62,31 @@ class Keepstream(Runtime):
         source: Provider | TextGenerator,
         *,
         check_params: ParamsCheck | None = None,
+        continues: bool = False,
     ) -> None:
         """Make ``source`` provider ``name``: a ``Provider``, or a callable that takes a
         ``GeneratorInput`` and returns an async iterator of ``str`` (or ``ProviderChunk``,
         to report usage). ``check_params(params)`` may raise ``ValueError`` to refuse a
-        request's params before it starts."""
-        if check_params is not None:
-            source = GeneratorProvider(name, source, check_params=check_params)  # type: ignore[arg-type]
+        request's params before it starts. ``continues=True`` says the callable can go on
+        from ``input.partial`` (the committed text of an answer whose process died): such
+        a generation is then continued instead of ended ``interrupted``."""
+        if check_params is not None or continues:
+            source = GeneratorProvider(
+                name,
+                source,  # type: ignore[arg-type]
+                check_params=check_params,
+                continues=continues,
+            )
         super().add_provider(name, source)
 
     def provider(
-        self, name: str, *, check_params: ParamsCheck | None = None
+        self, name: str, *, check_params: ParamsCheck | None = None, continues: bool = False
     ) -> Callable[[TextGenerator], TextGenerator]:
-        """A decorator registering an async generator function as provider ``name``."""
+        """A decorator registering an async generator function as provider ``name`` (the
+        options as for ``add_provider``)."""
 
         def register(generate: TextGenerator) -> TextGenerator:
-            self.add_provider(name, generate, check_params=check_params)
+            self.add_provider(name, generate, check_params=check_params, continues=continues)
             return generate
 
         return register
@@ -156,7 +165,9 @@ class Keepstream(Runtime):
                 return  # deleted
             for payload in result.messages:
                 offset += 1
-                yield event_of(decode_event(payload), offset, generation_id)
+                event = event_of(decode_event(payload), offset, generation_id)
+                if event is not None:
+                    yield event
             if result.at_end:
                 return
             if not result.messages:
@@ -168,8 +179,14 @@ def snapshot(record: GenerationRecord, *, base: str = "") -> Generation:
     return msgspec.convert(msgspec.to_builtins(generation_json(record, base=base)), Generation)
 
 
-def event_of(event: JSONDict, offset: int, generation_id: str) -> Event:
-    """A stored event as the event type the HTTP client uses too."""
-    if event.get("type") == "delta":
+def event_of(event: JSONDict, offset: int, generation_id: str) -> Event | None:
+    """A stored event as the event type the HTTP client uses too; ``None`` for the others
+    (the ``resumed`` seam of a continued answer), which a follow skips as the client does."""
+    kind = event.get("type")
+    if kind == "delta":
         return Delta(event["text"], offset, generation_id)
-    return Status(event["status"], event.get("usage"), event.get("error"), offset, generation_id)
+    if kind == "status":
+        return Status(
+            event["status"], event.get("usage"), event.get("error"), offset, generation_id
+        )
+    return None

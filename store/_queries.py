@@ -136,9 +136,11 @@ def query_generations(
 
 
 def query_active(conn: sqlite3.Connection, sql: str, params: list[Any]) -> list[ActiveGeneration]:
-    """Active-generation summaries for an ``id, worker_id, cancel_requested`` query."""
+    """Active-generation summaries for an ``id, worker_id, cancel_requested, provider,
+    created_at, continuations`` query."""
     return [
-        ActiveGeneration(gid, worker, bool(flag)) for gid, worker, flag in conn.execute(sql, params)
+        ActiveGeneration(gid, worker, bool(flag), provider, created_at, continuations)
+        for gid, worker, flag, provider, created_at, continuations in conn.execute(sql, params)
     ]
 
 

@@ -191,6 +191,13 @@ def m005_stream_owners_and_bytes(db: Database) -> None:
     )
 
 
+@migrations()
+def m006_generation_continuations(db: Database) -> None:
+    """How many times each generation was taken over and continued after its process died
+    (its budget of continuations is checked against it, atomically with the takeover)."""
+    db.execute("ALTER TABLE generations ADD COLUMN continuations INTEGER NOT NULL DEFAULT 0")
+
+
 def connect(
     path: str, *, synchronous: Synchronous = "NORMAL", readonly: bool = False
 ) -> sqlite3.Connection:

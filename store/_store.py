@@ -508,12 +508,43 @@ class StreamStore:
         return result
 
     async def active_generations(self, statuses: Iterable[str]) -> list[ActiveGeneration]:
-        """Id, worker and cancel flag of every generation in ``statuses`` (no text: cheap)."""
+        """Id, worker, cancel flag, provider, creation time and continuations of every
+        generation in ``statuses`` (no text: cheap)."""
         wanted = list(statuses)
-        sql = "SELECT id, worker_id, cancel_requested FROM generations WHERE status IN ({})".format(
-            ", ".join("?" for _ in wanted)
+        sql = (
+            "SELECT id, worker_id, cancel_requested, provider, created_at, continuations"
+            " FROM generations WHERE status IN ({})".format(", ".join("?" for _ in wanted))
         )
         return await self.query(queries.query_active, sql, wanted)
+
+    async def claim_generation(
+        self,
+        generation_id: str,
+        *,
+        from_worker: str | None,
+        to_worker: str,
+        max_continuations: int,
+        only_if: Iterable[str],
+    ) -> bool:
+        """Take an orphaned generation over to continue it: its worker becomes
+        ``to_worker`` and its ``continuations`` count goes up by one — only while it still
+        belongs to ``from_worker``, its status is one of ``only_if``, no cancel was
+        requested and fewer than ``max_continuations`` were made. Returns whether it did
+        (of processes racing to claim it, exactly one wins)."""
+        allowed = list(only_if)
+        marks = ", ".join("?" for _ in allowed)
+        sql = (
+            "UPDATE generations SET worker_id = ?, continuations = continuations + 1"
+            f" WHERE id = ? AND worker_id IS ? AND status IN ({marks})"
+            " AND cancel_requested = 0 AND continuations < ?"
+        )
+        params = (to_worker, generation_id, from_worker, *allowed, max_continuations)
+
+        def op(ctx: WriterContext) -> bool:
+            return bool(ctx.conn.execute(sql, params).rowcount)
+
+        result: bool = await self.execute(op)
+        return result
 
     # -- workers ------------------------------------------------------------------------------
 

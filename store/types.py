@@ -115,6 +115,7 @@ class GenerationRecord:
     started_at: float | None = None
     finished_at: float | None = None
     session_id: str | None = None
+    continuations: int = 0  # times it was taken over and continued after a crash
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> GenerationRecord:
@@ -133,6 +134,9 @@ class ActiveGeneration:
     id: str
     worker_id: str | None
     cancel_requested: bool
+    provider: str = ""
+    created_at: float = 0.0
+    continuations: int = 0
 
 
 @dataclass(frozen=True, slots=True)

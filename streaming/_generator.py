@@ -30,6 +30,10 @@ class GeneratorInput:
     generation_id: str
     owner: str | None
     session_id: str | None
+    # When the generation is being continued (its process died mid-answer, and the
+    # generator was registered with ``continues=True``): the text already committed. The
+    # generator yields only what follows it.
+    partial: str = ""
 
     @property
     def prompt(self) -> str:
@@ -49,11 +53,18 @@ class GeneratorProvider:
     ``str`` or ``ProviderChunk``. Whatever it raises ends the generation ``failed`` with the
     exception's message; cancelling the generation cancels it at its current ``await`` and
     closes it. ``check_params``, if given, raises ``ValueError`` for params it refuses,
-    before anything starts (the HTTP API answers 422 with the message).
+    before anything starts (the HTTP API answers 422 with the message). ``continues``
+    says that ``generate`` can go on from ``input.partial``, so a generation whose process
+    died is continued rather than ended ``interrupted``.
     """
 
     def __init__(
-        self, name: str, generate: TextGenerator, *, check_params: ParamsCheck | None = None
+        self,
+        name: str,
+        generate: TextGenerator,
+        *,
+        check_params: ParamsCheck | None = None,
+        continues: bool = False,
     ) -> None:
         if not name or not name.replace("-", "").replace("_", "").isalnum():
             raise ValueError(f"a provider name is letters, digits, - and _; got {name!r}")
@@ -62,11 +73,16 @@ class GeneratorProvider:
         self.name = name
         self.generate = generate
         self.check_params = check_params
+        self.continues = continues
 
     def validate(self, request: GenerationRequest) -> None:
         """Raise ``ValueError`` for params ``check_params`` refuses."""
         if self.check_params is not None:
             self.check_params(request.params)
+
+    def can_continue(self, request: GenerationRequest) -> bool:
+        """Whether it was registered as able to go on from a partial answer."""
+        return self.continues
 
     async def stream(
         self, request: GenerationRequest, *, run: GenerationRun
@@ -79,6 +95,7 @@ class GeneratorProvider:
             generation_id=run.generation_id,
             owner=run.owner,
             session_id=run.session_id,
+            partial=run.partial,
         )
         try:
             chunks: Any = self.generate(given)

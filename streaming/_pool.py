@@ -31,7 +31,7 @@ from store.types import JSONDict
 from ._exceptions import PoolClosed, PoolFull, ProviderError, UnknownProvider
 from ._fair import FairSlots
 from ._log import GenerationLog, TextSanitizer, encode_event, scrub, status_event
-from ._provider import GenerationRun, Provider
+from ._provider import GenerationRun, Provider, supports_continuation
 from ._workers import DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_LEASE_TIMEOUT, is_dead, this_host
 from .types import GenerationRequest
 
@@ -45,6 +45,8 @@ FINALIZE_TIMEOUT = 10.0
 REMOTE_POLL_INTERVAL = 0.1
 # Orphaned generations ended at once by a recovery (each is one small writer op).
 RECOVERY_PARALLELISM = 64
+# Times one generation may be taken over and continued after its process died.
+DEFAULT_MAX_CONTINUATIONS = 3
 # A generation whose text is not being committed (a slow or failing disk) stops reading
 # from its provider once this much is buffered, until the writer catches up.
 MAX_UNCOMMITTED_CHARS = 256 * 1024
@@ -88,6 +90,7 @@ class _Handle:
     log: GenerationLog
     after: str | None = None  # a generation to wait for before starting
     prepare: Callable[[], Awaitable[GenerationRequest]] | None = None  # the request, at start
+    partial: str | None = None  # a continuation: the text its dead process committed
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     stop_reason: str | None = None  # "cancelled" or "interrupted"
     started: bool = False
@@ -129,6 +132,7 @@ class GenerationPool:
         max_per_owner: int | None = None,
         shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE,
         time_limit: float | None = None,
+        max_continuations: int = DEFAULT_MAX_CONTINUATIONS,
         retry_after: float = DEFAULT_RETRY_AFTER,
         heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
         lease_timeout: float = DEFAULT_LEASE_TIMEOUT,
@@ -146,6 +150,7 @@ class GenerationPool:
         self.max_per_owner = max_per_owner
         self.shutdown_grace = shutdown_grace
         self.time_limit = time_limit
+        self.max_continuations = max_continuations
         self.retry_after = retry_after
         self.heartbeat_interval = heartbeat_interval
         self.lease_timeout = lease_timeout
@@ -486,16 +491,25 @@ class GenerationPool:
         log = handle.log
         record = handle.record
         provider = self.providers[record.provider]
-        log.add_event(
-            status_event("running"),
-            fields={"status": "running", "started_at": self._clock()},
-        )
+        if handle.partial is None:
+            log.add_event(
+                status_event("running"),
+                fields={"status": "running", "started_at": self._clock()},
+            )
+        else:
+            # The seam: readers see one answer; those that skip unknown events lose nothing.
+            log.add_event({"type": "resumed", "continuation": record.continuations})
         sanitizer = TextSanitizer()
         usage: JSONDict | None = None
         try:
             # aclosing: whatever ends the loop, the provider's stream (and its upstream
             # connection) is closed now, not whenever the garbage collector gets to it.
-            run = GenerationRun(record.id, owner=record.owner, session_id=record.session_id)
+            run = GenerationRun(
+                record.id,
+                owner=record.owner,
+                session_id=record.session_id,
+                partial=handle.partial or "",
+            )
             async with aclosing(provider.stream(handle.request, run=run)) as chunks:
                 async for chunk in chunks:
                     if chunk.text:
@@ -553,11 +567,16 @@ class GenerationPool:
             self.recovered.set()
         if ended:
             logger.info(
-                "ended %d orphaned generations in %.2f s", ended, anyio.current_time() - started
+                "took over %d orphaned generations in %.2f s",
+                ended,
+                anyio.current_time() - started,
             )
 
     async def recover(self) -> int:
-        """End the active generations no live worker owns; return how many were ended.
+        """Take over the active generations no live worker owns: continue those whose
+        provider can go on from their committed text (within ``max_continuations`` and the
+        ``time_limit``), end the others ``interrupted`` (``cancelled`` when a cancel was
+        requested: a persisted cancel wins). Returns how many were taken over.
 
         A generation is orphaned when its worker is dead (see ``is_dead``) or no longer
         registered. Active generations are read *before* the workers: a generation that a
@@ -584,8 +603,11 @@ class GenerationPool:
 
         async def end(record: ActiveGeneration) -> None:
             nonlocal ended
-            status = "cancelled" if record.cancel_requested else "interrupted"
             async with limiter:
+                if not record.cancel_requested and await self._continue_orphan(record):
+                    ended += 1
+                    return
+                status = "cancelled" if record.cancel_requested else "interrupted"
                 ended += await self._end_elsewhere(record.id, status)
 
         async with anyio.create_task_group() as tg:
@@ -595,6 +617,43 @@ class GenerationPool:
             await self.store.remove_worker(worker_id)
             logger.info("recovered the generations of dead worker %s", worker_id)
         return ended
+
+    async def _continue_orphan(self, orphan: ActiveGeneration) -> bool:
+        """Claim an orphan and run it on from its committed text; whether it did."""
+        provider = self.providers.get(orphan.provider)
+        if provider is None or not callable(getattr(provider, "can_continue", None)):
+            return False
+        if self._closing or self._tg is None:
+            return False
+        if self.time_limit and self._clock() - orphan.created_at > self.time_limit:
+            return False  # past its overall deadline
+        claimed = await self.store.claim_generation(
+            orphan.id,
+            from_worker=orphan.worker_id,
+            to_worker=self.worker.id,
+            max_continuations=self.max_continuations,
+            only_if=ACTIVE_STATUSES,
+        )
+        if not claimed:
+            return False
+        record = await self.store.get_generation(orphan.id)
+        try:
+            request = GenerationRequest.from_stored(record.request)
+        except ValueError:
+            return False  # ours now, and ended by the caller
+        if not supports_continuation(provider, request):
+            return False
+        handle = _Handle(
+            record,
+            request,
+            GenerationLog(self.store, record.id, record.stream_id),
+            partial=record.text if record.status == "running" else None,
+        )
+        self._handles[record.id] = handle
+        self._hold(record.owner)
+        self._tg.start_soon(self._supervise, handle, name=f"generation {record.id} (continued)")
+        logger.info("continuing generation %s", record.id, extra=log_context(record))
+        return True
 
     async def _sweep_forever(self) -> None:
         while True:

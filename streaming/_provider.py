@@ -11,11 +11,23 @@ from .types import GenerationRequest, ProviderChunk
 
 @dataclass(frozen=True, slots=True)
 class GenerationRun:
-    """Which generation a provider is answering: its id, its owner and its session."""
+    """Which generation a provider is answering: its id, its owner, its session, and the
+    text already committed when it is being continued."""
 
     generation_id: str
     owner: str | None = None
     session_id: str | None = None
+    # When the generation is being continued (after a crash): its committed text, which
+    # the provider's answer must go on from, not repeat.
+    partial: str = ""
+
+
+def supports_continuation(provider: Provider, request: GenerationRequest) -> bool:
+    """Whether ``provider`` can go on with ``request`` from a committed partial answer
+    (``run.partial``): it says so with a ``can_continue(request) -> bool`` method. Other
+    generations end ``interrupted`` when their process dies."""
+    can_continue = getattr(provider, "can_continue", None)
+    return callable(can_continue) and can_continue(request) is True
 
 
 class Provider(Protocol):

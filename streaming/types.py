@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from store.types import JSONDict
@@ -74,6 +74,18 @@ class GenerationRequest:
         if not isinstance(params, dict):
             raise ValueError("'params' must be an object")
         return cls(messages, provider, model, params)
+
+    @classmethod
+    def from_stored(cls, stored: JSONDict) -> GenerationRequest:
+        """A request as ``to_json`` stored it, ``metadata`` included."""
+        body = {
+            key: stored[key]
+            for key in ("messages", "provider", "model", "params")
+            if stored.get(key) is not None
+        }
+        metadata = stored.get("metadata")
+        request = cls.from_json(body)
+        return replace(request, metadata=metadata) if isinstance(metadata, dict) else request
 
     def to_json(self) -> JSONDict:
         """The request as stored with its generation (``metadata`` only when set)."""

@@ -204,3 +204,12 @@ def readme_block(after: str, language: str) -> str:
     start = readme.index(after)
     opening = readme.index(f"```{language}\n", start) + len(language) + 4
     return readme[opening : readme.index("```", opening)]
+
+
+def simulated_answer(prompt: str, **params: Any) -> str:
+    """The whole answer the simulated model gives ``prompt`` with ``params`` (its text is
+    a function of those alone): what a continued answer must equal."""
+    from streaming import GenerationRequest, SimulatedProvider
+
+    request = GenerationRequest.from_json({"prompt": prompt, "params": params})
+    return SimulatedProvider().answer(request)

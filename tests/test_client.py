@@ -31,7 +31,7 @@ from client import (
 
 from .conftest import DEFAULT_ARGS, ServerFactory
 from .scripted_http import cut_stream, http_response, scripted_server
-from .support import ROOT, Server, free_port
+from .support import ROOT, Server, free_port, simulated_answer
 
 ALICE = "sk-alice-0123456789abcdef"
 # Slow enough to be mid-answer when the server is killed: about 6 s of tokens.
@@ -49,6 +49,14 @@ def text_of(events: Sequence[Event]) -> str:
 def assert_exactly_once(events: Sequence[Event], next_offset: int) -> None:
     """Every event of the stream, in order, none twice, none missing."""
     assert [e.offset for e in events] == list(range(1, next_offset + 1))
+
+
+def assert_exactly_once_across_a_seam(events: Sequence[Event], next_offset: int) -> None:
+    """As ``assert_exactly_once``, for an answer continued after a crash: the one event
+    the client does not yield is the ``resumed`` event at the seam."""
+    offsets = [e.offset for e in events]
+    assert offsets == sorted(set(offsets))
+    assert len(set(range(1, next_offset + 1)) - set(offsets)) == 1
 
 
 class CountingTransport(httpx.HTTPTransport):
@@ -178,12 +186,12 @@ def test_sync_follow_survives_sigkill_and_restart(
         assert restarted is not None
         restarted.result()
         snapshot = ks.get_generation(generation.id)
-    assert snapshot.status == "interrupted"
+    # The restarted server continued the answer: it ends as if nothing had happened.
+    assert snapshot.status == "completed"
     last = received[-1]
-    assert isinstance(last, Status) and last.status == "interrupted"
-    assert text_of(received) == snapshot.text
-    assert_exactly_once(received, snapshot.next_offset)
-    assert len(snapshot.text.split()) < SLOW["max_tokens"]  # it really was cut short
+    assert isinstance(last, Status) and last.status == "completed"
+    assert text_of(received) == snapshot.text == simulated_answer("crash", **SLOW)
+    assert_exactly_once_across_a_seam(received, snapshot.next_offset)
     assert transport.refused >= 1  # it backed off while the server was down
 
 
@@ -206,12 +214,12 @@ async def test_async_follow_survives_sigkill_and_restart(server_factory: ServerF
                         server.kill()
                         tg.start_soon(anyio.to_thread.run_sync, restart)
         snapshot = await ks.get_generation(generation.id)
-    assert snapshot.status == "interrupted"
+    assert snapshot.status == "completed"
     assert received[-1] == Status(
-        "interrupted", None, snapshot.error, snapshot.next_offset, generation.id
+        "completed", snapshot.usage, None, snapshot.next_offset, generation.id
     )
-    assert text_of(received) == snapshot.text
-    assert_exactly_once(received, snapshot.next_offset)
+    assert text_of(received) == snapshot.text == simulated_answer("crash", **SLOW)
+    assert_exactly_once_across_a_seam(received, snapshot.next_offset)
 
 
 async def test_follow_goes_on_when_the_server_ends_streams_early(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -13,8 +14,8 @@ import anyio
 import pytest
 
 from keepstream import Delta, GeneratorInput, Keepstream, ProviderChunk, Settings, Status
-from store import GenerationNotFound
-from streaming import UnknownProvider
+from store import GenerationNotFound, GenerationRecord, StreamStore, WorkerRecord
+from streaming import GenerationRequest, UnknownProvider, encode_event, status_event
 
 TIMEOUT = 20.0
 
@@ -252,3 +253,72 @@ async def test_an_instance_runs_again_after_it_stopped(tmp_path: Path) -> None:
     async with ks:
         assert (await ks.get(first.id)).status == "completed"
         await check_pool_still_works(ks)
+
+
+# -- continuation after a crash ------------------------------------------------------------------
+
+
+async def orphan(
+    db: str, gid: str, *, provider: str, continuations: int = 0, cancel: bool = False
+) -> None:
+    """A running generation of a process that died mid-answer, with "half " committed."""
+    now = time.time()
+    async with StreamStore(db) as store:
+        await store.register_worker(WorkerRecord("wrk_dead", "elsewhere", 1, now - 100, now - 100))
+        request = GenerationRequest.from_json({"prompt": "one two three", "provider": provider})
+        await store.create_generation(
+            GenerationRecord(
+                gid,
+                gid,
+                "running",
+                provider,
+                request=request.to_json(),
+                text="half ",
+                worker_id="wrk_dead",
+                created_at=now,
+                cancel_requested=cancel,
+                continuations=continuations,
+            )
+        )
+        await store.append(gid, [encode_event(status_event("running"))])
+        await store.append(gid, [encode_event({"type": "delta", "text": "half "})])
+
+
+async def test_a_generator_that_can_continue_goes_on_from_the_committed_text(
+    tmp_path: Path,
+) -> None:
+    path = str(tmp_path / "embedded.db")
+    for gid, provider in (("gen_goes_on", "resumable"), ("gen_cannot", "one_shot")):
+        await orphan(path, gid, provider=provider)
+    await orphan(path, "gen_cancelled", provider="resumable", cancel=True)
+    await orphan(path, "gen_spent", provider="resumable", continuations=3)
+    partials: list[str] = []
+    ks = Keepstream(settings(tmp_path))
+
+    @ks.provider("resumable", continues=True)
+    async def resumable(request: GeneratorInput) -> AsyncIterator[str]:
+        partials.append(request.partial)
+        answer = "half an answer"
+        yield answer[len(request.partial) :]  # only what follows the committed text
+
+    @ks.provider("one_shot")
+    async def one_shot(request: GeneratorInput) -> AsyncIterator[str]:
+        yield "never asked again"
+
+    async with ks:
+        with anyio.fail_after(TIMEOUT):
+            await ks.state.pool.recovered.wait()
+        text, final = await follow_all(ks, "gen_goes_on")
+        kinds = [type(e).__name__ for e in [e async for e in ks.follow("gen_goes_on")]]
+        outcomes = {
+            gid: await follow_all(ks, gid) for gid in ("gen_cannot", "gen_cancelled", "gen_spent")
+        }
+    assert (text, final.status) == ("half an answer", "completed")
+    assert partials == ["half "]
+    # Clients see one answer: the seam is an event they may skip (the Python API does).
+    assert kinds.count("Delta") == 2
+    assert {gid: (t, f.status) for gid, (t, f) in outcomes.items()} == {
+        "gen_cannot": ("half ", "interrupted"),  # its provider cannot continue
+        "gen_cancelled": ("half ", "cancelled"),  # a persisted cancel wins
+        "gen_spent": ("half ", "interrupted"),  # its continuations are used up
+    }

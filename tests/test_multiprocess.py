@@ -9,7 +9,15 @@ import httpx
 import pytest
 
 from .conftest import DEFAULT_ARGS, ServerFactory
-from .support import Server, final_status, read_events, start_generation, text_of, wait_for_status
+from .support import (
+    Server,
+    final_status,
+    read_events,
+    simulated_answer,
+    start_generation,
+    text_of,
+    wait_for_status,
+)
 
 
 @pytest.fixture
@@ -73,18 +81,19 @@ async def test_the_survivor_recovers_a_dead_peers_generations(
 ) -> None:
     first = server_factory(*DEFAULT_ARGS)
     second = server_factory(*DEFAULT_ARGS, db=first.db)
+    params = {"tokens_per_second": 20, "max_tokens": 80}
     async with httpx.AsyncClient(base_url=second.url, timeout=30) as two:
         async with httpx.AsyncClient(base_url=first.url, timeout=30) as one:
-            generation = await start_generation(
-                one, prompt="orphan", params={"tokens_per_second": 20, "max_tokens": 1000}
-            )
+            generation = await start_generation(one, prompt="orphan", params=params)
             await read_events(two, generation["id"], max_events=2)
         first.kill()
-        # The survivor's heartbeat sweep notices the dead pid and ends the generation.
-        snapshot = await wait_for_status(two, generation["id"], {"interrupted"}, timeout=15)
+        # The survivor's heartbeat sweep notices the dead pid, takes the generation over
+        # and continues it from its committed text.
+        snapshot = await wait_for_status(two, generation["id"], {"completed"}, timeout=15)
         events = await read_events(two, generation["id"])
-        assert final_status(events) == "interrupted"
-        assert text_of(events) == snapshot["text"]
+        assert final_status(events) == "completed"
+        assert [e.event for e in events].count("resumed") == 1
+        assert text_of(events) == snapshot["text"] == simulated_answer("orphan", **params)
 
 
 async def test_a_durable_stream_appended_through_both_processes(

@@ -189,6 +189,7 @@ async def open_state(
             max_per_owner=settings.max_generations_per_user,
             shutdown_grace=settings.shutdown_grace,
             time_limit=settings.generation_time_limit or None,
+            max_continuations=settings.max_continuations,
         )
         sessions = SessionManager(
             SessionStore(store),

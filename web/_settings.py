@@ -82,6 +82,11 @@ class Settings:
         64 * 1_048_576, "bytes of recent stream messages kept in memory, for all streams"
     )
     shutdown_grace: float = _setting(10.0, "seconds running generations get to finish on stop")
+    max_continuations: int = _setting(
+        3,
+        "times a generation whose process died is taken over and continued from its"
+        " committed text, where its provider can (0 = never: it ends interrupted)",
+    )
     generation_time_limit: float = _setting(
         3600.0, "seconds a generation may run before it ends failed, its text kept (0 = no limit)"
     )
@@ -195,6 +200,8 @@ class Settings:
         for origin in self.allowed_origins:
             if origin != "*" and not origin.startswith(("http://", "https://")):
                 raise ValueError(f"cors_origins: {origin!r} is not an http(s) origin")
+        if self.max_continuations < 0:
+            raise ValueError("max_continuations must be >= 0")
         if self.max_queued < 0:
             raise ValueError("max_queued must be >= 0")
         if self.max_stored_bytes_per_user < 0:
