@@ -114,8 +114,10 @@ class GenerationPool:
       start, if set): past it, it ends ``failed`` (``deadline_exceeded``), its text kept.
     * Shutdown (leaving the ``async with``) stops intake, interrupts queued generations, lets
       running ones finish for ``shutdown_grace`` seconds, then ends them ``interrupted``.
-    * On entry, and every heartbeat after, generations owned by dead workers are ended
-      ``interrupted`` (or ``cancelled`` if a cancel was requested) and their streams closed.
+    * On entry (in the background) and every heartbeat after, generations owned by dead
+      workers are taken over: continued from their committed text where their provider
+      can (``max_continuations`` times at most, within ``time_limit`` of their creation),
+      else ended ``interrupted`` (``cancelled`` if a cancel was requested).
 
     Every terminal state appends a final status event and closes the stream, atomically with
     the snapshot row.
@@ -413,7 +415,7 @@ class GenerationPool:
                                 record.id, {"request": handle.request.to_json()}
                             )
                         handle.started = True
-                        with anyio.move_on_after(self.time_limit or math.inf) as limit:
+                        with anyio.move_on_after(self._time_left(handle)) as limit:
                             outcome = await self._run(handle)
                         if limit.cancelled_caught:
                             outcome = ("failed", self._deadline_error(), None)
@@ -449,6 +451,15 @@ class GenerationPool:
                 await self._notify(record, status)
         finally:
             self._ended(handle)
+
+    def _time_left(self, handle: _Handle) -> float:
+        """Seconds the generation may still run: ``time_limit`` from its start, or, for a
+        continued one, what its first run left of it."""
+        if not self.time_limit:
+            return math.inf
+        if handle.record.continuations:
+            return self.time_limit - (self._clock() - handle.record.created_at)
+        return self.time_limit
 
     def _deadline_error(self) -> JSONDict:
         return {
