@@ -259,7 +259,13 @@ async def test_an_instance_runs_again_after_it_stopped(tmp_path: Path) -> None:
 
 
 async def orphan(
-    db: str, gid: str, *, provider: str, continuations: int = 0, cancel: bool = False
+    db: str,
+    gid: str,
+    *,
+    provider: str,
+    continuations: int = 0,
+    cancel: bool = False,
+    age: float = 0.0,
 ) -> None:
     """A running generation of a process that died mid-answer, with "half " committed."""
     now = time.time()
@@ -275,7 +281,7 @@ async def orphan(
                 request=request.to_json(),
                 text="half ",
                 worker_id="wrk_dead",
-                created_at=now,
+                created_at=now - age,
                 cancel_requested=cancel,
                 continuations=continuations,
             )
@@ -292,8 +298,9 @@ async def test_a_generator_that_can_continue_goes_on_from_the_committed_text(
         await orphan(path, gid, provider=provider)
     await orphan(path, "gen_cancelled", provider="resumable", cancel=True)
     await orphan(path, "gen_spent", provider="resumable", continuations=3)
+    await orphan(path, "gen_late", provider="resumable", age=120)
     partials: list[str] = []
-    ks = Keepstream(settings(tmp_path))
+    ks = Keepstream(settings(tmp_path, generation_time_limit=60))
 
     @ks.provider("resumable", continues=True)
     async def resumable(request: GeneratorInput) -> AsyncIterator[str]:
@@ -311,7 +318,8 @@ async def test_a_generator_that_can_continue_goes_on_from_the_committed_text(
         text, final = await follow_all(ks, "gen_goes_on")
         kinds = [type(e).__name__ for e in [e async for e in ks.follow("gen_goes_on")]]
         outcomes = {
-            gid: await follow_all(ks, gid) for gid in ("gen_cannot", "gen_cancelled", "gen_spent")
+            gid: await follow_all(ks, gid)
+            for gid in ("gen_cannot", "gen_cancelled", "gen_spent", "gen_late")
         }
     assert (text, final.status) == ("half an answer", "completed")
     assert partials == ["half "]
@@ -321,4 +329,5 @@ async def test_a_generator_that_can_continue_goes_on_from_the_committed_text(
         "gen_cannot": ("half ", "interrupted"),  # its provider cannot continue
         "gen_cancelled": ("half ", "cancelled"),  # a persisted cancel wins
         "gen_spent": ("half ", "interrupted"),  # its continuations are used up
+        "gen_late": ("half ", "interrupted"),  # past its time limit since it was created
     }
