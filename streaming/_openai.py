@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -90,6 +90,12 @@ class OpenAIProvider:
     end without ``[DONE]`` or a ``finish_reason`` all fail the generation — an answer is never
     silently cut short. A ``read_timeout`` or ``idle_timeout`` of 0 (or ``None``) means no
     limit (as ``--sse-send-timeout 0`` does).
+
+    ``continuation``, the body fields with which the server continues a final assistant
+    message instead of answering anew (vLLM: ``{"continue_final_message": true,
+    "add_generation_prompt": false}``), makes answers continuable: after a mid-answer fault
+    or a crash, the request is sent again with the text so far as that final assistant
+    message, and the server's output is appended. Without it, nothing is continued.
     """
 
     name = "openai"
@@ -105,6 +111,7 @@ class OpenAIProvider:
         idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
         retry_attempts: int = DEFAULT_RETRY_ATTEMPTS,
         retry_deadline: float = DEFAULT_RETRY_DEADLINE,
+        continuation: Mapping[str, Any] | None = None,
     ) -> None:
         if retry_attempts < 1:
             raise ValueError("retry_attempts must be >= 1")
@@ -115,6 +122,7 @@ class OpenAIProvider:
         self.idle_timeout = idle_timeout or math.inf
         self.retry_attempts = retry_attempts
         self.retry_deadline = retry_deadline
+        self.continuation = dict(continuation) if continuation is not None else None
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = httpx.AsyncClient(
             headers=headers,
@@ -132,14 +140,22 @@ class OpenAIProvider:
         if not (request.model or self.model):
             raise ValueError("no model given: set 'model' in the request or --model on the server")
 
-    def _body(self, request: GenerationRequest) -> dict[str, Any]:
+    def can_continue(self, request: GenerationRequest) -> bool:
+        """Whether the server was declared able to continue a final assistant message."""
+        return self.continuation is not None
+
+    def _body(self, request: GenerationRequest, partial: str = "") -> dict[str, Any]:
+        messages = [{"role": m.role, "content": m.content} for m in request.messages]
         body: dict[str, Any] = {
             "model": request.model or self.model,
-            "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+            "messages": messages,
             "stream": True,
             "stream_options": {"include_usage": True},
         }
         body.update(request.params)
+        if partial and self.continuation is not None:
+            messages.append({"role": "assistant", "content": partial})
+            body.update(self.continuation)
         return body
 
     async def stream(
@@ -148,7 +164,7 @@ class OpenAIProvider:
         """The upstream's answer; every failure becomes ``ProviderError``. Closing the
         generator (or cancelling it) closes the upstream connection."""
         async with AsyncExitStack() as stack:
-            response = await self._open(self._body(request))
+            response = await self._open(self._body(request, run.partial))
             stack.push_async_callback(response.aclose)
             async for chunk in self._chunks(response):
                 yield chunk

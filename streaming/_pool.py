@@ -45,8 +45,12 @@ FINALIZE_TIMEOUT = 10.0
 REMOTE_POLL_INTERVAL = 0.1
 # Orphaned generations ended at once by a recovery (each is one small writer op).
 RECOVERY_PARALLELISM = 64
-# Times one generation may be taken over and continued after its process died.
+# Times one generation may be taken over and continued after its process died (and,
+# separately, continued after transport faults in the middle of its answer).
 DEFAULT_MAX_CONTINUATIONS = 3
+# Provider faults in the middle of an answer that a continuation may mend: the connection
+# dropped, or the upstream stopped making progress. A model's own error is not among them.
+CONTINUABLE_FAULTS = frozenset({"upstream_dropped", "upstream_stalled", "upstream_timeout"})
 # A generation whose text is not being committed (a slow or failing disk) stops reading
 # from its provider once this much is buffered, until the writer catches up.
 MAX_UNCOMMITTED_CHARS = 256 * 1024
@@ -498,7 +502,13 @@ class GenerationPool:
             await anyio.sleep(REMOTE_POLL_INTERVAL)
 
     async def _run(self, handle: _Handle) -> tuple[str, JSONDict | None, JSONDict | None]:
-        """Stream the provider's answer into the log; return (status, error, usage)."""
+        """Stream the provider's answer into the log; return (status, error, usage).
+
+        A transport fault in the middle of the answer (a dropped connection, a stall) is
+        continued, where the provider can go on from a prefix, up to ``max_continuations``
+        times: the provider is asked again with the text so far as ``run.partial``, and a
+        ``resumed`` event marks the seam. Readers see one answer.
+        """
         log = handle.log
         record = handle.record
         provider = self.providers[record.provider]
@@ -512,30 +522,52 @@ class GenerationPool:
             log.add_event({"type": "resumed", "continuation": record.continuations})
         sanitizer = TextSanitizer()
         usage: JSONDict | None = None
-        try:
-            # aclosing: whatever ends the loop, the provider's stream (and its upstream
-            # connection) is closed now, not whenever the garbage collector gets to it.
+        pieces = [handle.partial] if handle.partial else []  # the answer so far
+        resumed = 0
+        while True:
             run = GenerationRun(
                 record.id,
                 owner=record.owner,
                 session_id=record.session_id,
-                partial=handle.partial or "",
+                partial="".join(pieces),
             )
-            async with aclosing(provider.stream(handle.request, run=run)) as chunks:
-                async for chunk in chunks:
-                    if chunk.text:
-                        self.stats.chunks += 1
-                        log.add_text(sanitizer.feed(chunk.text))
-                        if log.pending_chars > MAX_UNCOMMITTED_CHARS:
-                            await log.wait_for_room(MAX_UNCOMMITTED_CHARS)
-                    if chunk.usage is not None:
-                        usage = chunk.usage
-        except ProviderError as exc:
-            self.stats.upstream_errors[exc.kind] += 1
+            try:
+                # aclosing: whatever ends the loop, the provider's stream (and its upstream
+                # connection) is closed now, not whenever the garbage collector gets to it.
+                async with aclosing(provider.stream(handle.request, run=run)) as chunks:
+                    async for chunk in chunks:
+                        if chunk.text:
+                            self.stats.chunks += 1
+                            text = sanitizer.feed(chunk.text)
+                            pieces.append(text)
+                            log.add_text(text)
+                            if log.pending_chars > MAX_UNCOMMITTED_CHARS:
+                                await log.wait_for_room(MAX_UNCOMMITTED_CHARS)
+                        if chunk.usage is not None:
+                            usage = chunk.usage
+            except ProviderError as exc:
+                self.stats.upstream_errors[exc.kind] += 1
+                held = sanitizer.flush()
+                pieces.append(held)
+                log.add_text(held)
+                if (
+                    exc.kind in CONTINUABLE_FAULTS
+                    and any(pieces)
+                    and resumed < self.max_continuations
+                    and supports_continuation(provider, handle.request)
+                ):
+                    resumed += 1
+                    log.add_event({"type": "resumed", "after": exc.kind})
+                    logger.info(
+                        "continuing generation %s after %s",
+                        record.id,
+                        exc.kind,
+                        extra=log_context(record),
+                    )
+                    continue
+                return "failed", {"type": exc.kind, "message": exc.message}, usage
             log.add_text(sanitizer.flush())
-            return "failed", {"type": exc.kind, "message": exc.message}, usage
-        log.add_text(sanitizer.flush())
-        return "completed", None, usage
+            return "completed", None, usage
 
     async def _finish(
         self, handle: _Handle, status: str, *, error: JSONDict | None, usage: JSONDict | None

@@ -321,3 +321,57 @@ def test_backoff_is_full_jitter_capped_by_the_deadline() -> None:
     assert backoff(failure(1, 100.0, after=3.0)) == 3.0
     assert backoff(failure(1, 2.0, after=3.0)) is False  # past the deadline: give up now
     assert backoff(ProviderError("bad request", kind="upstream_error")) is False
+
+
+# -- continuation in the middle of an answer ---------------------------------------------------
+
+CONTINUATION = '{"continue_final_message": true, "add_generation_prompt": false}'
+
+
+@pytest.mark.parametrize("fault", ["drop", "stall"])
+async def test_a_cut_answer_is_continued_when_the_upstream_can(
+    server_factory: ServerFactory, upstream: FakeUpstream, fault: str
+) -> None:
+    """Dropped (or stalled) mid-answer, the request is sent again with the text so far as a
+    final assistant message and the continuation fields; readers see one answer, with a
+    ``resumed`` event at the seam and nothing missing or doubled."""
+    server = server_factory(
+        *openai_args(upstream),
+        *("--upstream-continuation", CONTINUATION),
+        *("--upstream-idle-timeout", "1", "--upstream-read-timeout", "1"),
+        *("--shutdown-grace", "1"),
+    )
+    first = Reply(opening("Hello ", "wor"), end="drop" if fault == "drop" else "stall")
+    prompt = upstream.expect_sequence([first, Reply(answer(["ld, ", "bye"]))], label="cut")
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+        generation = await start_generation(http, prompt=prompt)
+        events = await read_events(http, generation["id"])
+        snapshot = await get_snapshot(http, generation["id"])
+    assert snapshot["status"] == "completed"
+    assert text_of(events) == snapshot["text"] == "Hello world, bye"
+    assert [e.event for e in events].count("resumed") == 1
+    calls = upstream.requests_for(prompt)
+    assert len(calls) == 2
+    assert calls[0].body["messages"][-1] == {"role": "user", "content": prompt}
+    assert calls[1].body["messages"][-1] == {"role": "assistant", "content": "Hello wor"}
+    assert calls[1].body["continue_final_message"] is True
+    assert calls[1].body["add_generation_prompt"] is False
+
+
+async def test_continuations_stop_at_the_budget(
+    server_factory: ServerFactory, upstream: FakeUpstream
+) -> None:
+    """An upstream that keeps dropping is continued ``--max-continuations`` times, then the
+    answer fails with its text kept: never a retry storm."""
+    server = server_factory(
+        *openai_args(upstream),
+        *("--upstream-continuation", CONTINUATION, "--max-continuations", "2"),
+    )
+    prompt = upstream.expect_sequence([Reply(opening("more "), end="drop")], label="flaky")
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+        generation = await start_generation(http, prompt=prompt)
+        events = await read_events(http, generation["id"])
+        snapshot = await get_snapshot(http, generation["id"])
+    assert snapshot["status"] == "failed" and snapshot["error"]["type"] == "upstream_dropped"
+    assert snapshot["text"] == text_of(events) == "more more more "
+    assert len(upstream.requests_for(prompt)) == 3

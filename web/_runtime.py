@@ -54,6 +54,7 @@ def build_providers(settings: Settings) -> dict[str, Provider]:
             idle_timeout=settings.upstream_idle_timeout,
             retry_attempts=settings.upstream_retry_attempts,
             retry_deadline=settings.upstream_retry_deadline,
+            continuation=settings.continuation_fields,
         )
     return providers
 

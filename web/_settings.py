@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -45,6 +46,12 @@ class Settings:
         60.0,
         "seconds an upstream may send no text, keep-alive comments or not, before the"
         " generation fails as stalled (0 = no limit)",
+    )
+    upstream_continuation: str | None = _setting(
+        None,
+        "JSON body fields with which the upstream continues a final assistant message, e.g."
+        ' {"continue_final_message": true, "add_generation_prompt": false} for vLLM; set, '
+        "answers cut by a fault or a crash are continued",
     )
     upstream_retry_attempts: int = _setting(
         4, "calls to the upstream at most for one answer, while it has not started (1 = no retry)"
@@ -200,6 +207,7 @@ class Settings:
         for origin in self.allowed_origins:
             if origin != "*" and not origin.startswith(("http://", "https://")):
                 raise ValueError(f"cors_origins: {origin!r} is not an http(s) origin")
+        self.continuation_fields  # noqa: B018 - raises for a value that is not a JSON object
         if self.max_continuations < 0:
             raise ValueError("max_continuations must be >= 0")
         if self.max_queued < 0:
@@ -215,6 +223,19 @@ class Settings:
                 f"refusing to bind {self.host} without API keys: configure --api-keys-file "
                 "(or KEEPSTREAM_API_KEYS), bind to loopback, or pass --allow-remote"
             )
+
+    @property
+    def continuation_fields(self) -> dict[str, Any] | None:
+        """``upstream_continuation`` parsed (``ValueError`` if it is not a JSON object)."""
+        if not self.upstream_continuation:
+            return None
+        try:
+            fields = json.loads(self.upstream_continuation)
+        except ValueError:
+            raise ValueError("upstream_continuation must be a JSON object") from None
+        if not isinstance(fields, dict):
+            raise ValueError("upstream_continuation must be a JSON object")
+        return fields
 
     @property
     def factories(self) -> list[str]:
