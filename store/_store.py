@@ -315,24 +315,35 @@ class StreamStore:
         return result
 
     async def finish_generation(
-        self, generation_id: str, payload: bytes, fields: JSONDict, *, only_if: Iterable[str]
+        self,
+        generation_id: str,
+        payload: bytes,
+        fields: JSONDict,
+        *,
+        only_if: Iterable[str],
+        only_worker: tuple[str | None] | None = None,
     ) -> bool:
         """Append a final event to a generation's stream, close it and set ``fields`` —
-        atomically, and only while its status is one of ``only_if``.
+        atomically, and only while its status is one of ``only_if`` (and, with
+        ``only_worker``, while it still belongs to that one worker).
 
         Returns whether it did. Used to end generations whose process is gone: when two
-        processes race to do it, the check inside the transaction lets exactly one win.
+        processes race to do it, the check inside the transaction lets exactly one win, and
+        one that a peer has meanwhile taken over to continue is left alone.
         """
         allowed = set(only_if)
 
         def op(ctx: WriterContext) -> bool:
             row = ctx.conn.execute(
-                "SELECT stream_id, status FROM generations WHERE id = ?", (generation_id,)
+                "SELECT stream_id, status, worker_id FROM generations WHERE id = ?",
+                (generation_id,),
             ).fetchone()
             if row is None:
                 raise GenerationNotFound(generation_id)
-            stream_id, status = row
+            stream_id, status, worker_id = row
             if status not in allowed:
+                return False
+            if only_worker is not None and worker_id != only_worker[0]:
                 return False
             row_fields = dict(fields)
             try:

@@ -586,15 +586,20 @@ class GenerationPool:
     async def _finish_unstarted(self, record: GenerationRecord, status: str) -> None:
         await self._end_elsewhere(record.id, status)
 
-    async def _end_elsewhere(self, generation_id: str, status: str) -> bool:
+    async def _end_elsewhere(
+        self, generation_id: str, status: str, *, orphan_of: str | None = None
+    ) -> bool:
         """End a generation no task of ours runs (never started, or orphaned): final event,
-        close and row in one commit, and only if it is still active. Returns whether it did."""
+        close and row in one commit, and only if it is still active — for an orphan, only
+        while it still belongs to its dead worker ``orphan_of`` (a peer may have taken it
+        over meanwhile). Returns whether it did."""
         error = INTERRUPTED_ERROR if status == "interrupted" else None
         return await self.store.finish_generation(
             generation_id,
             encode_event(status_event(status, error=error)),
             {"status": status, "error": error, "finished_at": self._clock()},
             only_if=ACTIVE_STATUSES,
+            only_worker=None if orphan_of is None else (orphan_of,),
         )
 
     # -- other processes ----------------------------------------------------------------------
@@ -651,7 +656,7 @@ class GenerationPool:
                     ended += 1
                     return
                 status = "cancelled" if record.cancel_requested else "interrupted"
-                ended += await self._end_elsewhere(record.id, status)
+                ended += await self._end_elsewhere(record.id, status, orphan_of=record.worker_id)
 
         async with anyio.create_task_group() as tg:
             for record in orphans:
@@ -662,7 +667,8 @@ class GenerationPool:
         return ended
 
     async def _continue_orphan(self, orphan: ActiveGeneration) -> bool:
-        """Claim an orphan and run it on from its committed text; whether it did."""
+        """Claim an orphan and run it on from its committed text; whether it did. When it
+        did not, the orphan is still its dead worker's (to end), or a peer's (to leave)."""
         provider = self.providers.get(orphan.provider)
         if provider is None or not callable(getattr(provider, "can_continue", None)):
             return False
@@ -670,6 +676,13 @@ class GenerationPool:
             return False
         if self.time_limit and self._clock() - orphan.created_at > self.time_limit:
             return False  # past its overall deadline
+        try:
+            stored = await self.store.get_generation(orphan.id)
+            request = GenerationRequest.from_stored(stored.request)
+        except (GenerationNotFound, ValueError):
+            return False
+        if not supports_continuation(provider, request):
+            return False
         claimed = await self.store.claim_generation(
             orphan.id,
             from_worker=orphan.worker_id,
@@ -679,13 +692,7 @@ class GenerationPool:
         )
         if not claimed:
             return False
-        record = await self.store.get_generation(orphan.id)
-        try:
-            request = GenerationRequest.from_stored(record.request)
-        except ValueError:
-            return False  # ours now, and ended by the caller
-        if not supports_continuation(provider, request):
-            return False
+        record = await self.store.get_generation(orphan.id)  # its text, as claimed
         handle = _Handle(
             record,
             request,

@@ -12,7 +12,14 @@ import httpx
 import pytest
 
 from store import GenerationRecord, StreamStore, WorkerRecord
-from streaming import GenerationPool, SimulatedProvider, decode_event
+from streaming import (
+    GenerationPool,
+    GenerationRequest,
+    SimulatedProvider,
+    decode_event,
+    encode_event,
+    status_event,
+)
 from streaming._workers import is_dead
 
 from .conftest import ServerFactory
@@ -119,3 +126,38 @@ async def test_a_restarted_server_answers_at_once_and_ends_every_orphan(
         assert last["status"] == "interrupted"
     async with StreamStore(str(db)) as store:
         assert await store.active_generations(("queued", "running")) == []
+
+
+async def test_two_processes_recovering_at_once_continue_an_orphan_once(tmp_path: Path) -> None:
+    """Both claim; one wins and continues it, and the other leaves it alone (it must not
+    end, as interrupted, the answer its peer is continuing)."""
+    path = str(tmp_path / "race.db")
+    params = {"tokens_per_second": 40, "max_tokens": 40}
+    request = {"prompt": "raced", "params": params}
+    async with StreamStore(path) as one, StreamStore(path) as two:
+        now = time.time()
+        await one.register_worker(WorkerRecord("wrk_dead", "elsewhere", 1, now - 100, now - 100))
+        await one.create_generation(
+            GenerationRecord(
+                "gen_raced",
+                "gen_raced",
+                "running",
+                "simulated",
+                request=GenerationRequest.from_json(request).to_json(),
+                worker_id="wrk_dead",
+                created_at=now,
+            )
+        )
+        await one.append("gen_raced", [encode_event(status_event("running"))])
+        async with pool_for(one) as first, pool_for(two) as second:
+            with anyio.fail_after(20):
+                await first.recovered.wait()
+                await second.recovered.wait()
+                await first.wait_ended("gen_raced")
+                await second.wait_ended("gen_raced")
+        final = await one.get_generation("gen_raced")
+        result = await one.read("gen_raced", 0)
+    kinds = [decode_event(m).get("type") for m in result.messages]
+    assert final.status == "completed", final
+    assert kinds.count("resumed") == 1
+    assert final.text == SimulatedProvider().answer(GenerationRequest.from_json(request))

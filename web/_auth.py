@@ -140,10 +140,12 @@ async def current_user(request: Request) -> str | None:
 
 
 def event_token(request: Request) -> str | None:
-    """The signed-URL token of an events request, when the server authenticates and one is
-    given. Without authentication every request is the single user's: a token changes
-    nothing."""
-    return request.query_params.get(TOKEN_PARAM) if access_of(request).enabled else None
+    """The signed-URL token of an events request, when the server authenticates, one is
+    given and no ``Authorization`` header is (a valid key wins over a stale token).
+    Without authentication every request is the single user's: a token changes nothing."""
+    if not access_of(request).enabled or "authorization" in request.headers:
+        return None
+    return request.query_params.get(TOKEN_PARAM)
 
 
 def check_event_token(request: Request, token: str, *, resource: str, owner: str | None) -> None:

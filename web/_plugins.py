@@ -52,9 +52,13 @@ def plugin_providers(settings: Settings) -> dict[str, Provider | TextGenerator]:
     providers: dict[str, Provider | TextGenerator] = {}
     for source, load in factories:
         try:
-            made = load()(settings)
+            factory = load()  # ``load_factory``'s own errors name the spec already
         except ValueError:
             raise
+        except Exception as exc:  # an entry point that does not import
+            raise ValueError(f"{source} cannot be loaded: {type(exc).__name__}: {exc}") from exc
+        try:
+            made = factory(settings)
         except Exception as exc:
             raise ValueError(f"{source} failed: {type(exc).__name__}: {exc}") from exc
         if not isinstance(made, Mapping):

@@ -219,7 +219,8 @@ async def create_response(request: Request) -> Response:
         raise InvalidRequest(str(exc)) from None
     generation = await generation_request(state, body, user)
     await state.stored.check(user)
-    if body.stream:
+    waits = not body.background  # the answer is awaited or streamed in this request
+    if waits:
         state.readers.check(user)  # refuse before anything starts
     record = await state.pool.submit(generation, owner=user)
     view = ResponseView.of(record)
@@ -227,7 +228,12 @@ async def create_response(request: Request) -> Response:
         return stream_response(state, view, record.stream_id, user=user)
     if body.background:
         return JSONResponse(snapshot(record))
-    await state.pool.wait_ended(record.id)
+    # Waiting holds a request open as a stream does: it counts as one of the user's.
+    release = state.readers.claim(user)
+    try:
+        await state.pool.wait_ended(record.id)
+    finally:
+        release()
     return JSONResponse(snapshot(await state.pool.get(record.id, owner=user)))
 
 

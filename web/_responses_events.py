@@ -32,6 +32,7 @@ from typing import Any
 
 from store import GenerationRecord
 from store.types import JSONDict
+from streaming import answer_message_id
 
 from ._responses_schemas import (
     OpenAIResponse,
@@ -88,8 +89,8 @@ class ResponseView:
 
     @property
     def item_id(self) -> str:
-        """The id of the answer's output message."""
-        return "msg_" + self.id.removeprefix("gen_")
+        """The id of the answer's output message: its message id in a session too."""
+        return answer_message_id(self.id)
 
     @property
     def background(self) -> bool:

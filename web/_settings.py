@@ -95,7 +95,9 @@ class Settings:
         " committed text, where its provider can (0 = never: it ends interrupted)",
     )
     generation_time_limit: float = _setting(
-        3600.0, "seconds a generation may run before it ends failed, its text kept (0 = no limit)"
+        3600.0,
+        "seconds a generation may run before it ends failed, its text kept (a continued one:"
+        " since it was created) (0 = no limit)",
     )
     max_body_bytes: int = _setting(1_048_576, "largest request body accepted (413 beyond)")
     max_json_depth: int = _setting(64, "deepest nesting of arrays and objects a JSON body may have")
