@@ -32,6 +32,7 @@ from ._simulated import SimulatedProvider as SimulatedProvider
 from .types import ChatMessage as ChatMessage
 from .types import GenerationRequest as GenerationRequest
 from .types import ProviderChunk as ProviderChunk
+from .types import fit_history as fit_history
 
 __all__ = [
     "ChatMessage",
@@ -61,6 +62,7 @@ __all__ = [
     "answer_message_id",
     "decode_event",
     "encode_event",
+    "fit_history",
     "merge_patch",
     "new_generation_id",
     "status_event",

@@ -43,7 +43,7 @@ from store.types import JSONDict
 
 from ._exceptions import LimitExceeded, SessionBusy, SessionClosed
 from ._pool import GenerationPool
-from .types import ChatMessage, GenerationRequest
+from .types import ChatMessage, GenerationRequest, fit_history
 
 ON_CLOSED = ("reopen", "new", "reject")
 ON_BUSY = ("reject", "queue", "interrupt")
@@ -623,17 +623,11 @@ class SessionManager:
         the message itself."""
         stored = await self.store.messages(session_id)
         position = next((i for i, m in enumerate(stored) if m.id == message_id), len(stored))
+        history = [  # an answer that has not produced text yet is left out
+            ChatMessage(m.role, m.content) for m in stored[:position] if m.content
+        ]
         budget = self.limits.history_chars - len(content)
-        history: list[ChatMessage] = []
-        for message in reversed(stored[:position]):
-            if not message.content:
-                continue  # an answer that has not produced text yet
-            if len(message.content) > budget:
-                break
-            budget -= len(message.content)
-            history.append(ChatMessage(message.role, message.content))
-        history.reverse()
-        return (*history, ChatMessage(role, content))
+        return (*fit_history(history, budget), ChatMessage(role, content))
 
     # -- checks -------------------------------------------------------------------------------
 

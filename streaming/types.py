@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -16,6 +17,19 @@ class ChatMessage:
 
     role: str
     content: str
+
+
+def fit_history(messages: Sequence[ChatMessage], budget: int) -> list[ChatMessage]:
+    """The most recent of ``messages`` whose texts fit in ``budget`` characters together,
+    oldest first (what a conversation sends the model: a window that ends now)."""
+    kept: list[ChatMessage] = []
+    for message in reversed(messages):
+        if len(message.content) > budget:
+            break
+        budget -= len(message.content)
+        kept.append(message)
+    kept.reverse()
+    return kept
 
 
 @dataclass(frozen=True, slots=True)

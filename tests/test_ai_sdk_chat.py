@@ -365,6 +365,7 @@ BAD_BODIES = [
         422,
         "no user message",
     ),
+    (json.dumps({**chat_body("c", "x"), "messageId": "m1"}).encode(), 422, "editing"),
 ]
 
 
@@ -383,6 +384,7 @@ BAD_BODIES = [
         "no-parts",
         "message-id-not-a-string",
         "regenerate-nothing",
+        "edit-a-message",
     ],
 )
 async def test_bad_requests_are_refused_naming_the_problem(

@@ -114,3 +114,12 @@ def test_keys_allow_binding_beyond_loopback() -> None:
     Settings(host="0.0.0.0", api_keys=f"alice={ALICE}").validate()
     with pytest.raises(ValueError, match="without API keys"):
         Settings(host="0.0.0.0").validate()
+
+
+def test_a_key_in_both_the_setting_and_the_file_is_refused(tmp_path: Path) -> None:
+    from web import create_app
+
+    keys = tmp_path / "keys.txt"
+    keys.write_text(f"bob={ALICE}\n")
+    with pytest.raises(ValueError, match="listed both"):
+        create_app(Settings(api_keys=f"alice={ALICE}", api_keys_file=str(keys)))

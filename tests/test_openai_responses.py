@@ -463,3 +463,27 @@ def test_readme_example_runs_as_written(server: Server, monkeypatch: pytest.Monk
         if "client" in namespace:
             namespace["client"].close()  # the example leaves it open, as a script may
     assert output.getvalue().splitlines() == ["completed True", "completed"]
+
+
+def test_a_long_chain_sends_only_the_history_that_fits(
+    server_factory: ServerFactory, upstream: FakeUpstream
+) -> None:
+    """Like a session, a chain of responses sends the model the most recent history that
+    fits --history-chars, so a long chain neither grows every request nor the context."""
+    server = server_factory(
+        *("--provider", "openai", "--model", "test-model", "--upstream-url", upstream.base_url),
+        *("--history-chars", "60"),
+    )
+    with sdk(server) as client:
+        previous = None
+        for turn in range(4):
+            prompt = upstream.expect(Reply(answer([f"answer {turn} " * 2])), label="long")
+            response = client.responses.create(
+                model="test-model", input=prompt, previous_response_id=previous
+            )
+            previous = response.id
+        (received,) = upstream.requests_for(prompt)
+    contents = [m["content"] for m in received.body["messages"]]
+    assert contents[-1] == prompt
+    assert sum(map(len, contents)) <= 60
+    assert contents[-2] == "answer 2 answer 2 "  # the newest history is kept

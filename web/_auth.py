@@ -63,17 +63,20 @@ class ApiKeys:
     @classmethod
     def load(cls, *, inline: str | None, file: str | None) -> ApiKeys:
         """Keys from a comma-separated ``user=key`` list and/or a file of one per line."""
-        users: dict[bytes, str] = {}
+        sources: list[ApiKeys] = []
         if inline:
-            users.update(cls.parse(inline.split(","), source="api keys setting")._users)
+            sources.append(cls.parse(inline.split(","), source="api keys setting"))
         if file:
             try:
                 lines = Path(file).read_text().splitlines()
             except OSError as exc:
                 raise ValueError(f"cannot read the API keys file: {exc}") from None
-            users.update(cls.parse(lines, source=file)._users)
+            sources.append(cls.parse(lines, source=file))
         keys = cls({})
-        keys._users = users
+        for source in sources:
+            if keys._users.keys() & source._users.keys():
+                raise ValueError("a key is listed both in the api keys setting and in the file")
+            keys._users.update(source._users)
         return keys
 
     def user_for(self, authorization: str | None) -> str | None:

@@ -240,6 +240,12 @@ async def send_chat(request: Request) -> Response:
     state = app_state(request)
     user = await current_user(request)
     body = decode_chat_request(await read_json_body(request, state.settings))
+    if body.trigger == "submit-message" and isinstance(body.messageId, str):
+        # The SDK's edit: it would rewind the chat to that message. A session's history
+        # only grows (or drops its last answer), so an edit is refused, not mis-applied.
+        raise InvalidRequest(
+            "editing an earlier message is not supported; send the new text as a new message"
+        )
     question = question_of(body) if body.trigger == "submit-message" else None
     await state.stored.check(user)
     state.readers.check(user)  # refuse before anything is stored

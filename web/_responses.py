@@ -24,7 +24,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from store import TERMINAL_STATUSES, GenerationNotFound, StreamNotFound
-from streaming import ChatMessage, GenerationRequest, decode_event
+from streaming import ChatMessage, GenerationRequest, decode_event, fit_history
 
 from ._auth import current_user
 from ._errors import BadRequest, InvalidRequest
@@ -112,9 +112,14 @@ async def generation_request(
     messages: list[ChatMessage] = []
     if body.instructions is not None:
         messages.append(ChatMessage("system", body.instructions))
+    given = input_messages(body)
     if body.previous_response_id is not None:
-        messages += await history(state, body.previous_response_id, user)
-    messages += input_messages(body)
+        # The conversation so far, as much of it as fits --history-chars (as for sessions):
+        # a long chain neither grows every request nor overflows the model's context.
+        earlier = await history(state, body.previous_response_id, user)
+        budget = state.settings.history_chars - sum(len(m.content) for m in given)
+        messages += fit_history(earlier, budget)
+    messages += given
     if not messages:
         raise InvalidRequest("give 'input' (a string or a list of messages)")
     params: dict[str, Any] = {}

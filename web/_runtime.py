@@ -73,7 +73,9 @@ def as_provider(name: str, source: Provider | TextGenerator) -> Provider:
 class Runtime:
     """What a keepstream app runs on, with its settings, providers, access rules and
     metrics. ``async with`` opens it (``state`` is then available) and closes it: running
-    generations get ``shutdown_grace`` to finish, then the providers and the store close.
+    generations get ``shutdown_grace`` to finish, then the store closes, then the providers
+    it built from the settings (those it was given belong to their owner). It may be
+    opened again after it closed.
     """
 
     def __init__(
@@ -137,11 +139,15 @@ class Runtime:
         if self._stack is not None:
             raise RuntimeError("this keepstream instance is already running")
         self.check_default_provider()
-        providers = {**build_providers(self.settings), **self.providers}
         stack = AsyncExitStack()
         try:
+            # The providers built here are closed on exit (first thing registered: even when
+            # the store fails to open); those given to the runtime belong to their owner.
+            built = build_providers(self.settings)
+            for provider in built.values():
+                stack.push_async_callback(provider.aclose)
             self._state = await stack.enter_async_context(
-                open_state(self.settings, providers, self.metrics)
+                open_state(self.settings, {**built, **self.providers}, self.metrics)
             )
         except BaseException:
             await stack.aclose()
@@ -165,7 +171,8 @@ async def open_state(
     settings: Settings, providers: Mapping[str, Provider], metrics: Metrics
 ) -> AsyncIterator[AppState]:
     """Open everything a keepstream instance runs on; on exit, drain the pool (running
-    generations get ``shutdown_grace``), close the providers and the store, in that order."""
+    generations get ``shutdown_grace``) and close the store. ``providers`` are used, not
+    closed: their owner closes them."""
     async with AsyncExitStack() as stack:
         store = await stack.enter_async_context(
             StreamStore(
@@ -179,8 +186,6 @@ async def open_state(
                 on_commit=metrics.observe_commit,
             )
         )
-        for provider in providers.values():
-            stack.push_async_callback(provider.aclose)
         pool = GenerationPool(
             store,
             providers,
