@@ -4,7 +4,7 @@ resumable, with or without HTTP."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from typing import Any
 
 import msgspec
@@ -22,9 +22,10 @@ from streaming import (
 )
 from web import Authenticate, Runtime, Settings, build_app
 from web._generations import generation_json
-from web._sse import READ_BYTES
 
 ParamsCheck = Callable[[JSONDict], None]
+# One read of a follow takes at most about this much (a single larger message excepted).
+FOLLOW_READ_BYTES = 128 * 1024
 
 
 class Keepstream(Runtime):
@@ -157,21 +158,17 @@ class Keepstream(Runtime):
         API would send, nothing before it is durable."""
         state = self.state
         record = await state.pool.locate(generation_id, owner=owner)
-        while True:
-            changed = state.store.change_event(record.stream_id)
-            try:
-                result = await state.store.read(record.stream_id, offset, max_bytes=READ_BYTES)
-            except StreamNotFound:
-                return  # deleted
-            for payload in result.messages:
-                offset += 1
-                event = event_of(decode_event(payload), offset, generation_id)
-                if event is not None:
-                    yield event
-            if result.at_end:
-                return
-            if not result.messages:
-                await changed.wait()
+        reads = state.store.follow(record.stream_id, offset, max_bytes=FOLLOW_READ_BYTES)
+        try:
+            async with aclosing(reads):
+                async for result in reads:
+                    for payload in result.messages:
+                        offset += 1
+                        event = event_of(decode_event(payload), offset, generation_id)
+                        if event is not None:
+                            yield event
+        except StreamNotFound:
+            return  # deleted
 
 
 def snapshot(record: GenerationRecord, *, base: str = "") -> Generation:

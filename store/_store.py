@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import sqlite3
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncGenerator, Callable, Iterable
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -389,6 +390,34 @@ class StreamStore:
         """
         state = self._states.get(stream_id)
         return state.change_event() if state is not None else self._external_event
+
+    async def follow(
+        self,
+        stream_id: str,
+        offset: int,
+        *,
+        max_bytes: int,
+        deadline: float = math.inf,
+    ) -> AsyncGenerator[ReadResult, None]:
+        """A stream from ``offset`` as it is and as it grows: each read of at most about
+        ``max_bytes`` that brings messages (and the first one, even empty), until the
+        stream is closed and read to its end, or ``deadline`` (``anyio.current_time()``)
+        passes. Between reads it waits for the stream's next commit; nothing is read that
+        is not committed. Raises ``StreamNotFound`` (also when it is deleted meanwhile).
+        """
+        first = True
+        while anyio.current_time() < deadline:
+            changed = self.change_event(stream_id)  # taken before reading: no wake-up lost
+            result = await self.read(stream_id, offset, max_bytes=max_bytes)
+            if result.messages or first or result.at_end:
+                yield result
+            first = False
+            offset = result.next_offset
+            if result.at_end:
+                return
+            if not result.messages:
+                with anyio.move_on_after(deadline - anyio.current_time()):
+                    await changed.wait()
 
     async def read(
         self,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import hashlib
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -178,34 +179,27 @@ async def ui_message_stream(
     translator = ChunkTranslator()
     yield frame({"type": "start", "messageId": message_id}) + frame({"type": "start-step"})
     sent.inc(2)
-    offset = 0
-    while True:
-        changed = store.change_event(generation_id)  # a generation's stream has its id
-        try:
-            result = await store.read(generation_id, offset, max_bytes=READ_BYTES)
-        except StreamNotFound:  # its session was deleted meanwhile
-            yield frame({"type": "error", "errorText": "the chat was deleted"}) + DONE
-            return
-        frames: list[bytes] = []
-        size = 0
-        for payload in result.messages:
-            for chunk in translator.chunks(decode_event(payload)):
-                frames.append(frame(chunk))
-                size += len(frames[-1])
-            if size >= CHUNK_BYTES:
-                sent.inc(len(frames))
-                yield b"".join(frames)
-                frames, size = [], 0
-        offset = result.next_offset
-        if result.at_end:
-            sent.inc(len(frames))
-            yield b"".join([*frames, DONE])
-            return
-        if frames:
-            sent.inc(len(frames))
-            yield b"".join(frames)
-        if not result.messages:
-            await changed.wait()
+    reads = store.follow(generation_id, 0, max_bytes=READ_BYTES)  # it writes its own stream
+    try:
+        async with aclosing(reads):
+            async for result in reads:
+                frames: list[bytes] = []
+                size = 0
+                for payload in result.messages:
+                    for chunk in translator.chunks(decode_event(payload)):
+                        frames.append(frame(chunk))
+                        size += len(frames[-1])
+                    if size >= CHUNK_BYTES:
+                        sent.inc(len(frames))
+                        yield b"".join(frames)
+                        frames, size = [], 0
+                if result.at_end:
+                    frames.append(DONE)
+                if frames:
+                    sent.inc(len(frames) - result.at_end)  # [DONE] is no chunk
+                    yield b"".join(frames)
+    except StreamNotFound:  # its session was deleted meanwhile
+        yield frame({"type": "error", "errorText": "the chat was deleted"}) + DONE
 
 
 def ui_response(

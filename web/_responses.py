@@ -15,7 +15,7 @@ open sessions.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import suppress
+from contextlib import aclosing, suppress
 from dataclasses import replace
 from typing import Any
 
@@ -169,30 +169,24 @@ async def response_events(
     mapper = EventMapper(view)
     after = -1 if starting_after is None else starting_after
     pending = mapper.created()
-    offset = 0
-    while True:
-        changed = store.change_event(stream_id)
-        try:
-            result = await store.read(stream_id, offset, max_bytes=READ_BYTES)
-        except StreamNotFound:
-            return
-        for payload in result.messages:
-            event = decode_event(payload)
-            finished_at = None
-            if event.get("type") == "status" and event.get("status") in TERMINAL_STATUSES:
-                # The row's end time was committed with this very event.
-                with suppress(GenerationNotFound):  # deleted meanwhile: the rest still holds
-                    finished_at = (await store.locate_generation(view.id)).finished_at
-            pending += mapper.feed(event, finished_at=finished_at)
-        offset = result.next_offset
-        frames = [format_event(kind, data) for seq, kind, data in pending if seq > after]
-        pending = []
-        if frames:
-            yield b"".join(frames)
-        if result.at_end:
-            return
-        if not result.messages:
-            await changed.wait()
+    reads = store.follow(stream_id, 0, max_bytes=READ_BYTES)
+    try:
+        async with aclosing(reads):
+            async for result in reads:
+                for payload in result.messages:
+                    event = decode_event(payload)
+                    finished_at = None
+                    if event.get("type") == "status" and event.get("status") in TERMINAL_STATUSES:
+                        # The row's end time was committed with this very event.
+                        with suppress(GenerationNotFound):  # deleted meanwhile: the rest holds
+                            finished_at = (await store.locate_generation(view.id)).finished_at
+                    pending += mapper.feed(event, finished_at=finished_at)
+                frames = [format_event(kind, data) for seq, kind, data in pending if seq > after]
+                pending = []
+                if frames:
+                    yield b"".join(frames)
+    except StreamNotFound:
+        return
 
 
 def stream_response(

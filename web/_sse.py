@@ -11,8 +11,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import AsyncIterator
-
-import anyio
+from contextlib import aclosing
 
 from store import StreamNotFound, StreamStore
 from streaming import decode_event, encode_event
@@ -93,25 +92,17 @@ async def follow(
     """
     if retry_ms is not None:
         yield b"retry: %d\n\n" % retry_ms
-    # A deadline, not a cancel scope around the loop: a generator must not yield inside a
-    # scope that another task may end up closing.
-    while anyio.current_time() < deadline:
-        changed = store.change_event(stream_id)
-        try:
-            result = await store.read(stream_id, offset, max_bytes=READ_BYTES)
-        except StreamNotFound:
-            return
-        if result.messages:
-            payloads = result.messages
-            if skip_chars:
-                payloads = [trim_delta(payloads[0], skip_chars), *payloads[1:]]
-                skip_chars = 0
-            for count in _chunk_sizes(payloads):
-                yield format_events(offset, payloads[:count], id_prefix=id_prefix)
-                offset += count
-                payloads = payloads[count:]
-        if result.at_end:
-            return
-        if not result.messages:
-            with anyio.move_on_after(deadline - anyio.current_time()):
-                await changed.wait()
+    reads = store.follow(stream_id, offset, max_bytes=READ_BYTES, deadline=deadline)
+    try:
+        async with aclosing(reads):
+            async for result in reads:
+                payloads = result.messages
+                if skip_chars and payloads:
+                    payloads = [trim_delta(payloads[0], skip_chars), *payloads[1:]]
+                    skip_chars = 0
+                for count in _chunk_sizes(payloads):
+                    yield format_events(offset, payloads[:count], id_prefix=id_prefix)
+                    offset += count
+                    payloads = payloads[count:]
+    except StreamNotFound:
+        return
