@@ -395,12 +395,9 @@ class SessionManager:
             raise LimitExceeded("max_message_chars", self.limits.message_chars, too_large=True)
         async with self._serialised(session_id):
             record = await self.get(session_id, owner=owner)
-            idempotency = None
-            if idempotency_key is not None:
-                replay = await self._replay(session_id, owner, idempotency_key)
-                if replay is not None:
-                    return replay
-                idempotency = _Idempotency(owner, idempotency_key, session_id)
+            replay, idempotency = await self._idempotency(session_id, owner, idempotency_key)
+            if replay is not None:
+                return replay
             reopened = False
             if record.status == "closed":
                 if record.on_closed == "reject":
@@ -424,6 +421,18 @@ class SessionManager:
             return await self._post_unlocked(
                 record, content, role, reopened=reopened, idempotency=idempotency
             )
+
+    async def _idempotency(
+        self, session_id: str, owner: str | None, key: str | None
+    ) -> tuple[PostedMessage | None, _Idempotency | None]:
+        """For a request with ``key``: what an earlier one with it got (to answer again),
+        or else the record this one leaves behind. ``(None, None)`` without a key."""
+        if key is None:
+            return None, None
+        replay = await self._replay(session_id, owner, key)
+        if replay is not None:
+            return replay, None
+        return None, _Idempotency(owner, key, session_id)
 
     async def _replay(self, session_id: str, owner: str | None, key: str) -> PostedMessage | None:
         earlier = await self.store.recall(owner, key)
@@ -520,12 +529,9 @@ class SessionManager:
         """
         async with self._serialised(session_id):
             record = await self.get(session_id, owner=owner)
-            idempotency = None
-            if idempotency_key is not None:
-                replay = await self._replay(session_id, owner, idempotency_key)
-                if replay is not None:
-                    return replay
-                idempotency = _Idempotency(owner, idempotency_key, session_id)
+            replay, idempotency = await self._idempotency(session_id, owner, idempotency_key)
+            if replay is not None:
+                return replay
             reopened = record.status == "closed"
             if record.status == "paused":
                 raise ValueError("the session is paused: set it active to answer in it")

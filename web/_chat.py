@@ -32,7 +32,7 @@ from ._auth import current_user
 from ._errors import InvalidRequest, WebError
 from ._generations import AppState, app_state, read_json_body, sse_response
 from ._json import encode_json
-from ._sse import CHUNK_BYTES, READ_BYTES
+from ._sse import READ_BYTES, batched_writes
 
 PROTOCOL = "ai-sdk"
 MAX_CHAT_ID = 200
@@ -183,21 +183,16 @@ async def ui_message_stream(
     try:
         async with aclosing(reads):
             async for result in reads:
-                frames: list[bytes] = []
-                size = 0
-                for payload in result.messages:
-                    for chunk in translator.chunks(decode_event(payload)):
-                        frames.append(frame(chunk))
-                        size += len(frames[-1])
-                    if size >= CHUNK_BYTES:
-                        sent.inc(len(frames))
-                        yield b"".join(frames)
-                        frames, size = [], 0
+                frames = [
+                    frame(chunk)
+                    for payload in result.messages
+                    for chunk in translator.chunks(decode_event(payload))
+                ]
+                sent.inc(len(frames))
                 if result.at_end:
-                    frames.append(DONE)
-                if frames:
-                    sent.inc(len(frames) - result.at_end)  # [DONE] is no chunk
-                    yield b"".join(frames)
+                    frames.append(DONE)  # no chunk: not counted
+                for write in batched_writes(frames):
+                    yield write
     except StreamNotFound:  # its session was deleted meanwhile
         yield frame({"type": "error", "errorText": "the chat was deleted"}) + DONE
 

@@ -33,7 +33,7 @@ from ._json import JSONResponse, encode_json
 from ._responses_events import OPTIONS_KEY, EventMapper, ResponseView, snapshot
 from ._responses_schemas import CreateResponse, ResponseInputMessage
 from ._schemas import decode_body
-from ._sse import READ_BYTES
+from ._sse import READ_BYTES, batched_writes
 
 PROTOCOL = "responses"
 # Options kept with the generation and echoed in its Response object.
@@ -183,8 +183,8 @@ async def response_events(
                     pending += mapper.feed(event, finished_at=finished_at)
                 frames = [format_event(kind, data) for seq, kind, data in pending if seq > after]
                 pending = []
-                if frames:
-                    yield b"".join(frames)
+                for write in batched_writes(frames):
+                    yield write
     except StreamNotFound:
         return
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import aclosing
 
 from store import StreamNotFound, StreamStore
@@ -49,6 +49,21 @@ def format_events(first_offset: int, payloads: list[bytes], *, id_prefix: bytes 
             % (id_prefix, i, event_name(payload).encode(), payload)
         )
     return b"".join(parts)
+
+
+def batched_writes(frames: Iterable[bytes]) -> Iterator[bytes]:
+    """Formatted SSE ``frames`` joined into writes of about ``CHUNK_BYTES`` each (a single
+    larger frame alone): for the views that translate stored events into their own frames."""
+    batch: list[bytes] = []
+    size = 0
+    for frame in frames:
+        if batch and size + len(frame) > CHUNK_BYTES:
+            yield b"".join(batch)
+            batch, size = [], 0
+        batch.append(frame)
+        size += len(frame)
+    if batch:
+        yield b"".join(batch)
 
 
 def _chunk_sizes(payloads: list[bytes]) -> list[int]:
