@@ -322,11 +322,11 @@ BAD_STREAMS: list[tuple[list[Step], str, str]] = [
             DONE,
         ],
         "upstream_malformed",
-        "malformed chunks",
+        "malformed events",
     ),
     # Up to 3 malformed chunks are skipped and counted; the 4th fails the answer.
-    ([*[sse_data("[1, 2, 3]")] * 4, DONE], "upstream_malformed", "malformed chunks"),
-    ([*[sse_data("this is not json")] * 4, DONE], "upstream_malformed", "malformed chunks"),
+    ([*[sse_data("[1, 2, 3]")] * 4, DONE], "upstream_malformed", "malformed events"),
+    ([*[sse_data("this is not json")] * 4, DONE], "upstream_malformed", "malformed events"),
     (
         [sse_data('{"error": {"message": "The model is overloaded.", "type": "server_error"}}')],
         "upstream_error",

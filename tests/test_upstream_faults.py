@@ -215,7 +215,7 @@ CASES: dict[str, Case] = {
         "upstream_malformed",
         1,
         "".join(TOKENS[:2]),
-        "4 malformed chunks",
+        "4 malformed events",
     ),
     "wrong-content-type": Case(
         [Reply([b"<html>please log in</html>"], content_type="text/html", framing="length")],
