@@ -198,6 +198,13 @@ def m006_generation_continuations(db: Database) -> None:
     db.execute("ALTER TABLE generations ADD COLUMN continuations INTEGER NOT NULL DEFAULT 0")
 
 
+@migrations()
+def m007_generation_provider_state(db: Database) -> None:
+    """What a provider keeps from one answer of a conversation for the next (a JSON object,
+    such as Dify's ``conversation_id``), with the answer that produced it."""
+    db.execute("ALTER TABLE generations ADD COLUMN provider_state TEXT")
+
+
 def connect(
     path: str, *, synchronous: Synchronous = "NORMAL", readonly: bool = False
 ) -> sqlite3.Connection:

@@ -12,7 +12,14 @@ from ._exceptions import SessionNotFound, WriteRejected
 from ._queries import delete_stream
 from ._store import StreamStore
 from ._writer import WriterContext
-from .types import JSONDict, SessionMessage, SessionRecord, SessionSummary, encode_field
+from .types import (
+    TERMINAL_STATUSES,
+    JSONDict,
+    SessionMessage,
+    SessionRecord,
+    SessionSummary,
+    encode_field,
+)
 
 SESSION_COLUMNS = tuple(SessionRecord.blank("").to_row())
 _INSERT_SESSION = "INSERT INTO sessions ({}) VALUES ({})".format(
@@ -149,6 +156,11 @@ class SessionStore:
     async def generations(self, session_id: str) -> list[tuple[str, str]]:
         """``(generation id, status)`` of every generation of a session, oldest first."""
         return await self.streams.query(_session_generations, session_id)
+
+    async def provider_state(self, session_id: str, provider: str) -> tuple[str, JSONDict] | None:
+        """The newest ended generation of a session on ``provider`` that left a provider
+        state, and that state; ``None`` if there is none."""
+        return await self.streams.query(_latest_provider_state, session_id, provider)
 
     async def delete(self, session_id: str) -> None:
         """Delete a session, its messages, its generations and their streams."""
@@ -301,6 +313,24 @@ def _session_generations(conn: sqlite3.Connection, session_id: str) -> list[tupl
             (session_id,),
         )
     ]
+
+
+def _latest_provider_state(
+    conn: sqlite3.Connection, session_id: str, provider: str
+) -> tuple[str, JSONDict] | None:
+    terminal = sorted(TERMINAL_STATUSES)
+    row = conn.execute(
+        "SELECT id, provider_state FROM generations"
+        " WHERE session_id = ? AND provider = ? AND provider_state IS NOT NULL"
+        " AND status IN ({}) ORDER BY created_at DESC, rowid DESC LIMIT 1".format(
+            ", ".join("?" for _ in terminal)
+        ),
+        (session_id, provider, *terminal),
+    ).fetchone()
+    if row is None:
+        return None
+    state = json.loads(row[1])
+    return (row[0], state) if isinstance(state, dict) else None
 
 
 def _idle_sessions(conn: sqlite3.Connection, before: float, limit: int) -> list[str]:

@@ -15,7 +15,7 @@ TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled", "interrupted"
 
 # Record fields stored as JSON text; every other field maps to its column as it is, but for
 # booleans (stored as 0/1).
-JSON_FIELDS = frozenset({"request", "error", "usage", "context"})
+JSON_FIELDS = frozenset({"request", "error", "usage", "context", "provider_state"})
 R = TypeVar("R")
 
 
@@ -116,6 +116,8 @@ class GenerationRecord:
     finished_at: float | None = None
     session_id: str | None = None
     continuations: int = 0  # times it was taken over and continued after a crash
+    # What its provider kept for the conversation's next answer (Dify's conversation id).
+    provider_state: JSONDict | None = None
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> GenerationRecord:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ._dify import DifyProvider as DifyProvider
 from ._exceptions import LimitExceeded as LimitExceeded
 from ._exceptions import PoolClosed as PoolClosed
 from ._exceptions import PoolFull as PoolFull
@@ -36,6 +37,7 @@ from .types import fit_history as fit_history
 
 __all__ = [
     "ChatMessage",
+    "DifyProvider",
     "GenerationLog",
     "GenerationPool",
     "GenerationRequest",

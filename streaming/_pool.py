@@ -99,6 +99,7 @@ class _Handle:
     stop_reason: str | None = None  # "cancelled" or "interrupted"
     started: bool = False
     done: anyio.Event = field(default_factory=anyio.Event)
+    provider_state: JSONDict | None = None  # the last state its provider gave
 
     def stop(self, reason: str) -> None:
         if self.stop_reason is None:
@@ -545,6 +546,8 @@ class GenerationPool:
                                 await log.wait_for_room(MAX_UNCOMMITTED_CHARS)
                         if chunk.usage is not None:
                             usage = chunk.usage
+                        if chunk.state is not None:
+                            handle.provider_state = scrub(chunk.state)
             except ProviderError as exc:
                 self.stats.upstream_errors[exc.kind] += 1
                 held = sanitizer.flush()
@@ -576,10 +579,16 @@ class GenerationPool:
         if not handle.started:
             await self._finish_unstarted(handle.record, status)
             return
+        fields: JSONDict = {
+            "status": status,
+            "error": error,
+            "usage": usage,
+            "finished_at": self._clock(),
+        }
+        if handle.provider_state is not None:
+            fields["provider_state"] = handle.provider_state
         handle.log.add_event(
-            status_event(status, error=error, usage=usage),
-            fields={"status": status, "error": error, "usage": usage, "finished_at": self._clock()},
-            close=True,
+            status_event(status, error=error, usage=usage), fields=fields, close=True
         )
         await handle.log.flush()
 

@@ -492,7 +492,7 @@ class SessionManager:
             after = running
 
         async def prepare() -> GenerationRequest:
-            return GenerationRequest(await self._prompt(record.id, message_id, content, role))
+            return await self._request(record.id, message_id, content, role)
 
         def also(generation: GenerationRecord) -> Op:
             def op(ctx: WriterContext) -> None:
@@ -571,8 +571,7 @@ class SessionManager:
                 return op
 
             async def prepare() -> GenerationRequest:
-                prompt = await self._prompt(session_id, question.id, question.content, "user")
-                return GenerationRequest(prompt)
+                return await self._request(session_id, question.id, question.content, "user")
 
             try:
                 generation = await self.pool.submit(
@@ -622,18 +621,39 @@ class SessionManager:
                 return generation_id
         return None
 
-    async def _prompt(
+    async def _request(
         self, session_id: str, message_id: str, content: str, role: str
-    ) -> tuple[ChatMessage, ...]:
-        """The most recent history before ``message_id`` that fits ``history_chars``, then
-        the message itself."""
+    ) -> GenerationRequest:
+        """The request that answers ``message_id``: the most recent history before it that
+        fits ``history_chars``, then the message itself; and what the provider kept from the
+        answer before."""
         stored = await self.store.messages(session_id)
         position = next((i for i, m in enumerate(stored) if m.id == message_id), len(stored))
+        before = stored[:position]
         history = [  # an answer that has not produced text yet is left out
-            ChatMessage(m.role, m.content) for m in stored[:position] if m.content
+            ChatMessage(m.role, m.content) for m in before if m.content
         ]
         budget = self.limits.history_chars - len(content)
-        return (*fit_history(history, budget), ChatMessage(role, content))
+        return GenerationRequest(
+            (*fit_history(history, budget), ChatMessage(role, content)),
+            provider_state=await self._provider_state(session_id, before),
+        )
+
+    async def _provider_state(self, session_id: str, before: list[SessionMessage]) -> JSONDict:
+        """What the provider kept from its newest answer in the session (see
+        ``ProviderChunk.state``), with ``unheard``: how many messages of the history came
+        after that answer (the provider's side has not heard them: an answer that failed
+        before reaching it, a message posted while paused). Nothing when that answer is no
+        longer in the history (it was regenerated: the provider's side holds an answer the
+        user discarded) — the provider then starts afresh from the history."""
+        found = await self.store.provider_state(session_id, self.pool.default_provider)
+        if found is None:
+            return {}
+        generation_id, state = found
+        where = next((i for i, m in enumerate(before) if m.generation_id == generation_id), None)
+        if where is None:
+            return {}
+        return {**state, "unheard": sum(1 for m in before[where + 1 :] if m.content)}
 
     # -- checks -------------------------------------------------------------------------------
 

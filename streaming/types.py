@@ -43,6 +43,10 @@ class GenerationRequest:
     # Kept with the generation and never sent to a provider, keyed by who keeps it (the
     # OpenAI Responses view keeps a response's options under "responses").
     metadata: JSONDict = field(default_factory=dict)
+    # What the provider kept from its newest answer in the session (see ``ProviderChunk``),
+    # plus "unheard": how many of ``messages`` before the last came after that answer.
+    # Set by keepstream, never by a request body.
+    provider_state: JSONDict = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, body: Any) -> GenerationRequest:
@@ -91,18 +95,23 @@ class GenerationRequest:
 
     @classmethod
     def from_stored(cls, stored: JSONDict) -> GenerationRequest:
-        """A request as ``to_json`` stored it, ``metadata`` included."""
+        """A request as ``to_json`` stored it, ``metadata`` and ``provider_state`` included."""
         body = {
             key: stored[key]
             for key in ("messages", "provider", "model", "params")
             if stored.get(key) is not None
         }
-        metadata = stored.get("metadata")
         request = cls.from_json(body)
-        return replace(request, metadata=metadata) if isinstance(metadata, dict) else request
+        metadata, state = stored.get("metadata"), stored.get("provider_state")
+        return replace(
+            request,
+            metadata=metadata if isinstance(metadata, dict) else {},
+            provider_state=state if isinstance(state, dict) else {},
+        )
 
     def to_json(self) -> JSONDict:
-        """The request as stored with its generation (``metadata`` only when set)."""
+        """The request as stored with its generation (``metadata`` and ``provider_state``
+        only when set)."""
         stored: JSONDict = {
             "messages": [{"role": m.role, "content": m.content} for m in self.messages],
             "provider": self.provider,
@@ -111,6 +120,8 @@ class GenerationRequest:
         }
         if self.metadata:
             stored["metadata"] = self.metadata
+        if self.provider_state:
+            stored["provider_state"] = self.provider_state
         return stored
 
     @property
@@ -152,7 +163,11 @@ def _has_surrogate(text: str) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class ProviderChunk:
-    """One piece of a provider's answer: text, and/or token usage at the end."""
+    """One piece of a provider's answer: text, and/or token usage at the end, and/or
+    ``state`` for the conversation's next answer (Dify's ``conversation_id``): the last
+    state seen is kept with the generation and handed to the provider, as
+    ``request.provider_state``, for the next answer of the same session."""
 
     text: str = ""
     usage: JSONDict | None = None
+    state: JSONDict | None = None

@@ -83,6 +83,14 @@ def openai_args(upstream: FakeUpstream) -> tuple[str, ...]:
     return ("--provider", "openai", "--model", "test-model", "--upstream-url", upstream.base_url)
 
 
+def dify_args(upstream: FakeUpstream) -> tuple[str, ...]:
+    """Server flags that make ``upstream`` the default provider, speaking Dify."""
+    return (
+        *("--provider", "dify", "--dify-url", upstream.base_url),
+        *("--dify-api-key", "app-test-key"),
+    )
+
+
 # --coalesce-window 0: commit text as it arrives, so answers span many delta events and the
 # text-offset sweeps cross event boundaries.
 OPENAI_SERVER_ARGS: Sequence[str] = (

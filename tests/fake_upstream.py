@@ -1,12 +1,15 @@
-"""A fake OpenAI-compatible upstream: a raw asyncio HTTP/1.1 server in a thread of its own.
+"""A fake OpenAI-compatible and Dify upstream: a raw asyncio HTTP/1.1 server in a thread of
+its own.
 
 It is deliberately *not* a framework app: tests need to write exact byte pieces (half a UTF-8
 character per TCP write), drop a connection in the middle of a chunked body, and stall until
 the client hangs up — things an ASGI server does not let an app do.
 
 A test registers a scripted ``Reply`` with ``expect()`` and gets a unique prompt back; the
-upstream answers each ``POST .../chat/completions`` with the reply registered for the last
-user message of the request, and records what it received.
+upstream answers each ``POST .../chat/completions`` (or Dify's ``POST .../chat-messages``)
+with the reply registered for the last user message of the request (for Dify, the last line
+of its ``query``), and records what it received. Dify's ``.../chat-messages/{task}/stop``
+is answered with success.
 """
 
 from __future__ import annotations
@@ -94,7 +97,7 @@ class FakeUpstream:
     def __init__(self) -> None:
         self.port = free_port()
         self.requests: list[Received] = []
-        self._replies: dict[str, Reply] = {}
+        self._replies: dict[str, Reply] = {STOP: STOPPED}
         self._sequences: dict[str, list[Reply]] = {}
         self._counter = itertools.count(1)
         self._lock = threading.Lock()
@@ -156,6 +159,11 @@ class FakeUpstream:
         with self._lock:
             return [r for r in self.requests if _last_user_message(r.body) == prompt]
 
+    def stops(self) -> list[Received]:
+        """The Dify stop requests received."""
+        with self._lock:
+            return [r for r in self.requests if r.path.endswith("/stop")]
+
     # -- the server's side --------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -192,6 +200,8 @@ class FakeUpstream:
             with self._lock:
                 self.requests.append(received)
                 prompt = _last_user_message(received.body) or ""
+                if received.path.endswith("/stop"):
+                    prompt = STOP
                 reply = self._replies.get(prompt)
                 sequence = self._sequences.get(prompt)
                 if sequence is not None:
@@ -277,6 +287,8 @@ async def _write_reply(writer: asyncio.StreamWriter, reply: Reply) -> None:
 
 
 def _last_user_message(body: Any) -> str | None:
+    if isinstance(body, dict) and isinstance(body.get("query"), str):  # Dify
+        return str(body["query"]).rpartition("\n")[2]
     if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
         return None
     for message in reversed(body["messages"]):
@@ -287,6 +299,9 @@ def _last_user_message(body: Any) -> str | None:
 
 
 # -- building replies -------------------------------------------------------------------------
+
+STOP = "\x00stop"  # the key of the reply to Dify's stop requests
+STOPPED = Reply([b'{"result": "success"}'], content_type="application/json", framing="length")
 
 DONE = b"data: [DONE]\n\n"
 
@@ -411,3 +426,37 @@ def pair_cuts(text: str) -> Iterator[int]:
             position += 2
         else:
             position += 1
+
+
+# -- Dify -------------------------------------------------------------------------------------
+
+
+def dify_event(event: str, **fields: Any) -> bytes:
+    """One Dify stream event: ``data: {"event": ..., **fields}``."""
+    return sse_data(json.dumps({"event": event, "task_id": "task-1", **fields}))
+
+
+DIFY_PING = b"event: ping\n\n"
+
+
+def dify_answer(
+    deltas: Sequence[str],
+    *,
+    conversation_id: str = "conv-1",
+    usage: tuple[int, int] | None = (3, 4),
+    event: str = "message",
+) -> list[bytes]:
+    """A whole streamed Dify answer: a ping, one ``message`` event per delta, ``message_end``
+    with the usage."""
+    ids = {"conversation_id": conversation_id, "message_id": "msg-1"}
+    events = [DIFY_PING]
+    events.extend(dify_event(event, answer=text, **ids) for text in deltas)
+    metadata = {"usage": usage_of(*usage)} if usage is not None else {}
+    events.append(dify_event("message_end", metadata=metadata, **ids))
+    return events
+
+
+def dify_error_reply(status: int, code: str, message: str) -> Reply:
+    """A Dify JSON error answer: ``{"code", "message", "status"}``."""
+    body = json.dumps({"code": code, "message": message, "status": status})
+    return Reply([body.encode()], status=status, content_type="application/json", framing="length")

@@ -60,10 +60,19 @@ def test_settings_come_from_flags_then_environment_then_defaults() -> None:
     [
         (Settings(host="0.0.0.0"), "refusing to bind"),
         (Settings(provider="openai"), "--upstream-url"),
+        (Settings(provider="dify"), "--dify-url"),
+        (Settings(dify_url="http://127.0.0.1:5001/v1"), "--dify-api-key"),
         (Settings(max_running=0), "max_running"),
         (Settings(flush_interval=-1), "flush_interval"),
     ],
-    ids=["remote-bind", "openai-without-url", "no-slots", "negative-flush"],
+    ids=[
+        "remote-bind",
+        "openai-without-url",
+        "dify-without-url",
+        "dify-without-key",
+        "no-slots",
+        "negative-flush",
+    ],
 )
 def test_settings_that_cannot_work_are_refused(settings: Settings, message: str) -> None:
     with pytest.raises(ValueError, match=message):

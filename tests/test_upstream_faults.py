@@ -1,6 +1,7 @@
-"""Upstream faults against a real server and a real fault-injecting upstream: each ends in its
-defined state, after exactly the expected number of upstream calls, within a bounded time, with
-exactly the text streamed before the fault kept.
+"""Upstream faults against a real server and a real fault-injecting upstream, in the
+OpenAI-compatible and the Dify formats: each ends in its defined state, after exactly the
+expected number of upstream calls, within a bounded time, with exactly the text streamed
+before the fault kept.
 
 Before the answer starts, connection failures, 408/409/429 and 5xx are retried (backoff with
 full jitter, ``Retry-After`` honoured, attempts and a deadline); once it has started nothing
@@ -23,14 +24,18 @@ import pytest
 from streaming._exceptions import ProviderError
 from streaming._retry import BACKOFF_INITIAL, RetryableError, backoff, retry_after_seconds
 
-from .conftest import ServerFactory, openai_args
+from .conftest import ServerFactory, dify_args, openai_args
 from .fake_upstream import (
+    DIFY_PING,
     DONE,
     FakeUpstream,
     Reply,
     Step,
     answer,
     completion_chunk,
+    dify_answer,
+    dify_error_reply,
+    dify_event,
     error_reply,
     sse_data,
     usage_chunk,
@@ -57,18 +62,28 @@ SERVER_ARGS = (
 
 
 @pytest.fixture(scope="module")
-def fault_server(
+def fault_servers(
     upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Server]:
-    """One server for the whole matrix, with short retry and idle settings."""
-    server = Server(
-        db=tmp_path_factory.mktemp("faults") / "keepstream.db",
-        args=(*openai_args(upstream), *SERVER_ARGS),
-    )
+) -> Iterator[dict[str, Server]]:
+    """One server per upstream format for the whole matrix, with short retry and idle
+    settings."""
+    servers = {
+        "openai": Server(
+            db=tmp_path_factory.mktemp("faults") / "keepstream.db",
+            args=(*openai_args(upstream), *SERVER_ARGS),
+        ),
+        "dify": Server(
+            db=tmp_path_factory.mktemp("dify-faults") / "keepstream.db",
+            args=(*dify_args(upstream), *SERVER_ARGS),
+        ),
+    }
     try:
-        yield server.start()
+        for server in servers.values():
+            server.start()
+        yield servers
     finally:
-        server.kill()
+        for server in servers.values():
+            server.kill()
 
 
 def opening(*texts: str) -> list[Step]:
@@ -109,6 +124,7 @@ class Case:
     at_least: float = 0.0  # seconds the case must take (a backoff it must honour)
     usage: dict[str, int] | None = field(default=None)
     hangs_up: bool = False  # keepstream must close the connection of its last call
+    stops: bool = False  # keepstream must tell Dify to stop the abandoned answer
 
 
 CASES: dict[str, Case] = {
@@ -241,10 +257,163 @@ CASES: dict[str, Case] = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
+def dify_opening(*texts: str) -> list[Step]:
+    """A ping and one Dify ``message`` event per text."""
+    ids = {"conversation_id": "conv-1", "message_id": "msg-1"}
+    return [DIFY_PING, *(dify_event("message", answer=text, **ids) for text in texts)]
+
+
+def dify_ending() -> list[Step]:
+    """``message_end`` with 3 + 4 tokens of usage."""
+    return [dify_event("message_end", conversation_id="conv-1", metadata={"usage": usage_of(3, 4)})]
+
+
+def dify_pings(count: int) -> list[Step]:
+    """Dify's pings and a workflow event, 0.1 s apart: events, but no text."""
+    steps: list[Step] = []
+    for _ in range(count):
+        steps += [DIFY_PING, 0.1, dify_event("node_started", data={}), 0.1]
+    return steps
+
+
+DIFY_OK = Reply(dify_answer(TOKENS))
+DIFY_CASES: dict[str, Case] = {
+    "429-retry-after-then-success": Case(
+        [retry_after(429, "1"), DIFY_OK], "completed", None, 2, FULL, at_least=0.9
+    ),
+    "500": Case(
+        [dify_error_reply(500, "internal_server_error", "boom")],
+        "failed",
+        "upstream_error",
+        ATTEMPTS,
+        "",
+        "internal_server_error: boom (gave up after 4",
+    ),
+    "503-then-success": Case(
+        [dify_error_reply(503, "busy", "busy"), DIFY_OK], "completed", None, 2, FULL
+    ),
+    "400-not-retried": Case(
+        [dify_error_reply(400, "invalid_param", "inputs.topic is required")],
+        "failed",
+        "upstream_error",
+        1,
+        "",
+        "invalid_param: inputs.topic is required",
+    ),
+    "reset-before-head": CASES["reset-before-head"],
+    "stall-before-head": CASES["stall-before-head"],
+    "drop-after-2-tokens": Case(
+        [Reply(dify_opening(*TOKENS[:2]), end="drop")],
+        "failed",
+        "upstream_dropped",
+        1,
+        "".join(TOKENS[:2]),
+        "connection failed",
+        stops=True,
+    ),
+    "stall-silence": Case(
+        [Reply(dify_opening(*TOKENS[:2]), end="stall")],
+        "failed",
+        "upstream_timeout",
+        1,
+        "".join(TOKENS[:2]),
+        "timed out",
+        at_least=READ_TIMEOUT * 0.9,
+        hangs_up=True,
+        stops=True,
+    ),
+    "ping-only-stall": Case(
+        [Reply([*dify_opening(*TOKENS[:2]), *dify_pings(100)])],
+        "failed",
+        "upstream_stalled",
+        1,
+        "".join(TOKENS[:2]),
+        "no text for 1.5 s",
+        at_least=IDLE_TIMEOUT * 0.9,
+        hangs_up=True,
+        stops=True,
+    ),
+    "error-event-mid-answer": Case(
+        [
+            Reply(
+                [
+                    *dify_opening(*TOKENS[:2]),
+                    dify_event("error", status=400, code="completion_request_error", message="x"),
+                ]
+            )
+        ],
+        "failed",
+        "upstream_error",
+        1,
+        "".join(TOKENS[:2]),
+        "completion_request_error: x",
+    ),
+    "moderation-replaces-answer": Case(
+        [Reply([*dify_opening(*TOKENS[:2]), dify_event("message_replace", answer="Sorry.")])],
+        "failed",
+        "upstream_error",
+        1,
+        "".join(TOKENS[:2]),
+        "withdrew the answer",
+        stops=True,
+    ),
+    "malformed-below-threshold": Case(
+        [
+            Reply(
+                [
+                    *dify_opening(TOKENS[0]),
+                    BAD,
+                    *dify_opening(TOKENS[1]),
+                    sse_data('{"answer": "no event name"}'),
+                    sse_data('{"event": "message", "answer": 7}'),
+                    *dify_opening(*TOKENS[2:]),
+                    *dify_ending(),
+                ]
+            )
+        ],
+        "completed",
+        None,
+        1,
+        FULL,
+        usage={**usage_of(3, 4), "malformed_chunks": 3},
+    ),
+    "malformed-above-threshold": Case(
+        [Reply([*dify_opening(*TOKENS[:2]), BAD, BAD, BAD, BAD, *dify_ending()])],
+        "failed",
+        "upstream_malformed",
+        1,
+        "".join(TOKENS[:2]),
+        "4 malformed events",
+        stops=True,
+    ),
+    "no-message-end": Case(
+        [Reply(dify_opening(*TOKENS))],
+        "failed",
+        "upstream_dropped",
+        1,
+        FULL,
+        "ended before the answer was complete",
+        stops=True,
+    ),
+    "wrong-content-type": CASES["wrong-content-type"],
+    "empty-stream": CASES["empty-stream"],
+    "huge-error-body": CASES["huge-error-body"],
+}
+MATRIX = [("openai", name, case) for name, case in CASES.items()] + [
+    ("dify", name, case) for name, case in DIFY_CASES.items()
+]
+
+
+@pytest.mark.parametrize(
+    ("upstream_format", "case"),
+    [(fmt, case) for fmt, _, case in MATRIX],
+    ids=[f"{fmt}-{name}" for fmt, name, _ in MATRIX],
+)
 async def test_upstream_fault_ends_in_its_defined_state(
-    fault_server: Server, upstream: FakeUpstream, case: Case
+    fault_servers: dict[str, Server], upstream: FakeUpstream, upstream_format: str, case: Case
 ) -> None:
+    fault_server = fault_servers[upstream_format]
+    stops_before = len(upstream.stops())
     prompt = upstream.expect_sequence(case.replies, label="fault")
     started = anyio.current_time()
     async with httpx.AsyncClient(base_url=fault_server.url, timeout=BOUND) as client:
@@ -272,6 +441,10 @@ async def test_upstream_fault_ends_in_its_defined_state(
     if case.hangs_up:
         hung_up = await anyio.to_thread.run_sync(calls[-1].hung_up.wait, 5.0)
         assert hung_up, "the upstream connection was left open"
+    stops = upstream.stops()[stops_before:]
+    assert [s.path for s in stops] == (["/v1/chat-messages/task-1/stop"] if case.stops else [])
+    if case.stops:
+        assert stops[0].body == {"user": "keepstream"}
 
 
 async def test_refused_connection_is_retried_then_fails(

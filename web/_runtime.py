@@ -15,6 +15,7 @@ from typing import Self
 
 from store import DurableStreams, SessionStore, StreamStore
 from streaming import (
+    DifyProvider,
     GenerationPool,
     GeneratorProvider,
     OpenAIProvider,
@@ -35,11 +36,12 @@ from ._signing import UrlSigner, signing_key
 
 # Expired Durable Streams are removed this often (any access finds them gone at once).
 EXPIRY_SWEEP_INTERVAL = 1.0
-BUILT_IN_PROVIDERS = ("simulated", "openai")
+BUILT_IN_PROVIDERS = ("simulated", "openai", "dify")
 
 
 def build_providers(settings: Settings) -> dict[str, Provider]:
-    """The providers the settings configure: ``simulated`` always, ``openai`` with a URL."""
+    """The providers the settings configure: ``simulated`` always, ``openai`` and ``dify``
+    each with its URL."""
     providers: dict[str, Provider] = {
         "simulated": SimulatedProvider(
             tokens_per_second=settings.sim_tokens_per_second, max_tokens=settings.sim_max_tokens
@@ -55,6 +57,15 @@ def build_providers(settings: Settings) -> dict[str, Provider]:
             retry_attempts=settings.upstream_retry_attempts,
             retry_deadline=settings.upstream_retry_deadline,
             continuation=settings.continuation_fields,
+        )
+    if settings.dify_url:
+        providers["dify"] = DifyProvider(
+            base_url=settings.dify_url,
+            api_key=settings.dify_api_key or "",
+            read_timeout=settings.upstream_read_timeout,
+            idle_timeout=settings.upstream_idle_timeout,
+            retry_attempts=settings.upstream_retry_attempts,
+            retry_deadline=settings.upstream_retry_deadline,
         )
     return providers
 
@@ -113,6 +124,8 @@ class Runtime:
         known = {"simulated", *self.providers}
         if self.settings.upstream_url:
             known.add("openai")
+        if self.settings.dify_url:
+            known.add("dify")
         if self.settings.provider not in known:
             raise ValueError(
                 f"the default provider {self.settings.provider!r} is not configured"

@@ -27,7 +27,8 @@ class Settings:
     port: int = _setting(8000, "port to bind (0 picks a free one)")
     db: str = _setting("./keepstream.db", "SQLite database file")
     provider: str = _setting(
-        "simulated", "default provider: simulated, openai, or one a provider factory adds"
+        "simulated",
+        "default provider: simulated, openai, dify, or one a provider factory adds",
     )
     provider_factory: str | None = _setting(
         None,
@@ -59,6 +60,12 @@ class Settings:
     upstream_retry_deadline: float = _setting(
         30.0, "seconds the calls and backoffs before an answer starts may take in total"
     )
+    dify_url: str | None = _setting(
+        None,
+        "API base URL of a Dify chat, agent or chatflow app, e.g. https://api.dify.ai/v1"
+        " (the upstream timeouts and retries apply to it too)",
+    )
+    dify_api_key: str | None = _setting(None, "the Dify app's API key (prefer the env var)")
     sim_tokens_per_second: float = _setting(50.0, "simulated model: tokens per second")
     sim_max_tokens: int = _setting(200, "simulated model: tokens per answer")
     flush_interval: float = _setting(0.01, "group commit window in seconds")
@@ -163,6 +170,10 @@ class Settings:
         """Raise ``ValueError`` for settings that cannot work."""
         if self.provider == "openai" and not self.upstream_url:
             raise ValueError("--provider openai needs --upstream-url")
+        if self.provider == "dify" and not self.dify_url:
+            raise ValueError("--provider dify needs --dify-url")
+        if self.dify_url and not self.dify_api_key:
+            raise ValueError("--dify-url needs --dify-api-key (or KEEPSTREAM_DIFY_API_KEY)")
         for name in (
             "flush_interval",
             "shutdown_grace",
