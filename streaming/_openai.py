@@ -65,9 +65,11 @@ class OpenAIProvider:
 
     ``continuation``, the body fields with which the server continues a final assistant
     message instead of answering anew (vLLM: ``{"continue_final_message": true,
-    "add_generation_prompt": false}``), makes answers continuable: after a mid-answer fault
-    or a crash, the request is sent again with the text so far as that final assistant
-    message, and the server's output is appended. Without it, nothing is continued.
+    "add_generation_prompt": false}``), or ``continuation_message``, the fields of that
+    message which do it (DeepSeek and Mistral: ``{"prefix": true}``), makes answers
+    continuable: after a mid-answer fault or a crash, the request is sent again with the
+    text so far as that final assistant message, and the server's output is appended.
+    Without either, nothing is continued.
     """
 
     name = "openai"
@@ -84,10 +86,14 @@ class OpenAIProvider:
         retry_attempts: int = DEFAULT_RETRY_ATTEMPTS,
         retry_deadline: float = DEFAULT_RETRY_DEADLINE,
         continuation: Mapping[str, Any] | None = None,
+        continuation_message: Mapping[str, Any] | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.continuation = dict(continuation) if continuation is not None else None
+        self.continuation_message = (
+            dict(continuation_message) if continuation_message is not None else None
+        )
         self.upstream = EventStreamUpstream(
             headers={"Authorization": f"Bearer {api_key}"} if api_key else None,
             connect_timeout=connect_timeout,
@@ -107,7 +113,7 @@ class OpenAIProvider:
 
     def can_continue(self, request: GenerationRequest) -> bool:
         """Whether the server was declared able to continue a final assistant message."""
-        return self.continuation is not None
+        return self.continuation is not None or self.continuation_message is not None
 
     def _body(self, request: GenerationRequest, partial: str = "") -> dict[str, Any]:
         messages = [{"role": m.role, "content": m.content} for m in request.messages]
@@ -118,9 +124,11 @@ class OpenAIProvider:
             "stream_options": {"include_usage": True},
         }
         body.update(request.params)
-        if partial and self.continuation is not None:
-            messages.append({"role": "assistant", "content": partial})
-            body.update(self.continuation)
+        if partial and self.can_continue(request):
+            messages.append(
+                {**(self.continuation_message or {}), "role": "assistant", "content": partial}
+            )
+            body.update(self.continuation or {})
         return body
 
     async def stream(

@@ -501,16 +501,28 @@ def test_backoff_is_full_jitter_capped_by_the_deadline() -> None:
 CONTINUATION = '{"continue_final_message": true, "add_generation_prompt": false}'
 
 
-@pytest.mark.parametrize("fault", ["drop", "stall"])
+@pytest.mark.parametrize(
+    ("fault", "continuation"),
+    [
+        ("drop", ("--upstream-continuation", CONTINUATION)),
+        ("stall", ("--upstream-continuation", CONTINUATION)),
+        ("drop", ("--upstream-continuation-message", '{"prefix": true}')),
+    ],
+    ids=["drop-vllm", "stall-vllm", "drop-prefix"],
+)
 async def test_a_cut_answer_is_continued_when_the_upstream_can(
-    server_factory: ServerFactory, upstream: FakeUpstream, fault: str
+    server_factory: ServerFactory,
+    upstream: FakeUpstream,
+    fault: str,
+    continuation: tuple[str, str],
 ) -> None:
     """Dropped (or stalled) mid-answer, the request is sent again with the text so far as a
-    final assistant message and the continuation fields; readers see one answer, with a
-    ``resumed`` event at the seam and nothing missing or doubled."""
+    final assistant message and the continuation fields (in the body, vLLM's way, or in the
+    message, DeepSeek's and Mistral's); readers see one answer, with a ``resumed`` event at
+    the seam and nothing missing or doubled."""
     server = server_factory(
         *openai_args(upstream),
-        *("--upstream-continuation", CONTINUATION),
+        *continuation,
         *("--upstream-idle-timeout", "1", "--upstream-read-timeout", "1"),
         *("--shutdown-grace", "1"),
     )
@@ -526,9 +538,14 @@ async def test_a_cut_answer_is_continued_when_the_upstream_can(
     calls = upstream.requests_for(prompt)
     assert len(calls) == 2
     assert calls[0].body["messages"][-1] == {"role": "user", "content": prompt}
-    assert calls[1].body["messages"][-1] == {"role": "assistant", "content": "Hello wor"}
-    assert calls[1].body["continue_final_message"] is True
-    assert calls[1].body["add_generation_prompt"] is False
+    final = {"role": "assistant", "content": "Hello wor"}
+    if continuation[0] == "--upstream-continuation":
+        assert calls[1].body["messages"][-1] == final
+        assert calls[1].body["continue_final_message"] is True
+        assert calls[1].body["add_generation_prompt"] is False
+    else:
+        assert calls[1].body["messages"][-1] == {**final, "prefix": True}
+        assert "continue_final_message" not in calls[1].body
 
 
 async def test_continuations_stop_at_the_budget(

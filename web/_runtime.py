@@ -57,6 +57,7 @@ def build_providers(settings: Settings) -> dict[str, Provider]:
             retry_attempts=settings.upstream_retry_attempts,
             retry_deadline=settings.upstream_retry_deadline,
             continuation=settings.continuation_fields,
+            continuation_message=settings.continuation_message_fields,
         )
     if settings.dify_url:
         providers["dify"] = DifyProvider(

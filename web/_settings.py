@@ -54,6 +54,12 @@ class Settings:
         ' {"continue_final_message": true, "add_generation_prompt": false} for vLLM; set, '
         "answers cut by a fault or a crash are continued",
     )
+    upstream_continuation_message: str | None = _setting(
+        None,
+        "JSON fields of the final assistant message with which the upstream continues it, e.g."
+        ' {"prefix": true} for DeepSeek (beta URL) and Mistral; set, answers cut by a fault or'
+        " a crash are continued",
+    )
     upstream_retry_attempts: int = _setting(
         4, "calls to the upstream at most for one answer, while it has not started (1 = no retry)"
     )
@@ -221,6 +227,7 @@ class Settings:
             if origin != "*" and not origin.startswith(("http://", "https://")):
                 raise ValueError(f"cors_origins: {origin!r} is not an http(s) origin")
         self.continuation_fields  # noqa: B018 - raises for a value that is not a JSON object
+        self.continuation_message_fields  # noqa: B018 - likewise
         if self.max_continuations < 0:
             raise ValueError("max_continuations must be >= 0")
         if self.max_queued < 0:
@@ -240,15 +247,13 @@ class Settings:
     @property
     def continuation_fields(self) -> dict[str, Any] | None:
         """``upstream_continuation`` parsed (``ValueError`` if it is not a JSON object)."""
-        if not self.upstream_continuation:
-            return None
-        try:
-            fields = json.loads(self.upstream_continuation)
-        except ValueError:
-            raise ValueError("upstream_continuation must be a JSON object") from None
-        if not isinstance(fields, dict):
-            raise ValueError("upstream_continuation must be a JSON object")
-        return fields
+        return _json_object("upstream_continuation", self.upstream_continuation)
+
+    @property
+    def continuation_message_fields(self) -> dict[str, Any] | None:
+        """``upstream_continuation_message`` parsed (``ValueError`` if it is not a JSON
+        object)."""
+        return _json_object("upstream_continuation_message", self.upstream_continuation_message)
 
     @property
     def factories(self) -> list[str]:
@@ -331,3 +336,16 @@ def _parse_env(name: str, kind: type, value: str) -> Any:
         raise SystemExit(
             f"{ENV_PREFIX}{name.upper()}: expected {kind.__name__}, got {value!r}"
         ) from None
+
+
+def _json_object(name: str, value: str | None) -> dict[str, Any] | None:
+    """A setting holding a JSON object, parsed; ``None`` when unset."""
+    if not value:
+        return None
+    try:
+        fields = json.loads(value)
+    except ValueError:
+        raise ValueError(f"{name} must be a JSON object") from None
+    if not isinstance(fields, dict):
+        raise ValueError(f"{name} must be a JSON object")
+    return fields
