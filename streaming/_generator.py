@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from store.types import JSONDict
@@ -34,6 +34,10 @@ class GeneratorInput:
     # generator was registered with ``continues=True``): the text already committed. The
     # generator yields only what follows it.
     partial: str = ""
+    # What the generator kept from its newest answer in the session (a ``ProviderChunk``
+    # it yielded with ``state=``), with ``unheard``: how many of ``messages`` before the
+    # last came after that answer. Empty for a first answer or a regenerated one.
+    state: JSONDict = field(default_factory=dict)
 
     @property
     def prompt(self) -> str:
@@ -96,6 +100,7 @@ class GeneratorProvider:
             owner=run.owner,
             session_id=run.session_id,
             partial=run.partial,
+            state=request.provider_state,
         )
         try:
             chunks: Any = self.generate(given)

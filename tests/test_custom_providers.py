@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
+import httpx
 import pytest
 
 from keepstream import Delta, GeneratorInput, Keepstream, ProviderChunk, Settings, Status
@@ -331,3 +332,35 @@ async def test_a_generator_that_can_continue_goes_on_from_the_committed_text(
         "gen_spent": ("half ", "interrupted"),  # its continuations are used up
         "gen_late": ("half ", "interrupted"),  # past its time limit since it was created
     }
+
+
+async def test_a_generator_keeps_state_from_one_answer_of_a_session_to_the_next(
+    tmp_path: Path,
+) -> None:
+    """What a generator yields as ``state`` comes back with the session's next answer (with
+    how many messages it has not heard); a regenerated answer starts without it."""
+    ks = Keepstream(settings(tmp_path, provider="counter"))
+    given: list[dict[str, object]] = []
+
+    @ks.provider("counter")
+    async def counter(request: GeneratorInput) -> AsyncIterator[str | ProviderChunk]:
+        given.append(dict(request.state))
+        turn = int(request.state.get("turn", 0)) + 1
+        yield ProviderChunk(f"turn {turn}", state={"turn": turn})
+
+    async with ks:
+        transport = httpx.ASGITransport(app=ks.asgi_app())
+        async with httpx.AsyncClient(transport=transport, base_url="http://ks") as http:
+            session = (await http.post("/v1/sessions", json={})).json()
+            url = f"/v1/sessions/{session['id']}"
+            for path, body in [
+                ("/messages", {"content": "one"}),
+                ("/messages", {"content": "two"}),
+                ("/messages", {"content": "three"}),
+                ("/regenerate", None),
+            ]:
+                posted = await http.post(url + path, json=body)
+                assert posted.status_code == 202, posted.text
+                _, final = await follow_all(ks, posted.json()["generation_id"])
+                assert final.status == "completed"
+    assert given == [{}, {"turn": 1, "unheard": 0}, {"turn": 2, "unheard": 0}, {}]
