@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncGenerator
-from contextlib import AsyncExitStack
+from contextlib import aclosing
 from typing import Any
+from urllib.parse import urljoin
 
 import anyio
-import httpx
 from httpx_sse import ServerSentEvent
 
 from store.types import JSONDict
@@ -60,7 +60,7 @@ PASSTHROUGH_PARAMS: dict[str, type] = {
 # The end user Dify scopes conversations to, when a generation has no owner.
 ANONYMOUS_USER = "keepstream"
 # How long telling Dify to stop an abandoned answer may take.
-STOP_TIMEOUT = 5.0
+STOP_TIMEOUT = 3.0
 ROLE_LABELS = {
     "system": "System",
     "developer": "System",
@@ -134,7 +134,7 @@ class DifyProvider:
             query = query_text(request.messages, unheard=unheard if isinstance(unheard, int) else 0)
         body: dict[str, Any] = {
             "inputs": {},
-            **request.params,
+            **{key: value for key, value in request.params.items() if value is not None},
             "query": query,
             "response_mode": "streaming",
             "user": self._user(request, run),
@@ -151,27 +151,26 @@ class DifyProvider:
         known = request.provider_state.get("conversation_id")
         conversation_id = known if isinstance(known, str) and known else None
         url = f"{self.base_url}/chat-messages"
-        async with AsyncExitStack() as stack:
-            try:
-                response = await self.upstream.open(url, self._body(request, run, conversation_id))
-            except ProviderError as exc:
-                if conversation_id is None or exc.status != 404:
-                    raise
-                # Dify no longer has the conversation (deleted, or another app's): a new one,
-                # which hears the history as a transcript.
-                logger.info("dify conversation %s is gone; starting a new one", conversation_id)
-                conversation_id = None
-                response = await self.upstream.open(url, self._body(request, run, None))
-            stack.push_async_callback(response.aclose)
-            reader = _EventReader()
-            ended = False
-            try:
-                async for chunk in self.upstream.chunks(response, reader.parse):
+        try:
+            response = await self.upstream.open(url, self._body(request, run, conversation_id))
+        except ProviderError as exc:
+            if conversation_id is None or exc.status != 404:
+                raise
+            # Dify no longer has the conversation (deleted, or another app's): a new one,
+            # which hears the history as a transcript.
+            logger.info("dify conversation %s is gone; starting a new one", conversation_id)
+            response = await self.upstream.open(url, self._body(request, run, None))
+        reader = _EventReader(self.base_url)
+        ended = False
+        try:
+            async with aclosing(self.upstream.chunks(response, reader.parse)) as chunks:
+                async for chunk in chunks:
                     yield chunk
-                ended = True
-            finally:
-                if not ended and reader.task_id is not None:
-                    await self._stop(reader.task_id, self._user(request, run))
+            ended = True
+        finally:
+            await response.aclose()
+            if not ended and reader.task_id is not None:
+                await self._stop(reader.task_id, self._user(request, run))
 
     async def _stop(self, task_id: str, user: str) -> None:
         """Ask Dify to stop an answer nobody reads any more; best effort, bounded, and
@@ -183,7 +182,7 @@ class DifyProvider:
                 )
                 if response.status_code != 200:
                     logger.info("dify did not stop task %s: %s", task_id, response.status_code)
-            except httpx.HTTPError as exc:
+            except Exception as exc:  # best effort: the generation's own end matters more
                 logger.info("could not stop dify task %s: %s", task_id, exc)
 
     async def aclose(self) -> None:
@@ -207,7 +206,8 @@ class _EventReader:
     conversation id (kept with each answer, for the next) with the first event that names
     it."""
 
-    def __init__(self) -> None:
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url  # what relative file URLs are relative to
         self.task_id: str | None = None
         self._conversation_id: str | None = None
         self._agent = False  # agent_message deltas seen: a closing message repeats them
@@ -249,15 +249,16 @@ class _EventReader:
             if event == "agent_message" or not self._agent:
                 text = answer
         elif event == "message_file":
-            text = _file_link(obj)
+            text = _file_link(obj, self.base_url)
         elif event == "message_end":
             metadata = obj.get("metadata")
             usage = metadata.get("usage") if isinstance(metadata, dict) else None
             usage = usage if isinstance(usage, dict) else None
             return Parsed(ProviderChunk("", usage, state), finished=True, last=True)
         if text or state is not None:
-            return Parsed(ProviderChunk(text, None, state))
-        return Parsed()
+            return Parsed(ProviderChunk(text, None, state), progress=True)
+        # A workflow step, a node, a thought, speech: the app is at work.
+        return Parsed(progress=True)
 
     def _state(self, obj: JSONDict) -> JSONDict | None:
         conversation_id = obj.get("conversation_id")
@@ -269,11 +270,13 @@ class _EventReader:
         return {"conversation_id": conversation_id}
 
 
-def _file_link(obj: JSONDict) -> str:
-    """A file the app produced, as a Markdown link (an image as an image)."""
+def _file_link(obj: JSONDict, base_url: str) -> str:
+    """A file the app produced, as a Markdown link (an image as an image). A self-hosted
+    Dify without ``FILES_URL`` gives a path: it is on the API's host."""
     url = obj.get("url")
     if not isinstance(url, str) or not url or obj.get("belongs_to", "assistant") != "assistant":
         return ""
+    url = urljoin(base_url, url)
     kind = obj.get("type")
     if kind == "image":
         return f"\n\n![image]({url})\n\n"

@@ -146,6 +146,12 @@ class GenerationLog:
             self._pending_chars += len(payload)
         self._store.mark_dirty(self)
 
+    def set_fields(self, fields: JSONDict) -> None:
+        """Update the snapshot row with the next commit (with whatever text is pending)."""
+        with self._lock:
+            self._fields.update(fields)
+        self._store.mark_dirty(self)
+
     @property
     def pending_chars(self) -> int:
         """Characters (and event bytes) added and not yet committed."""
@@ -168,6 +174,8 @@ class GenerationLog:
             if self.error is not None:
                 raise self.error
             await self._committed_event.wait()
+        if self.error is not None:  # the last batch itself could not be written
+            raise self.error
 
     # -- the writer's side --------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ Faults are handled as ``_upstream`` describes: retried before the answer starts,
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Mapping
-from contextlib import AsyncExitStack
+from contextlib import aclosing
 from typing import Any
 
 from httpx_sse import ServerSentEvent
@@ -136,13 +136,15 @@ class OpenAIProvider:
     ) -> AsyncGenerator[ProviderChunk, None]:
         """The upstream's answer; every failure becomes ``ProviderError``. Closing the
         generator (or cancelling it) closes the upstream connection."""
-        async with AsyncExitStack() as stack:
-            response = await self.upstream.open(
-                f"{self.base_url}/chat/completions", self._body(request, run.partial)
-            )
-            stack.push_async_callback(response.aclose)
-            async for chunk in self.upstream.chunks(response, _parse_event):
-                yield chunk
+        response = await self.upstream.open(
+            f"{self.base_url}/chat/completions", self._body(request, run.partial)
+        )
+        try:
+            async with aclosing(self.upstream.chunks(response, _parse_event)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+        finally:
+            await response.aclose()
 
     async def aclose(self) -> None:
         """Close the HTTP connection pool."""

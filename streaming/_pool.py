@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -48,8 +49,28 @@ RECOVERY_PARALLELISM = 64
 # Times one generation may be taken over and continued after its process died (and,
 # separately, continued after transport faults in the middle of its answer).
 DEFAULT_MAX_CONTINUATIONS = 3
+
+
 # Provider faults in the middle of an answer that a continuation may mend: the connection
 # dropped, or the upstream stopped making progress. A model's own error is not among them.
+def json_object(value: object, what: str) -> JSONDict:
+    """A provider's ``usage`` or ``state`` as it will be stored: a JSON object of valid text;
+    ``ProviderError`` for anything else (it could never be written, and the generation's
+    commits with it)."""
+    if isinstance(value, dict):
+        cleaned = scrub(value)
+        try:
+            json.dumps(cleaned, allow_nan=False)
+        except (TypeError, ValueError):
+            pass
+        else:
+            return cleaned  # type: ignore[no-any-return]
+    raise ProviderError(
+        f"the provider gave a {what} that is not a JSON object: {value!r:.200}",
+        kind="provider_error",
+    )
+
+
 CONTINUABLE_FAULTS = frozenset({"upstream_dropped", "upstream_stalled", "upstream_timeout"})
 # A generation whose text is not being committed (a slow or failing disk) stops reading
 # from its provider once this much is buffered, until the writer catches up.
@@ -545,9 +566,12 @@ class GenerationPool:
                             if log.pending_chars > MAX_UNCOMMITTED_CHARS:
                                 await log.wait_for_room(MAX_UNCOMMITTED_CHARS)
                         if chunk.usage is not None:
-                            usage = chunk.usage
-                        if chunk.state is not None:
-                            handle.provider_state = scrub(chunk.state)
+                            usage = json_object(chunk.usage, "usage")
+                        if chunk.state is not None and chunk.state != handle.provider_state:
+                            # Kept at once, with the text it came with: a crash must not
+                            # lose the conversation the provider has started.
+                            handle.provider_state = json_object(chunk.state, "state")
+                            log.set_fields({"provider_state": handle.provider_state})
             except ProviderError as exc:
                 self.stats.upstream_errors[exc.kind] += 1
                 held = sanitizer.flush()
@@ -579,16 +603,10 @@ class GenerationPool:
         if not handle.started:
             await self._finish_unstarted(handle.record, status)
             return
-        fields: JSONDict = {
-            "status": status,
-            "error": error,
-            "usage": usage,
-            "finished_at": self._clock(),
-        }
-        if handle.provider_state is not None:
-            fields["provider_state"] = handle.provider_state
         handle.log.add_event(
-            status_event(status, error=error, usage=usage), fields=fields, close=True
+            status_event(status, error=error, usage=usage),
+            fields={"status": status, "error": error, "usage": usage, "finished_at": self._clock()},
+            close=True,
         )
         await handle.log.flush()
 

@@ -646,7 +646,10 @@ class SessionManager:
         before reaching it, a message posted while paused). Nothing when that answer is no
         longer in the history (it was regenerated: the provider's side holds an answer the
         user discarded) — the provider then starts afresh from the history."""
-        found = await self.store.provider_state(session_id, self.pool.default_provider)
+        provider = self.pool.providers.get(self.pool.default_provider)
+        if provider is None:
+            return {}
+        found = await self.store.provider_state(session_id, provider.name)
         if found is None:
             return {}
         generation_id, state = found

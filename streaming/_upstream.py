@@ -8,10 +8,13 @@ Faults, and what becomes of them:
   within ``retry_deadline`` seconds;
 * any other status, or a 200 that is not an event stream: failed at once (no retry);
 * once the response head has arrived nothing is retried here (continuing a partial answer
-  is the pool's business): a dropped connection, a silence past ``read_timeout``, no text
-  for ``idle_timeout`` (keep-alive comments and pings do not count), an end before the
-  format's final marker, or more than ``MAX_MALFORMED_EVENTS`` malformed events all fail
-  the generation, its text so far kept.
+  is the pool's business): a dropped connection, a silence past ``read_timeout``, no
+  progress for ``idle_timeout`` (text, or a format's work events such as Dify's workflow
+  steps; keep-alive comments and pings do not count), an end before the answer is complete,
+  or more than ``MAX_MALFORMED_EVENTS`` malformed events all fail the generation, its text
+  so far kept;
+* once the answer is complete (a ``finish_reason``, Dify's ``message_end``), whatever the
+  connection does next (drop, stall, go quiet) ends it completed.
 """
 
 from __future__ import annotations
@@ -59,11 +62,13 @@ class Malformed(Exception):
 @dataclass(frozen=True, slots=True)
 class Parsed:
     """What one event of an upstream stream means: a chunk of the answer (or nothing),
-    whether the answer is now complete, and whether nothing more is to be read."""
+    whether the answer is now complete, whether nothing more is to be read, and whether it
+    shows the upstream at work without text (a workflow step: the idle deadline moves)."""
 
     chunk: ProviderChunk | None = None
     finished: bool = False
     last: bool = False
+    progress: bool = False
 
 
 # Reads one event; raises ``Malformed`` for a misshapen one and ``ProviderError`` for an
@@ -198,9 +203,9 @@ class EventStreamUpstream:
         """The answer in an open event stream, event by event through ``parse``, under the
         idle deadline. It must end with an event ``parse`` calls finished."""
         events = EventSource(response).aiter_sse()
-        # The idle deadline moves only when text arrives, so keep-alive comments (which
-        # httpx-sse swallows), pings and events without text cannot keep a dead answer
-        # alive. It bounds each wait on its own: no cancel scope is held across a ``yield``.
+        # The idle deadline moves only on progress (text, or a work event), so keep-alive
+        # comments (which httpx-sse swallows) and pings cannot keep a dead answer alive. It
+        # bounds each wait on its own: no cancel scope is held across a ``yield``.
         deadline = anyio.current_time() + self.idle_timeout
         finished = received = False
         malformed = 0
@@ -208,9 +213,14 @@ class EventStreamUpstream:
         try:
             while True:
                 with anyio.CancelScope(deadline=deadline) as waiting:
-                    sse = await anext(events, None)
+                    try:
+                        sse = await anext(events, None)
+                    except httpx.HTTPError:
+                        if finished:  # complete: only the goodbye was lost
+                            break
+                        raise
                 if waiting.cancelled_caught:
-                    if finished:  # complete, and only the goodbye is missing
+                    if finished:
                         break
                     raise ProviderError(
                         f"upstream sent no text for {self.idle_timeout:g} s",
@@ -232,9 +242,9 @@ class EventStreamUpstream:
                     continue
                 finished = finished or parsed.finished
                 chunk = parsed.chunk
+                if parsed.progress or (chunk is not None and chunk.text):
+                    deadline = anyio.current_time() + self.idle_timeout
                 if chunk is not None:
-                    if chunk.text:
-                        deadline = anyio.current_time() + self.idle_timeout
                     if chunk.usage is not None:
                         usage = chunk.usage
                     yield chunk
@@ -307,7 +317,7 @@ async def error_message(response: httpx.Response) -> str:
     except ValueError:
         return text[:ERROR_MESSAGE_CHARS] or response.reason_phrase
     if isinstance(parsed, dict) and "error" in parsed:
-        return error_text(parsed["error"])
+        return error_text(parsed["error"])[:ERROR_MESSAGE_CHARS]
     if isinstance(parsed, dict) and isinstance(parsed.get("message"), str):
-        return coded_error_text(parsed)
+        return coded_error_text(parsed)[:ERROR_MESSAGE_CHARS]
     return text[:ERROR_MESSAGE_CHARS]

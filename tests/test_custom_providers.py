@@ -364,3 +364,34 @@ async def test_a_generator_keeps_state_from_one_answer_of_a_session_to_the_next(
                 _, final = await follow_all(ks, posted.json()["generation_id"])
                 assert final.status == "completed"
     assert given == [{}, {"turn": 1, "unheard": 0}, {"turn": 2, "unheard": 0}, {}]
+
+
+@pytest.mark.parametrize(
+    "chunk",
+    [
+        ProviderChunk("x", state={"seen": {1, 2}}),
+        ProviderChunk("x", state=["not", "an", "object"]),  # type: ignore[arg-type]
+        ProviderChunk("x", usage={"tokens": float("nan")}),
+    ],
+    ids=["state-with-a-set", "state-not-an-object", "usage-with-nan"],
+)
+async def test_a_state_or_usage_that_cannot_be_stored_fails_the_answer(
+    tmp_path: Path, chunk: ProviderChunk
+) -> None:
+    """Never stored as it is (its commit would fail, and the answer never end): the answer
+    fails clearly, with the text before it kept."""
+    ks = Keepstream(settings(tmp_path))
+
+    @ks.provider("odd")
+    async def odd(request: GeneratorInput) -> AsyncIterator[str | ProviderChunk]:
+        yield "before "
+        yield chunk
+
+    async with ks:
+        generation = await ks.start("q", provider="odd")
+        text, final = await follow_all(ks, generation.id)
+        assert final.status == "failed" and final.error is not None
+        assert final.error["type"] == "provider_error"
+        assert "not a JSON object" in final.error["message"]
+        assert text == (await ks.get(generation.id)).text
+        await check_pool_still_works(ks)

@@ -11,9 +11,16 @@ from typing import Any
 import httpx
 import pytest
 
-from .conftest import dify_args
+from .conftest import ServerFactory, dify_args
 from .fake_upstream import FakeUpstream, Reply, dify_answer, dify_error_reply, dify_event
-from .support import Server, get_snapshot, read_events, start_generation, text_of
+from .support import (
+    Server,
+    get_snapshot,
+    read_events,
+    start_generation,
+    text_of,
+    wait_for_status,
+)
 
 TIMEOUT = 30.0
 
@@ -240,3 +247,30 @@ async def test_a_cancelled_answer_is_stopped_on_difys_side(
         ("/v1/chat-messages/task-1/stop", {"user": "keepstream"})
     ]
     assert upstream.requests_for(prompt)[0].hung_up.is_set()
+
+
+async def test_an_answer_cut_by_a_crash_leaves_the_session_in_its_conversation(
+    server_factory: ServerFactory, upstream: FakeUpstream
+) -> None:
+    """The conversation id is stored with the answer's first text: SIGKILL mid-answer, and
+    after the restart (the answer ends interrupted: Dify cannot continue) the next message
+    still goes to that conversation."""
+    args = (*dify_args(upstream), "--coalesce-window", "0", "--shutdown-grace", "1")
+    server = server_factory(*args)
+    ids = {"conversation_id": "conv-H", "message_id": "m"}
+    first = upstream.expect(Reply([dify_event("message", answer="half", **ids)], end="stall"))
+    second = upstream.expect(Reply(dify_answer(["whole"], conversation_id="conv-H")))
+    async with httpx.AsyncClient(base_url=server.url, timeout=TIMEOUT) as http:
+        session = (await http.post("/v1/sessions", json={})).json()
+        messages = f"/v1/sessions/{session['id']}/messages"
+        posted = (await http.post(messages, json={"content": first})).json()
+        events = await read_events(http, posted["generation_id"], max_events=2)
+        assert text_of(events) == "half"
+    server.kill()
+    restarted = server_factory(*args, db=server.db)
+    async with httpx.AsyncClient(base_url=restarted.url, timeout=TIMEOUT) as http:
+        cut = await wait_for_status(http, posted["generation_id"], {"interrupted"})
+        assert cut["text"] == "half"
+        assert (await answered(http, messages, content=second))["text"] == "whole"
+    sent = upstream.requests_for(second)[0].body
+    assert (sent["conversation_id"], sent["query"]) == ("conv-H", second)

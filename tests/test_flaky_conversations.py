@@ -36,7 +36,6 @@ ATTEMPTS = 3
 IDLE = 0.5
 MESSAGE_BOUND = 15.0  # seconds any one message may take, faults and backoffs included
 CONTINUATION = '{"continue_final_message": true, "add_generation_prompt": false}'
-CONVERSATION = "conv-flaky"
 # Each message's fault, and how often it is drawn.
 FAULTS = {
     "ok": 8,
@@ -69,9 +68,9 @@ SERVER_ARGS = (
 )
 
 
-def openai_script(fault: str, tokens: list[str]) -> tuple[list[Reply], Expected]:
+def openai_script(fault: str, tokens: list[str], conversation: str) -> tuple[list[Reply], Expected]:
     """The OpenAI-compatible upstream's replies for one message (which can continue a cut
-    answer), and what the message must end as."""
+    answer), and what the message must end as (``conversation`` is for Dify's)."""
     full = "".join(tokens)
     ok = Reply(answer(tokens))
     opening: list[Step] = [completion_chunk(role="assistant", content="")]
@@ -103,12 +102,13 @@ def openai_script(fault: str, tokens: list[str]) -> tuple[list[Reply], Expected]
     raise AssertionError(fault)
 
 
-def dify_script(fault: str, tokens: list[str]) -> tuple[list[Reply], Expected]:
+def dify_script(fault: str, tokens: list[str], conversation: str) -> tuple[list[Reply], Expected]:
     """Dify's replies for one message (Dify cannot continue a cut answer), and what the
-    message must end as."""
+    message must end as. Each message's answer names its own ``conversation`` id, so using
+    any but the newest answer's would show."""
     full = "".join(tokens)
-    ok = Reply(dify_answer(tokens, conversation_id=CONVERSATION))
-    ids = {"conversation_id": CONVERSATION, "message_id": "m"}
+    ok = Reply(dify_answer(tokens, conversation_id=conversation))
+    ids = {"conversation_id": conversation, "message_id": "m"}
     head: list[Step] = [DIFY_PING, *(dify_event("message", answer=t, **ids) for t in tokens[:2])]
     cut = "".join(tokens[:2])
     match fault:
@@ -133,7 +133,7 @@ def dify_script(fault: str, tokens: list[str]) -> tuple[list[Reply], Expected]:
                 "failed", cut, 1, "upstream_stalled"
             )
         case "malformed-event":
-            end = dify_answer(tokens[2:], conversation_id=CONVERSATION)[1:]
+            end = dify_answer(tokens[2:], conversation_id=conversation)[1:]
             return [Reply([*head, BAD, *end])], Expected("completed", full, 1)
         case "error-in-stream":
             error = dify_event("error", status=500, code="completion_request_error", message="x")
@@ -165,11 +165,12 @@ async def test_a_hundred_messages_against_a_flaky_upstream(
     assert set(faults) == set(FAULTS)  # the seed draws every fault
     history: list[tuple[str, str]] = []  # the session's messages with text
     heard = 0  # how much of it Dify's conversation holds
+    conversation = ""  # the id the newest answer that reached Dify gave
     async with httpx.AsyncClient(base_url=server.url, timeout=MESSAGE_BOUND) as http:
         session = (await http.post("/v1/sessions", json={})).json()
         for i, fault in enumerate(faults):
             tokens = [f"m{i}a ", f"m{i}b ", f"m{i}c."]
-            replies, expected = script(fault, tokens)
+            replies, expected = script(fault, tokens, f"conv-{i}")
             prompt = upstream.expect_sequence(replies, label=f"flaky-{provider}-{i}")
             with anyio.fail_after(MESSAGE_BOUND):
                 posted = await http.post(
@@ -193,7 +194,7 @@ async def test_a_hundred_messages_against_a_flaky_upstream(
                 sent = [(m["role"], m["content"]) for m in first["messages"]]
                 assert sent == [*history, ("user", prompt)], (i, fault)
             elif heard:
-                assert first["conversation_id"] == CONVERSATION, (i, fault)
+                assert first["conversation_id"] == conversation, (i, fault)
                 assert first["query"] == transcript(history[heard:], prompt), (i, fault)
             else:
                 assert "conversation_id" not in first, (i, fault)
@@ -202,7 +203,7 @@ async def test_a_hundred_messages_against_a_flaky_upstream(
             if expected.text:
                 history.append(("assistant", expected.text))
             if expected.reaches_upstream:
-                heard = len(history)
+                heard, conversation = len(history), f"conv-{i}"
         stored = (await http.get(f"/v1/sessions/{session['id']}")).json()["messages"]
     # None is left running, and every answer is in the session with its end.
     answers = [m for m in stored if m["role"] == "assistant"]

@@ -30,7 +30,7 @@ from openai.types.responses import (
 )
 
 from .conftest import DEFAULT_ARGS, ServerFactory
-from .fake_upstream import FakeUpstream, Reply, answer
+from .fake_upstream import FakeUpstream, Reply, answer, completion_chunk
 from .support import ROOT, Server
 
 ALICE = "sk-alice-0123456789abcdef"
@@ -287,7 +287,8 @@ def test_a_failed_answer_ends_with_response_failed(
     server = server_factory(
         "--provider", "openai", "--model", "test-model", "--upstream-url", upstream.base_url
     )
-    prompt = upstream.expect(Reply(answer(["Par"], done=False), end="drop"), label="fail")
+    cut = [completion_chunk(role="assistant", content=""), completion_chunk("Par")]
+    prompt = upstream.expect(Reply(cut, end="drop"), label="fail")
     with sdk(server) as client:
         failed = client.responses.create(model="test-model", input=prompt)
         events = list(client.responses.retrieve(failed.id, stream=True))

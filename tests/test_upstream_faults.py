@@ -233,6 +233,22 @@ CASES: dict[str, Case] = {
         "".join(TOKENS[:2]),
         "4 malformed events",
     ),
+    "complete-then-silence": Case(
+        [Reply([*opening(*TOKENS), completion_chunk(finish_reason="stop"), *keepalives(100)])],
+        "completed",
+        None,
+        1,
+        FULL,
+        at_least=IDLE_TIMEOUT * 0.9,
+        hangs_up=True,
+    ),
+    "complete-then-drop": Case(
+        [Reply([*opening(*TOKENS), completion_chunk(finish_reason="stop")], end="drop")],
+        "completed",
+        None,
+        1,
+        FULL,
+    ),
     "wrong-content-type": Case(
         [Reply([b"<html>please log in</html>"], content_type="text/html", framing="length")],
         "failed",
@@ -269,10 +285,18 @@ def dify_ending() -> list[Step]:
 
 
 def dify_pings(count: int) -> list[Step]:
-    """Dify's pings and a workflow event, 0.1 s apart: events, but no text."""
+    """Dify's pings, 0.1 s apart: events, but neither text nor work."""
     steps: list[Step] = []
     for _ in range(count):
-        steps += [DIFY_PING, 0.1, dify_event("node_started", data={}), 0.1]
+        steps += [DIFY_PING, 0.1]
+    return steps
+
+
+def dify_steps(count: int) -> list[Step]:
+    """Workflow steps 0.5 s apart, pings between: work without text."""
+    steps: list[Step] = []
+    for _ in range(count):
+        steps += [dify_event("node_started", data={}), 0.25, DIFY_PING, 0.25]
     return steps
 
 
@@ -332,6 +356,17 @@ DIFY_CASES: dict[str, Case] = {
         at_least=IDLE_TIMEOUT * 0.9,
         hangs_up=True,
         stops=True,
+    ),
+    "long-workflow-steps": Case(
+        [Reply([*dify_steps(5), *dify_opening(*TOKENS), *dify_ending()])],
+        "completed",
+        None,
+        1,
+        FULL,
+        at_least=2.0,  # longer than the idle timeout: the steps kept it alive
+    ),
+    "complete-then-drop": Case(
+        [Reply([*dify_opening(*TOKENS), *dify_ending()], end="drop")], "completed", None, 1, FULL
     ),
     "error-event-mid-answer": Case(
         [

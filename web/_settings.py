@@ -45,8 +45,8 @@ class Settings:
     )
     upstream_idle_timeout: float = _setting(
         60.0,
-        "seconds an upstream may send no text, keep-alive comments or not, before the"
-        " generation fails as stalled (0 = no limit)",
+        "seconds an upstream may make no progress (no text, no Dify workflow step), keep-alive"
+        " comments or not, before an unfinished answer fails as stalled (0 = no limit)",
     )
     upstream_continuation: str | None = _setting(
         None,
