@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sqlite3
 import threading
 import time
@@ -303,6 +304,9 @@ class Writer:
         # of one that just went, and must not inherit its "taken recently" mark.
         self._dirty: dict[AppendSource, None] = {}
         self._last_take: dict[AppendSource, float] = {}
+        # Sources to take again at a time they asked for (``AppendBatch.revisit_after``),
+        # earliest first: every revisit waits as long, so insertion order is due order.
+        self._revisits: dict[AppendSource, float] = {}
         self._forgotten: list[tuple[str, int]] = []  # for ``WriterContext.forget``
         self._context: WriterContext | None = None
         self._stopping = False
@@ -381,7 +385,8 @@ class Writer:
         checkpointer = Checkpointer(self._path, self._checkpoint_every)
         try:
             while True:
-                self._wake.wait(self._poll_interval)
+                self._wake.wait(self._until_next_revisit())
+                self._revisit_due()
                 # Other processes' commits change data_version (ours never do): polled on
                 # every turn, busy or not, so followers of their streams are always woken.
                 current = conn.execute("PRAGMA data_version").fetchone()[0]
@@ -419,6 +424,31 @@ class Writer:
         finally:
             checkpointer.close()
             conn.close()
+
+    def _until_next_revisit(self) -> float:
+        """How long the thread may sleep: the poll interval, or less if a revisit is due."""
+        with self._lock:
+            due = next(iter(self._revisits.values()), math.inf)
+        return max(0.0, min(self._poll_interval, due - time.monotonic()))
+
+    def _revisit_due(self) -> None:
+        """Mark dirty the sources whose revisit is due."""
+        now = time.monotonic()
+        with self._lock:
+            while self._revisits:
+                source, due = next(iter(self._revisits.items()))
+                if due > now:
+                    break
+                del self._revisits[source]
+                self._dirty[source] = None
+
+    def _schedule_revisits(self, batches: list[tuple[AppendSource, AppendBatch]]) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for source, batch in batches:
+                self._revisits.pop(source, None)
+                if batch.revisit_after is not None:
+                    self._revisits[source] = now + batch.revisit_after
 
     def _drain(self, *, everything: bool) -> tuple[list[_PendingOp], list[AppendSource]]:
         """Everything pending, except sources taken less than ``coalesce_window`` ago.
@@ -548,6 +578,7 @@ class Writer:
             return
         self._failures = 0
         self.commits += 1
+        self._schedule_revisits(batches)
         if self._on_commit is not None:
             try:
                 self._on_commit(time.monotonic() - started, self.rows_written - rows_before)
@@ -633,7 +664,9 @@ class Writer:
                 except UnicodeDecodeError:
                     binary_rows.append((sid, first + i, payload))
             if batch.generation_id is not None:
-                snapshots.append((batch.generation_id, batch.text, first + len(batch.payloads)))
+                if batch.text is not None:
+                    end = first + len(batch.payloads)
+                    snapshots.append((batch.generation_id, batch.text, end))
                 if batch.fields:
                     update_fields(conn, batch.generation_id, batch.fields)
             if batch.close:
@@ -663,8 +696,9 @@ class Writer:
                 INSERT_MESSAGE, [(sid, first + i, p) for i, p in enumerate(batch.payloads)]
             )
             if batch.generation_id is not None:
-                next_offset = first + len(batch.payloads)
-                conn.execute(_UPDATE_SNAPSHOT, (batch.text, next_offset, batch.generation_id))
+                if batch.text is not None:
+                    next_offset = first + len(batch.payloads)
+                    conn.execute(_UPDATE_SNAPSHOT, (batch.text, next_offset, batch.generation_id))
                 if batch.fields:
                     update_fields(conn, batch.generation_id, batch.fields)
             if batch.close:

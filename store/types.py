@@ -83,15 +83,20 @@ class AppendBatch:
     """What an append source hands the writer at one flush.
 
     ``payloads`` become consecutive messages; ``generation_id`` names a generation whose
-    snapshot row is updated in the same transaction (``text`` appended, ``next_offset`` set,
-    ``fields`` assigned); ``close`` closes the stream after these messages.
+    snapshot row is updated in the same transaction: ``fields`` assigned and, unless
+    ``text`` is ``None``, ``text`` appended and ``next_offset`` set to the end of these
+    messages (``text`` then holds all the text since the last such update, so the row's
+    text always matches its ``next_offset``); ``close`` closes the stream after these
+    messages. ``revisit_after``: seconds after which the source wants to be taken again even
+    with nothing new (to bring a snapshot it left behind up to date).
     """
 
     payloads: list[bytes]
     generation_id: str | None = None
-    text: str = ""
+    text: str | None = ""
     fields: JSONDict = field(default_factory=dict)
     close: bool = False
+    revisit_after: float | None = None
 
 
 @dataclass(slots=True)

@@ -8,12 +8,20 @@ Events are JSON objects, one per stream message:
   follows the flush rate, not the token rate;
 * ``{"type": "status", "status": <terminal>, "usage"?: {...}, "error"?: {...}}`` last; the
   stream is closed in the same transaction.
+
+The snapshot row (text and ``next_offset``) is brought up to date at most every
+``SNAPSHOT_INTERVAL`` seconds, and whenever its other fields change (the start, the end):
+rewriting a live answer's row on every commit made each commit dirty a page per live
+answer, and copied each answer's whole text again and again. A snapshot is therefore up to
+that much behind its stream, never ahead, and its text always matches its ``next_offset``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import threading
+import time
 from collections import deque
 from typing import Any
 
@@ -25,6 +33,8 @@ from store.types import JSONDict
 # Coalescing stops here: a longer run of text becomes several delta events, so no single
 # event (and no single write to a client) grows without bound when a model streams fast.
 MAX_DELTA_CHARS = 8192
+# The snapshot row's text is updated at most this often while an answer streams.
+SNAPSHOT_INTERVAL = 1.0
 
 
 def encode_event(event: JSONDict) -> bytes:
@@ -105,7 +115,11 @@ class GenerationLog:
     ``flush()`` waits until everything added so far is committed.
     """
 
-    def __init__(self, store: StreamStore, generation_id: str, stream_id: str) -> None:
+    def __init__(
+        self, store: StreamStore, generation_id: str, stream_id: str, *, unsnapshotted: str = ""
+    ) -> None:
+        """``unsnapshotted``: text already in the stream but not in the snapshot row (what a
+        dead process committed after its last snapshot update), to go in with the next."""
         self.generation_id = generation_id
         self.stream_id = stream_id
         self._store = store
@@ -113,11 +127,16 @@ class GenerationLog:
         self._items: list[str | bytes] = []
         self._fields: JSONDict = {}
         self._close = False
+        # Text taken since the snapshot row's text was last updated, and when that was.
+        self._unsnapshotted = [unsnapshotted] if unsnapshotted else []
+        self._snapshot_at = -math.inf
         self._added = 0
         self._pending_chars = 0  # text and events added and not yet committed
-        # Batches handed to the writer and not yet committed, oldest first:
-        # (items added up to here, the items, their fields, their close flag).
-        self._inflight: deque[tuple[int, list[str | bytes], JSONDict, bool]] = deque()
+        # Batches handed to the writer and not yet committed, oldest first: (items added up
+        # to here, the items, their fields, their close flag, the snapshot state before).
+        self._inflight: deque[
+            tuple[int, list[str | bytes], JSONDict, bool, tuple[list[str], float]]
+        ] = deque()
         self._committed = 0
         self._committed_event = anyio.Event()
         self.error: StoreError | None = None
@@ -181,13 +200,17 @@ class GenerationLog:
 
     def take(self) -> AppendBatch | None:
         """Everything buffered, with consecutive text coalesced into delta events."""
+        now = time.monotonic()
         with self._lock:
-            if not self._items and not self._fields and not self._close:
-                return None
+            snapshot_due = now - self._snapshot_at >= SNAPSHOT_INTERVAL
+            if not (self._items or self._fields or self._close):
+                if not (self._unsnapshotted and snapshot_due):
+                    return None
             items, self._items = self._items, []
             fields, self._fields = self._fields, {}
             close, self._close = self._close, False
-            self._inflight.append((self._added, items, fields, close))
+            before = (list(self._unsnapshotted), self._snapshot_at)
+            self._inflight.append((self._added, items, fields, close, before))
         payloads: list[bytes] = []
         run: list[str] = []
         text: list[str] = []
@@ -203,15 +226,24 @@ class GenerationLog:
         if run:
             payloads.extend(_delta_payloads(run))
             text.extend(run)
-        return AppendBatch(payloads, self.generation_id, "".join(text), fields, close)
+        self._unsnapshotted.extend(text)
+        if fields or close or snapshot_due:
+            snapshot = "".join(self._unsnapshotted)
+            self._unsnapshotted = []
+            self._snapshot_at = now
+            return AppendBatch(payloads, self.generation_id, snapshot, fields, close)
+        # Left behind: come back when it is due, new text or not (a model may pause).
+        revisit = self._snapshot_at + SNAPSHOT_INTERVAL - now
+        return AppendBatch(payloads, self.generation_id, None, fields, close, revisit)
 
     def untake(self) -> None:
         """The last batch taken was rolled back: hold its items again, ahead of newer ones."""
         with self._lock:
-            _, items, fields, close = self._inflight.pop()
+            _, items, fields, close, before = self._inflight.pop()
             self._items[0:0] = items
             self._fields = {**fields, **self._fields}
             self._close = self._close or close
+            self._unsnapshotted, self._snapshot_at = before
 
     def committed(self, result: AppendResult) -> None:
         """The oldest batch in flight is durable."""
@@ -228,7 +260,7 @@ class GenerationLog:
         self._wake()
 
     def _settle_oldest(self) -> None:
-        added, items, _, _ = self._inflight.popleft()
+        added, items, _, _, _ = self._inflight.popleft()
         self._committed = added
         self._pending_chars -= sum(map(len, items))
 

@@ -24,6 +24,7 @@ from store import (
     GenerationRecord,
     Op,
     StoreError,
+    StreamNotFound,
     StreamStore,
     WorkerRecord,
 )
@@ -31,7 +32,7 @@ from store.types import JSONDict
 
 from ._exceptions import PoolClosed, PoolFull, ProviderError, UnknownProvider
 from ._fair import FairSlots
-from ._log import GenerationLog, TextSanitizer, encode_event, scrub, status_event
+from ._log import GenerationLog, TextSanitizer, decode_event, encode_event, scrub, status_event
 from ._provider import GenerationRun, Provider, supports_continuation
 from ._workers import DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_LEASE_TIMEOUT, is_dead, this_host
 from .types import GenerationRequest
@@ -621,13 +622,41 @@ class GenerationPool:
         while it still belongs to its dead worker ``orphan_of`` (a peer may have taken it
         over meanwhile). Returns whether it did."""
         error = INTERRUPTED_ERROR if status == "interrupted" else None
+        fields: JSONDict = {"status": status, "error": error, "finished_at": self._clock()}
+        if orphan_of is not None:
+            # Its snapshot row may be behind its stream (see ``GenerationLog``): it ends
+            # with all the text its process committed.
+            try:
+                record = await self.store.get_generation(generation_id)
+            except GenerationNotFound:
+                return False
+            fields["text"] = record.text + await self._text_beyond_snapshot(record)
         return await self.store.finish_generation(
             generation_id,
             encode_event(status_event(status, error=error)),
-            {"status": status, "error": error, "finished_at": self._clock()},
+            fields,
             only_if=ACTIVE_STATUSES,
             only_worker=None if orphan_of is None else (orphan_of,),
         )
+
+    async def _text_beyond_snapshot(self, record: GenerationRecord) -> str:
+        """The text of the deltas a generation's stream holds past its snapshot row's
+        ``next_offset`` (what its process committed after its last snapshot update)."""
+        pieces: list[str] = []
+        offset = record.next_offset
+        while True:
+            try:
+                result = await self.store.read(record.stream_id, offset, from_disk=True)
+            except StreamNotFound:
+                break
+            for payload in result.messages:
+                event = decode_event(payload)
+                if event.get("type") == "delta":
+                    pieces.append(event["text"])
+            if not result.messages or result.at_end:
+                break
+            offset = result.next_offset
+        return "".join(pieces)
 
     # -- other processes ----------------------------------------------------------------------
 
@@ -720,11 +749,12 @@ class GenerationPool:
         if not claimed:
             return False
         record = await self.store.get_generation(orphan.id)  # its text, as claimed
+        tail = await self._text_beyond_snapshot(record)
         handle = _Handle(
             record,
             request,
-            GenerationLog(self.store, record.id, record.stream_id),
-            partial=record.text if record.status == "running" else None,
+            GenerationLog(self.store, record.id, record.stream_id, unsnapshotted=tail),
+            partial=record.text + tail if record.status == "running" else None,
         )
         self._handles[record.id] = handle
         self._hold(record.owner)

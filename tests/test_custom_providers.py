@@ -268,7 +268,8 @@ async def orphan(
     cancel: bool = False,
     age: float = 0.0,
 ) -> None:
-    """A running generation of a process that died mid-answer, with "half " committed."""
+    """A running generation of a process that died mid-answer, with "half " committed; its
+    snapshot row, as a live one may be, is behind its stream (it has "ha" of it)."""
     now = time.time()
     async with StreamStore(db) as store:
         await store.register_worker(WorkerRecord("wrk_dead", "elsewhere", 1, now - 100, now - 100))
@@ -280,7 +281,8 @@ async def orphan(
                 "running",
                 provider,
                 request=request.to_json(),
-                text="half ",
+                text="ha",
+                next_offset=2,
                 worker_id="wrk_dead",
                 created_at=now - age,
                 cancel_requested=cancel,
@@ -288,7 +290,8 @@ async def orphan(
             )
         )
         await store.append(gid, [encode_event(status_event("running"))])
-        await store.append(gid, [encode_event({"type": "delta", "text": "half "})])
+        await store.append(gid, [encode_event({"type": "delta", "text": "ha"})])
+        await store.append(gid, [encode_event({"type": "delta", "text": "lf "})])
 
 
 async def test_a_generator_that_can_continue_goes_on_from_the_committed_text(
@@ -323,15 +326,24 @@ async def test_a_generator_that_can_continue_goes_on_from_the_committed_text(
             for gid in ("gen_cannot", "gen_cancelled", "gen_spent", "gen_late")
         }
     assert (text, final.status) == ("half an answer", "completed")
+    assert (await ks_snapshot_text(tmp_path, "gen_goes_on")) == "half an answer"
     assert partials == ["half "]
     # Clients see one answer: the seam is an event they may skip (the Python API does).
-    assert kinds.count("Delta") == 2
+    assert kinds.count("Delta") == 3
     assert {gid: (t, f.status) for gid, (t, f) in outcomes.items()} == {
         "gen_cannot": ("half ", "interrupted"),  # its provider cannot continue
         "gen_cancelled": ("half ", "cancelled"),  # a persisted cancel wins
         "gen_spent": ("half ", "interrupted"),  # its continuations are used up
         "gen_late": ("half ", "interrupted"),  # past its time limit since it was created
     }
+    for gid in outcomes:  # each ends with all its committed text in its snapshot
+        assert await ks_snapshot_text(tmp_path, gid) == "half "
+
+
+async def ks_snapshot_text(tmp_path: Path, gid: str) -> str:
+    """A generation's snapshot text, straight from the database file."""
+    async with StreamStore(str(tmp_path / "embedded.db")) as store:
+        return (await store.get_generation(gid)).text
 
 
 async def test_a_generator_keeps_state_from_one_answer_of_a_session_to_the_next(
