@@ -35,9 +35,9 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
-from ._checkpoint import Checkpointer
 from ._exceptions import (
     StoreError,
     StoreUnavailable,
@@ -82,6 +82,9 @@ _TRANSIENT_CODES = frozenset(
 MAX_BACKOFF = 1.0
 STOP_ATTEMPTS = 3
 JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
+# A checkpoint runs after every ``checkpoint_every`` commits, and after any commit that
+# leaves the WAL larger than this.
+WAL_CHECKPOINT_AT = 16 * 1024 * 1024
 # Open streams whose next offset the writer keeps (and checks for other processes' writes):
 # past this many, the least recently appended are forgotten. The event loop normally has
 # the writer forget a stream long before, when it drops the stream's state as idle.
@@ -382,7 +385,7 @@ class Writer:
             return
         self._started.set()
         last_commit = 0.0
-        checkpointer = Checkpointer(self._path, self._checkpoint_every)
+        wal = Path(f"{self._path}-wal")
         try:
             while True:
                 self._wake.wait(self._until_next_revisit())
@@ -420,10 +423,24 @@ class Writer:
                 if ops or sources:
                     self._run_batch(ctx, ops, sources)
                     last_commit = time.monotonic()
-                    checkpointer.maybe_run()
+                    if self.commits % self._checkpoint_every == 0 or _size(wal) > WAL_CHECKPOINT_AT:
+                        self._checkpoint(conn)
         finally:
-            checkpointer.close()
             conn.close()
+
+    def _checkpoint(self, conn: sqlite3.Connection) -> None:
+        """A PASSIVE checkpoint, here between two commits.
+
+        Beside the writer (another thread, another connection) a checkpoint never caught
+        up under load: commits kept landing while it copied, so the WAL was never fully
+        copied back at the moment the next commit began, never restarted from its start,
+        and grew past a gigabyte in seconds. Here it copies everything committed, and the
+        next commit restarts the WAL (``journal_size_limit`` trims the file).
+        """
+        try:
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.Error as exc:
+            logger.warning("WAL checkpoint failed: %s", exc)
 
     def _until_next_revisit(self) -> float:
         """How long the thread may sleep: the poll interval, or less if a revisit is due."""
@@ -732,6 +749,13 @@ def update_fields(conn: sqlite3.Connection, generation_id: str, fields: dict[str
     values = [encode_field(name, fields[name]) for name in names]
     sql = f"UPDATE generations SET {assignments} WHERE id = ?"
     return conn.execute(sql, (*values, generation_id)).rowcount
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def _store_error(exc: BaseException) -> StoreError:

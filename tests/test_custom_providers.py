@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -230,12 +231,30 @@ async def test_bad_yields_and_bad_params_are_refused_clearly(tmp_path: Path) -> 
 
 async def test_embedding_changes_nothing_process_wide(tmp_path: Path) -> None:
     root = logging.getLogger()
-    before = (gc.get_threshold(), gc.get_freeze_count(), list(root.handlers), root.level)
+    before = (
+        gc.get_threshold(),
+        gc.get_freeze_count(),
+        sys.getswitchinterval(),
+        list(root.handlers),
+        root.level,
+    )
     ks = Keepstream(settings(tmp_path))
     async with ks:
         await check_pool_still_works(ks)
-        during = (gc.get_threshold(), gc.get_freeze_count(), list(root.handlers), root.level)
-    after = (gc.get_threshold(), gc.get_freeze_count(), list(root.handlers), root.level)
+        during = (
+            gc.get_threshold(),
+            gc.get_freeze_count(),
+            sys.getswitchinterval(),
+            list(root.handlers),
+            root.level,
+        )
+    after = (
+        gc.get_threshold(),
+        gc.get_freeze_count(),
+        sys.getswitchinterval(),
+        list(root.handlers),
+        root.level,
+    )
     assert before == during == after
 
 

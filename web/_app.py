@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import sys
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
@@ -33,6 +34,10 @@ logger = logging.getLogger("keepstream")
 # Young collections every 50,000 allocations instead of 700; a full one every 50 x 100 of
 # those. Cycles are still collected, just in fewer, larger batches.
 GC_THRESHOLDS = (50_000, 50, 100)
+# The GIL handover interval (Python's default: 5 ms). The writer thread gives the GIL up
+# around every SQLite call; with the event loop busy, taking it back waited out the whole
+# interval each time, so a commit of a few statements spent tens of ms just waiting.
+SWITCH_INTERVAL = 0.001
 
 Lifespan = Callable[[Starlette], AbstractAsyncContextManager[None]]
 
@@ -72,13 +77,14 @@ def create_app(
     settings: Settings | None = None,
     *,
     providers: Mapping[str, Provider | TextGenerator] | None = None,
-    tune_gc: bool = False,
+    tune_process: bool = False,
 ) -> Starlette:
     """A standalone keepstream ASGI app; its lifespan opens and closes the runtime.
 
-    ``providers`` adds providers (or generator functions) to the built-in ones. ``tune_gc``
-    (what ``keepstream serve`` does, and only it: it changes the whole process) freezes the
-    start-up objects and makes full collections rare once the app has started. Raises
+    ``providers`` adds providers (or generator functions) to the built-in ones.
+    ``tune_process`` (what ``keepstream serve`` does, and only it: it changes the whole
+    process) freezes the start-up objects and makes full collections rare once the app has
+    started, and shortens the GIL's switch interval. Raises
     ``ValueError`` for settings that cannot work.
     """
     runtime = Runtime(settings, providers=providers)
@@ -87,7 +93,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with runtime:
-            if tune_gc:
+            if tune_process:
                 # Long-lived start-up objects never need collecting; freezing them keeps the
                 # collector's full passes (which stall every stream at once) short, and the
                 # thresholds make those passes rare: with a thousand live streams the default
@@ -95,6 +101,7 @@ def create_app(
                 gc.collect()
                 gc.freeze()
                 gc.set_threshold(*GC_THRESHOLDS)
+                sys.setswitchinterval(SWITCH_INTERVAL)
             worker = runtime.state.pool.worker.id
             logger.info("keepstream ready: db=%s worker=%s", runtime.settings.db, worker)
             yield

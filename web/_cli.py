@@ -44,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     settings = Settings.from_namespace(args)
     try:
-        app = create_app(settings, providers=plugin_providers(settings), tune_gc=True)
+        app = create_app(settings, providers=plugin_providers(settings), tune_process=True)
     except ValueError as exc:
         print(f"keepstream: {exc}", file=sys.stderr)
         return 2
