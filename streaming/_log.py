@@ -89,6 +89,8 @@ class TextSanitizer:
 
     def feed(self, text: str) -> str:
         """Text safe to emit now."""
+        if not self._held and text.isascii():  # the usual case, and the cheapest
+            return text
         text = self._held + text
         self._held = ""
         if text and "\ud800" <= text[-1] <= "\udbff":
@@ -138,7 +140,9 @@ class GenerationLog:
             tuple[int, list[str | bytes], JSONDict, bool, tuple[list[str], float]]
         ] = deque()
         self._committed = 0
-        self._committed_event = anyio.Event()
+        # Made only when someone waits: a commit per source many times a second would
+        # otherwise make (and drop) an event each time.
+        self._committed_event: anyio.Event | None = None
         self.error: StoreError | None = None
 
     def add_text(self, text: str) -> None:
@@ -180,7 +184,7 @@ class GenerationLog:
         """Back-pressure: wait while more than ``limit`` characters are uncommitted (the disk
         is slow or failing), so a fast provider cannot grow the buffer without bound."""
         while self._pending_chars > limit and self.error is None:
-            await self._committed_event.wait()
+            await self._until_committed()
 
     async def flush(self) -> None:
         """Wait until everything added so far is committed.
@@ -192,7 +196,7 @@ class GenerationLog:
         while self._committed < target:
             if self.error is not None:
                 raise self.error
-            await self._committed_event.wait()
+            await self._until_committed()
         if self.error is not None:  # the last batch itself could not be written
             raise self.error
 
@@ -264,9 +268,15 @@ class GenerationLog:
         self._committed = added
         self._pending_chars -= sum(map(len, items))
 
+    async def _until_committed(self) -> None:
+        if self._committed_event is None:
+            self._committed_event = anyio.Event()
+        await self._committed_event.wait()
+
     def _wake(self) -> None:
-        self._committed_event.set()
-        self._committed_event = anyio.Event()
+        event, self._committed_event = self._committed_event, None
+        if event is not None:
+            event.set()
 
 
 def _delta_payloads(run: list[str]) -> list[bytes]:

@@ -159,12 +159,13 @@ class SimulatedProvider:
             if params.stamp:
                 raise ProviderError("a stamped answer cannot be continued", kind="cannot_continue")
             first, head = continue_after(tokens, run.partial)
-        start = anyio.current_time()
+        start = now = anyio.current_time()
         for i in range(first, params.count):
             if params.rate > 0:
-                delay = start + (i - first) / params.rate - anyio.current_time()
-                if delay > 0:
-                    await anyio.sleep(delay)
+                due = start + (i - first) / params.rate
+                if due > now:  # (the clock is read again only after sleeping)
+                    await anyio.sleep(due - now)
+                    now = anyio.current_time()
             elif i % 256 == 0:
                 await anyio.lowlevel.checkpoint()
             if params.fail_after is not None and i >= params.fail_after:
