@@ -385,6 +385,7 @@ class Writer:
             return
         self._started.set()
         last_commit = 0.0
+        loaded = False  # whether work piled up during the last commit
         wal = Path(f"{self._path}-wal")
         try:
             while True:
@@ -414,7 +415,10 @@ class Writer:
                 if stopping and self._failures >= STOP_ATTEMPTS:
                     self._give_up(StoreUnavailable("the store closed while writes kept failing"))
                     return
-                delay = last_commit + self._flush_interval - time.monotonic()
+                # The group-commit window adapts: work that finds the writer idle is committed
+                # at once; only work that piled up during the last commit (load) waits out
+                # the window, to be committed with what comes after it.
+                delay = last_commit + self._flush_interval - time.monotonic() if loaded else 0.0
                 if self._failures:
                     delay = max(delay, min(MAX_BACKOFF, 0.01 * 2**self._failures))
                 if delay > 0 and (pending < self._max_batch or self._failures) and not stopping:
@@ -423,6 +427,8 @@ class Writer:
                 if ops or sources:
                     self._run_batch(ctx, ops, sources)
                     last_commit = time.monotonic()
+                    with self._lock:
+                        loaded = bool(self._ops or self._dirty)
                     if self.commits % self._checkpoint_every == 0 or _size(wal) > WAL_CHECKPOINT_AT:
                         self._checkpoint(conn)
         finally:
