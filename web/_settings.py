@@ -74,7 +74,9 @@ class Settings:
     dify_api_key: str | None = _setting(None, "the Dify app's API key (prefer the env var)")
     sim_tokens_per_second: float = _setting(50.0, "simulated model: tokens per second")
     sim_max_tokens: int = _setting(200, "simulated model: tokens per answer")
-    flush_interval: float = _setting(0.01, "group commit window in seconds")
+    flush_interval: float = _setting(
+        0.01, "group commit window in seconds, under load (an idle writer commits at once)"
+    )
     coalesce_window: float = _setting(
         0.05, "a generation's deltas are written at most once per this many seconds"
     )
