@@ -196,6 +196,11 @@ class LiveOutcome:
                 best = cores if best is None else max(best, cores)
         return best
 
+    def peak_rss_mb(self) -> float | None:
+        """The server's largest resident memory seen while streaming, MB."""
+        sizes = [x.rss_bytes for x in self.samples if x.rss_bytes is not None]
+        return max(sizes) / 1e6 if sizes else None
+
     def peak_wal_mb(self) -> float | None:
         """The largest WAL seen while streaming, MB."""
         sizes = [x.wal_bytes for x in self.samples if x.wal_bytes is not None]

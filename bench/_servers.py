@@ -132,6 +132,16 @@ def cpu_ticks(pid: int) -> int | None:
     return int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5)
 
 
+def rss_bytes(pid: int) -> int | None:
+    """The resident memory of a process, bytes; ``None`` if it is gone."""
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            resident = int(f.read().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+    return resident * os.sysconf("SC_PAGE_SIZE")
+
+
 def get_json(url: str, *, timeout: float = 5.0) -> Any:
     """GET ``url`` and decode its JSON body."""
     with urllib.request.urlopen(url, timeout=timeout) as response:
@@ -453,6 +463,7 @@ class Sample:
     rows: int | None
     wal_bytes: int | None
     cpu_ticks: int | None
+    rss_bytes: int | None = None
 
 
 class Sampler:
@@ -506,7 +517,8 @@ class Sampler:
                     wal = self._wal.stat().st_size
                 except OSError:
                     pass
-            self.samples.append(Sample(t, answer, commits, rows, wal, ticks))
+            rss = rss_bytes(self._server.pid)
+            self.samples.append(Sample(t, answer, commits, rows, wal, ticks, rss))
             self._stop.wait(max(0.0, t + self._interval - time.time()))
 
 

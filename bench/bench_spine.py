@@ -5,6 +5,7 @@ Run on demand (not part of the test suite), with the project's virtualenv::
     python bench/bench_spine.py                 # C=1000 R=50 L=500, live + resume
     python bench/bench_spine.py --quick         # C=50 L=100
     python bench/bench_spine.py --only live --repeat 3 --profile
+    python bench/bench_spine.py --sweep 100,300,1000,2000   # the scaling table and plot
 
 1. **Live fan-out.** A fresh ``keepstream serve`` (new SQLite file) and, separately, the
    baseline (``bench/baseline_app.py``: the same simulated model streamed through plain
@@ -43,7 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
@@ -55,6 +56,7 @@ from bench._live import LiveOutcome, run_one_live  # noqa: E402
 from bench._report import fmt, live_report, print_profile, resume_report  # noqa: E402
 from bench._resume import ResumeOutcome, resume_bench  # noqa: E402
 from bench._servers import DeadlineExceeded, add_run_options, guard_run, kill_all  # noqa: E402
+from bench._sweep import Results, plot_sweep, sweep_report  # noqa: E402
 
 DEFAULT_CONCURRENCY = 1000
 DEFAULT_RATE = 50.0
@@ -163,6 +165,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--no-baseline", action="store_true", help="keepstream only")
     parser.add_argument(
+        "--sweep",
+        type=lambda text: [int(c) for c in text.split(",")],
+        default=None,
+        metavar="C,C,...",
+        help="run the live part at each of these concurrencies (no resume part): one table, "
+        "and a plot of latency against C",
+    )
+    parser.add_argument(
+        "--plot-dir",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "keepstream-bench",
+        help="where --sweep writes spine-sweep.png (keep it out of the repository)",
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="one extra keepstream run under py-spy (not in the medians); print its profile",
@@ -216,6 +232,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         opts.ks_arg = ["--coalesce-window", str(opts.coalesce_window), *opts.ks_arg]
     if opts.concurrency < 1 or opts.tokens < 1 or opts.rate <= 0 or opts.repeat < 1:
         parser.error("--concurrency, --tokens, --rate and --repeat must be positive")
+    if opts.sweep is not None and (not opts.sweep or min(opts.sweep) < 1):
+        parser.error("--sweep takes positive concurrencies, e.g. 100,300,1000")
     return opts
 
 
@@ -241,6 +259,49 @@ def core_revision() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return head + ("+dirty" if dirty else "")
+
+
+def live_rounds(
+    opts: argparse.Namespace,
+    global_deadline: float,
+    workdir: Path,
+    processes: list[BaseProcess],
+    out: Callable[[str], None],
+) -> tuple[dict[str, list[LiveOutcome]], list[LiveOutcome]]:
+    """The live runs of each server (``--repeat`` each, interleaved), then the profiled
+    ones; each run is announced as it ends."""
+    kinds = ["keepstream"] if opts.no_baseline else ["keepstream", "baseline"]
+    plan = [
+        (rep, kind, False)
+        for rep in range(opts.repeat)
+        for kind in (kinds if rep % 2 == 0 else kinds[::-1])
+    ]
+    # Profiled runs come last and stay out of the medians: py-spy takes CPU too.
+    if opts.profile:
+        plan.append((opts.repeat, "keepstream", True))
+    if opts.profile_baseline and not opts.no_baseline:
+        plan.append((opts.repeat, "baseline", True))
+    live_runs: dict[str, list[LiveOutcome]] = {}
+    profiled: list[LiveOutcome] = []
+    for rep, kind, profile in plan:
+        label = f"{kind:<10} " + ("profiled run" if profile else f"run {rep + 1}")
+        try:
+            outcome = run_one_live(kind, opts, global_deadline, workdir, profile, processes)
+        except RuntimeError as exc:  # the server did not start: say why, carry on
+            out(f"  {label}: FAILED: {str(exc).strip().splitlines()[-1]}")
+            continue
+        if outcome is None:
+            out(f"  skipped {label}: not enough time before the hard limit")
+            continue
+        (profiled if profile else live_runs.setdefault(kind, [])).append(outcome)
+        out(
+            f"  {label}: {outcome.tokens:,} tokens, "
+            f"{fmt(outcome.throughput)} tokens/s, p99 "
+            f"{fmt(outcome.latency(0.99), '.1f', ' ms')}, server "
+            f"{fmt(outcome.server_cores, '.2f')} cores, client "
+            f"{outcome.client_cores:.2f} cores ({outcome.client_loop})"
+        )
+    return live_runs, profiled
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -278,43 +339,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     live_runs: dict[str, list[LiveOutcome]] = {}
     resume: list[ResumeOutcome] = []
     try:
-        if opts.only in (None, "live"):
-            kinds = ["keepstream"] if opts.no_baseline else ["keepstream", "baseline"]
-            plan = [
-                (rep, kind, False)
-                for rep in range(opts.repeat)
-                for kind in (kinds if rep % 2 == 0 else kinds[::-1])
-            ]
-            # Profiled runs come last and stay out of the medians: py-spy takes CPU too.
-            if opts.profile:
-                plan.append((opts.repeat, "keepstream", True))
-            if opts.profile_baseline and not opts.no_baseline:
-                plan.append((opts.repeat, "baseline", True))
-            profiled: list[LiveOutcome] = []
-            for rep, kind, profile in plan:
-                label = f"{kind:<10} " + ("profiled run" if profile else f"run {rep + 1}")
-                try:
-                    outcome = run_one_live(kind, opts, global_deadline, workdir, profile, processes)
-                except RuntimeError as exc:  # the server did not start: say why, carry on
-                    out(f"  {label}: FAILED: {str(exc).strip().splitlines()[-1]}")
-                    continue
-                if outcome is None:
-                    out(f"  skipped {label}: not enough time before the hard limit")
-                    continue
-                (profiled if profile else live_runs.setdefault(kind, [])).append(outcome)
-                out(
-                    f"  {label}: {outcome.tokens:,} tokens, "
-                    f"{fmt(outcome.throughput)} tokens/s, p99 "
-                    f"{fmt(outcome.latency(0.99), '.1f', ' ms')}, server "
-                    f"{fmt(outcome.server_cores, '.2f')} cores, client "
-                    f"{outcome.client_cores:.2f} cores ({outcome.client_loop})"
+        if opts.sweep:
+            sweep: Results = {}
+            for concurrency in opts.sweep:
+                at = argparse.Namespace(
+                    **{**vars(opts), "concurrency": concurrency, "profile": False}
                 )
+                out(f"  C={concurrency}:")
+                runs, _ = live_rounds(at, global_deadline, workdir, processes, out)
+                for kind, outcomes in runs.items():
+                    sweep[(concurrency, kind)] = outcomes
+            out("")
+            sweep_report(sweep, opts.behind_slack, out)
+            plot = plot_sweep(sweep, opts.plot_dir)
+            out(f"  plot: {plot}" if plot else "  no plot: matplotlib is not installed")
+        elif opts.only in (None, "live"):
+            live_runs, profiled = live_rounds(opts, global_deadline, workdir, processes, out)
             out("")
             live_report(live_runs, opts, out)
             for o in profiled:
                 out("")
                 print_profile(o, out)
-        if opts.only in (None, "resume"):
+        if opts.only in (None, "resume") and not opts.sweep:
             out("")
             out(
                 f"resume: a finished {opts.resume_tokens:,}-token generation, "
