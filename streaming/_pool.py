@@ -8,8 +8,8 @@ import math
 import os
 import secrets
 import time
-from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping
+from collections import Counter, OrderedDict
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, aclosing
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -72,6 +72,7 @@ def json_object(value: object, what: str) -> JSONDict:
     )
 
 
+RECENTLY_ENDED = 4096  # ids of generations ended here that ``wait_ended`` remembers
 CONTINUABLE_FAULTS = frozenset({"upstream_dropped", "upstream_stalled", "upstream_timeout"})
 # A generation whose text is not being committed (a slow or failing disk) stops reading
 # from its provider once this much is buffered, until the writer catches up.
@@ -114,7 +115,7 @@ class _Handle:
     record: GenerationRecord
     request: GenerationRequest
     log: GenerationLog
-    after: str | None = None  # a generation to wait for before starting
+    after: tuple[str, ...] = ()  # generations to wait for before starting
     prepare: Callable[[], Awaitable[GenerationRequest]] | None = None  # the request, at start
     partial: str | None = None  # a continuation: the text its dead process committed
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
@@ -186,6 +187,9 @@ class GenerationPool:
         self._clock = clock
         self._slots = FairSlots(max_running)
         self._handles: dict[str, _Handle] = {}
+        # Generations this process saw end lately: a successor waiting for several need not
+        # ask the database about each.
+        self._recently_ended: OrderedDict[str, None] = OrderedDict()
         self._reserved = 0
         self._per_owner: Counter[str] = Counter()  # generations held (or being created)
         self._closing = False
@@ -300,14 +304,14 @@ class GenerationPool:
         owner: str | None = None,
         session_id: str | None = None,
         also: Callable[[GenerationRecord], Op] | None = None,
-        after: str | None = None,
+        after: Sequence[str] = (),
         prepare: Callable[[], Awaitable[GenerationRequest]] | None = None,
     ) -> GenerationRecord:
         """Persist a new generation and schedule it; return its ``queued`` record.
 
         ``also(record)`` gives an op written in the same transaction as the generation (a
         session's messages, say): both exist, or neither. With ``after``, the generation
-        waits (queued) until that one has ended. ``prepare()`` builds the request when the
+        waits (queued) until those have ended. ``prepare()`` builds the request when the
         generation starts, replacing ``request`` (a conversation's prompt must include the
         answer it waited for).
         """
@@ -359,7 +363,7 @@ class GenerationPool:
             record,
             request,
             GenerationLog(self.store, record.id, record.stream_id),
-            after=after,
+            after=tuple(after),
             prepare=prepare,
         )
         self._handles[record.id] = handle
@@ -431,8 +435,8 @@ class GenerationPool:
         try:
             try:
                 with handle.scope:
-                    if handle.after is not None:
-                        await self.wait_ended(handle.after)
+                    for earlier in handle.after:
+                        await self.wait_ended(earlier)
                     await self._slots.acquire(record.owner)  # in turn with other owners
                     try:
                         if handle.prepare is not None:
@@ -498,6 +502,9 @@ class GenerationPool:
         """Forget a generation that has ended and wake whoever waits for it (once)."""
         if self._handles.pop(handle.record.id, None) is not None:
             self._let_go(handle.record.owner)
+            self._recently_ended[handle.record.id] = None
+            if len(self._recently_ended) > RECENTLY_ENDED:
+                self._recently_ended.popitem(last=False)
         handle.done.set()
 
     async def _notify(self, record: GenerationRecord, status: str) -> None:
@@ -515,9 +522,11 @@ class GenerationPool:
         if handle is not None:
             await handle.done.wait()
             return
+        if generation_id in self._recently_ended:
+            return
         while True:  # another process runs it: its row tells when it ends
             try:
-                record = await self.store.get_generation(generation_id)
+                record = await self.store.locate_generation(generation_id)
             except GenerationNotFound:
                 return
             if record.status in TERMINAL_STATUSES:

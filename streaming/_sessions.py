@@ -478,8 +478,9 @@ class SessionManager:
         if record.status == "paused":
             await self.store.streams.execute(lambda ctx: write(ctx, None))
             return PostedMessage(await self.store.get(record.id), message_id, None, reopened)
-        running = await self._running_generation(record.id)
-        after = None
+        active = await self._active_generations(record.id)
+        running = active[-1] if active else None
+        after: list[str] = []
         if running is not None:
             if record.on_busy == "reject":
                 raise SessionBusy(record.id, running)
@@ -487,16 +488,17 @@ class SessionManager:
                 # Ask it to stop, and answer once it has: not waited for here, under the
                 # session's lock, however long its provider takes to let go.
                 await self.pool.cancel(running, wait=False)
-            # The new answer waits (queued) until the one before it has ended, and has it
-            # in its history.
-            after = running
+            # The new answer waits (queued) until every answer before it has ended (one
+            # queued and cancelled may end before the one it waited for), and has them in
+            # its history.
+            after = active
 
         async def prepare() -> GenerationRequest:
             return await self._request(record.id, message_id, content, role)
 
         def also(generation: GenerationRecord) -> Op:
             def op(ctx: WriterContext) -> None:
-                if after is None:  # nothing else may be running now
+                if not after:  # nothing else may be running now
                     check_not_busy(ctx, record.id, new_generation_id=generation.id)
                 write(ctx, generation.id)
 
@@ -547,7 +549,8 @@ class SessionManager:
                 await self._reopen(
                     session_id, {"status": "active", "closed_reason": None, "closed_at": None}
                 )
-            running = await self._running_generation(session_id)
+            active = await self._active_generations(session_id)
+            running = active[-1] if active else None
             if running is not None:
                 await self.pool.cancel(running, wait=False)  # it is being replaced
             now = self._clock()
@@ -579,7 +582,7 @@ class SessionManager:
                     owner=record.owner,
                     session_id=session_id,
                     also=also,
-                    after=running,
+                    after=active,
                     prepare=prepare,
                 )
             except WriteRejected as exc:  # another process started an answer meanwhile
@@ -616,10 +619,17 @@ class SessionManager:
         return successor
 
     async def _running_generation(self, session_id: str) -> str | None:
-        for generation_id, status in reversed(await self.store.generations(session_id)):
-            if status in ACTIVE_GENERATION:
-                return generation_id
-        return None
+        """The session's newest queued or running generation, if any."""
+        active = await self._active_generations(session_id)
+        return active[-1] if active else None
+
+    async def _active_generations(self, session_id: str) -> list[str]:
+        """The session's queued and running generations, oldest first."""
+        return [
+            generation_id
+            for generation_id, status in await self.store.generations(session_id)
+            if status in ACTIVE_GENERATION
+        ]
 
     async def _request(
         self, session_id: str, message_id: str, content: str, role: str
