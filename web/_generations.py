@@ -13,7 +13,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from store import DurableStreams, GenerationNotFound, GenerationRecord, StreamStore
+from store import (
+    TERMINAL_STATUSES,
+    DurableStreams,
+    GenerationNotFound,
+    GenerationRecord,
+    StreamStore,
+)
 from streaming import GenerationPool, GenerationRequest, SessionManager, decode_event
 
 from ._auth import check_event_token, current_user, event_token, events_url
@@ -228,7 +234,16 @@ async def generation_events(request: Request) -> Response:
         offset = parse_offset(request.query_params["offset"], "offset")
     elif "text_offset" in request.query_params:
         text_offset = parse_offset(request.query_params["text_offset"], "text_offset")
-        offset, skip = await locate_text_offset(state.store, record.stream_id, text_offset)
+        # A live answer's snapshot is a known point (its text ends at its next_offset),
+        # at most a second behind: the search starts there when the text asked for is past
+        # it. (A finished answer's snapshot holds all its text: nothing is past it.)
+        known = (0, 0)
+        if record.status not in TERMINAL_STATUSES:
+            snapshot = await state.pool.get(record.id)
+            known = (len(snapshot.text), snapshot.next_offset)
+        offset, skip = await locate_text_offset(
+            state.store, record.stream_id, text_offset, known=known
+        )
     else:
         offset = 0
     if offset > length:
@@ -239,11 +254,15 @@ async def generation_events(request: Request) -> Response:
 
 
 async def locate_text_offset(
-    store: StreamStore, stream_id: str, text_offset: int
+    store: StreamStore, stream_id: str, text_offset: int, *, known: tuple[int, int] = (0, 0)
 ) -> tuple[int, int]:
-    """Map "characters already shown" to (message offset, characters to skip in it)."""
-    position = 0
-    offset = 0
+    """Map "characters already shown" to (message offset, characters to skip in it).
+
+    ``known``: a point where the text so far is known to end (``(characters, offset)``, a
+    snapshot's); the search starts there when ``text_offset`` is past it (at it exactly,
+    the events between the last delta and that point, a final status say, are still due).
+    """
+    position, offset = known if text_offset > known[0] else (0, 0)
     while True:
         result = await store.read(stream_id, offset, max_bytes=READ_BYTES)
         for index, payload in enumerate(result.messages, start=offset):
