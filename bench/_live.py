@@ -7,6 +7,7 @@ import contextlib
 import math
 import multiprocessing
 import multiprocessing.connection
+import sqlite3
 import subprocess
 import time
 from array import array
@@ -68,6 +69,8 @@ class LiveOutcome:
     db_bytes: int | None = None  # keepstream's SQLite file right after the run
     samples: list[Sample] = field(default_factory=list)  # the server, polled during the run
     wal_bytes: int | None = None  # and its WAL
+    text_bytes: int | None = None  # the answers' text (UTF-8) in that file
+    checkpointed_bytes: int | None = None  # the file once the WAL is copied into it
 
     # -- derived figures --------------------------------------------------------------------------
 
@@ -201,6 +204,18 @@ class LiveOutcome:
         sizes = [x.rss_bytes for x in self.samples if x.rss_bytes is not None]
         return max(sizes) / 1e6 if sizes else None
 
+    def disk_per_text(self) -> float | None:
+        """The checkpointed database's bytes per byte of the answers' text."""
+        if not self.text_bytes or self.checkpointed_bytes is None:
+            return None
+        return self.checkpointed_bytes / self.text_bytes
+
+    def disk_per_kilotoken(self) -> float | None:
+        """The checkpointed database's bytes per 1,000 tokens delivered."""
+        if self.checkpointed_bytes is None or not self.tokens:
+            return None
+        return self.checkpointed_bytes / self.tokens * 1000
+
     def peak_wal_mb(self) -> float | None:
         """The largest WAL seen while streaming, MB."""
         sizes = [x.wal_bytes for x in self.samples if x.wal_bytes is not None]
@@ -211,6 +226,19 @@ class LiveOutcome:
         if not self.store_before or not self.store_after:
             return None
         return int(self.store_after[key]) - int(self.store_before[key])
+
+
+def checkpointed_sizes(db: Path) -> tuple[int | None, int | None]:
+    """A keepstream database's size once its WAL is copied into it (the server is idle
+    after the run), and the UTF-8 size of every answer's text in it."""
+    try:
+        with contextlib.closing(sqlite3.connect(db, timeout=10)) as conn:
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            row = conn.execute("SELECT sum(length(CAST(text AS BLOB))) FROM generations").fetchone()
+        size = db.stat().st_size
+    except (sqlite3.Error, OSError):
+        return None, None
+    return size, int(row[0]) if row and row[0] is not None else None
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -337,6 +365,7 @@ def live_run(
         with contextlib.suppress(OSError):
             outcome.db_bytes = db.stat().st_size
             outcome.wal_bytes = Path(f"{db}-wal").stat().st_size
+        outcome.checkpointed_bytes, outcome.text_bytes = checkpointed_sizes(db)
     try:
         outcome.store_after = server.health().get("store")
     except (OSError, ValueError) as exc:
