@@ -30,6 +30,7 @@ from ._sessions import SessionManager as SessionManager
 from ._sessions import answer_message_id as answer_message_id
 from ._sessions import merge_patch as merge_patch
 from ._simulated import SimulatedProvider as SimulatedProvider
+from ._upstream import UpstreamLimits as UpstreamLimits
 from .types import ChatMessage as ChatMessage
 from .types import GenerationRequest as GenerationRequest
 from .types import ProviderChunk as ProviderChunk
@@ -61,6 +62,7 @@ __all__ = [
     "TextGenerator",
     "TextSanitizer",
     "UnknownProvider",
+    "UpstreamLimits",
     "answer_message_id",
     "decode_event",
     "encode_event",

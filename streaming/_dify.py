@@ -32,14 +32,12 @@ from store.types import JSONDict
 
 from ._exceptions import ProviderError
 from ._provider import GenerationRun
-from ._retry import DEFAULT_RETRY_ATTEMPTS, DEFAULT_RETRY_DEADLINE
 from ._upstream import (
-    DEFAULT_CONNECT_TIMEOUT,
-    DEFAULT_IDLE_TIMEOUT,
-    DEFAULT_READ_TIMEOUT,
+    DEFAULT_LIMITS,
     EventStreamUpstream,
     Malformed,
     Parsed,
+    UpstreamLimits,
     coded_error_text,
     json_object,
 )
@@ -74,7 +72,7 @@ class DifyProvider:
     """Streams answers of a Dify chat, agent or chatflow app.
 
     ``base_url`` is the app's API root (``https://api.dify.ai/v1``), ``api_key`` the app's
-    key. Timeouts and retries are those of ``EventStreamUpstream``. The conversation is
+    key; ``limits`` its timeouts and retries. The conversation is
     continued on Dify's side from ``request.provider_state["conversation_id"]``; the end
     user is the ``user`` param, else the generation's owner.
     """
@@ -86,22 +84,13 @@ class DifyProvider:
         *,
         base_url: str,
         api_key: str,
-        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-        read_timeout: float | None = DEFAULT_READ_TIMEOUT,
-        idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
-        retry_attempts: int = DEFAULT_RETRY_ATTEMPTS,
-        retry_deadline: float = DEFAULT_RETRY_DEADLINE,
+        limits: UpstreamLimits = DEFAULT_LIMITS,
     ) -> None:
         if not api_key:
             raise ValueError("a Dify app needs its API key")
         self.base_url = base_url.rstrip("/")
         self.upstream = EventStreamUpstream(
-            headers={"Authorization": f"Bearer {api_key}"},
-            connect_timeout=connect_timeout,
-            read_timeout=read_timeout,
-            idle_timeout=idle_timeout,
-            retry_attempts=retry_attempts,
-            retry_deadline=retry_deadline,
+            headers={"Authorization": f"Bearer {api_key}"}, limits=limits
         )
 
     def validate(self, request: GenerationRequest) -> None:

@@ -18,14 +18,12 @@ from httpx_sse import ServerSentEvent
 
 from ._exceptions import ProviderError
 from ._provider import GenerationRun
-from ._retry import DEFAULT_RETRY_ATTEMPTS, DEFAULT_RETRY_DEADLINE
 from ._upstream import (
-    DEFAULT_CONNECT_TIMEOUT,
-    DEFAULT_IDLE_TIMEOUT,
-    DEFAULT_READ_TIMEOUT,
+    DEFAULT_LIMITS,
     EventStreamUpstream,
     Malformed,
     Parsed,
+    UpstreamLimits,
     error_text,
     json_object,
 )
@@ -56,12 +54,11 @@ class OpenAIProvider:
 
     ``base_url`` includes the version prefix (``https://api.openai.com/v1``,
     ``http://127.0.0.1:11434/v1``). Failures before the answer starts are retried (at most
-    ``retry_attempts`` calls within ``retry_deadline`` seconds, exponential backoff with full
-    jitter, ``Retry-After`` honoured); after that, a stall longer than ``read_timeout`` between
-    chunks, no text for ``idle_timeout`` (whatever else arrives), a dropped connection, or an
-    end without ``[DONE]`` or a ``finish_reason`` all fail the generation — an answer is never
-    silently cut short. A ``read_timeout`` or ``idle_timeout`` of 0 (or ``None``) means no
-    limit.
+    ``limits.retry_attempts`` calls within ``limits.retry_deadline`` seconds, exponential
+    backoff with full jitter, ``Retry-After`` honoured); after that, a stall longer than
+    ``limits.read_timeout`` between chunks, no text for ``limits.idle_timeout`` (whatever
+    else arrives), a dropped connection, or an end without ``[DONE]`` or a ``finish_reason``
+    all fail the generation — an answer is never silently cut short.
 
     ``continuation``, the body fields with which the server continues a final assistant
     message instead of answering anew (vLLM: ``{"continue_final_message": true,
@@ -80,11 +77,7 @@ class OpenAIProvider:
         base_url: str,
         api_key: str | None = None,
         model: str | None = None,
-        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-        read_timeout: float | None = DEFAULT_READ_TIMEOUT,
-        idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
-        retry_attempts: int = DEFAULT_RETRY_ATTEMPTS,
-        retry_deadline: float = DEFAULT_RETRY_DEADLINE,
+        limits: UpstreamLimits = DEFAULT_LIMITS,
         continuation: Mapping[str, Any] | None = None,
         continuation_message: Mapping[str, Any] | None = None,
     ) -> None:
@@ -95,12 +88,7 @@ class OpenAIProvider:
             dict(continuation_message) if continuation_message is not None else None
         )
         self.upstream = EventStreamUpstream(
-            headers={"Authorization": f"Bearer {api_key}"} if api_key else None,
-            connect_timeout=connect_timeout,
-            read_timeout=read_timeout,
-            idle_timeout=idle_timeout,
-            retry_attempts=retry_attempts,
-            retry_deadline=retry_deadline,
+            headers={"Authorization": f"Bearer {api_key}"} if api_key else None, limits=limits
         )
 
     def validate(self, request: GenerationRequest) -> None:

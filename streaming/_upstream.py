@@ -76,35 +76,46 @@ class Parsed:
 EventParser = Callable[[ServerSentEvent], Parsed]
 
 
-class EventStreamUpstream:
-    """An HTTP upstream that answers a POST with a ``text/event-stream``.
+@dataclass(frozen=True, slots=True)
+class UpstreamLimits:
+    """How long an HTTP upstream may take, and how often it is called before an answer
+    starts. A ``read_timeout`` or ``idle_timeout`` of 0 (or ``None``) means no limit (as
+    ``--sse-send-timeout 0`` does)."""
 
-    A ``read_timeout`` or ``idle_timeout`` of 0 (or ``None``) means no limit (as
-    ``--sse-send-timeout 0`` does).
-    """
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    read_timeout: float | None = DEFAULT_READ_TIMEOUT
+    idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT
+    retry_attempts: int = DEFAULT_RETRY_ATTEMPTS
+    retry_deadline: float = DEFAULT_RETRY_DEADLINE
+
+    def __post_init__(self) -> None:
+        if self.retry_attempts < 1:
+            raise ValueError("retry_attempts must be >= 1")
+        if self.retry_deadline <= 0:
+            raise ValueError("retry_deadline must be > 0")
+
+
+DEFAULT_LIMITS = UpstreamLimits()
+
+
+class EventStreamUpstream:
+    """An HTTP upstream that answers a POST with a ``text/event-stream``, within
+    ``limits``."""
 
     def __init__(
         self,
         *,
         headers: Mapping[str, str] | None = None,
-        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-        read_timeout: float | None = DEFAULT_READ_TIMEOUT,
-        idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
-        retry_attempts: int = DEFAULT_RETRY_ATTEMPTS,
-        retry_deadline: float = DEFAULT_RETRY_DEADLINE,
+        limits: UpstreamLimits = DEFAULT_LIMITS,
     ) -> None:
-        if retry_attempts < 1:
-            raise ValueError("retry_attempts must be >= 1")
-        if retry_deadline <= 0:
-            raise ValueError("retry_deadline must be > 0")
-        self.idle_timeout = idle_timeout or math.inf
-        self.retry_attempts = retry_attempts
-        self.retry_deadline = retry_deadline
+        self.idle_timeout = limits.idle_timeout or math.inf
+        self.retry_attempts = limits.retry_attempts
+        self.retry_deadline = limits.retry_deadline
         self.client = httpx.AsyncClient(
             headers=dict(headers or {}),
             # httpx reads a timeout of 0 as "already expired": every request would fail at
             # its first write, so 0 is mapped to None (no limit) instead.
-            timeout=httpx.Timeout(read_timeout or None, connect=connect_timeout),
+            timeout=httpx.Timeout(limits.read_timeout or None, connect=limits.connect_timeout),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
         )
 

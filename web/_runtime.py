@@ -24,6 +24,7 @@ from streaming import (
     SessionManager,
     SimulatedProvider,
     TextGenerator,
+    UpstreamLimits,
 )
 
 from ._auth import Access, ApiKeys, Authenticate
@@ -47,15 +48,18 @@ def build_providers(settings: Settings) -> dict[str, Provider]:
             tokens_per_second=settings.sim_tokens_per_second, max_tokens=settings.sim_max_tokens
         )
     }
+    limits = UpstreamLimits(
+        read_timeout=settings.upstream_read_timeout,
+        idle_timeout=settings.upstream_idle_timeout,
+        retry_attempts=settings.upstream_retry_attempts,
+        retry_deadline=settings.upstream_retry_deadline,
+    )
     if settings.upstream_url:
         providers["openai"] = OpenAIProvider(
             base_url=settings.upstream_url,
             api_key=settings.upstream_api_key,
             model=settings.model,
-            read_timeout=settings.upstream_read_timeout,
-            idle_timeout=settings.upstream_idle_timeout,
-            retry_attempts=settings.upstream_retry_attempts,
-            retry_deadline=settings.upstream_retry_deadline,
+            limits=limits,
             continuation=settings.continuation_fields,
             continuation_message=settings.continuation_message_fields,
         )
@@ -63,10 +67,7 @@ def build_providers(settings: Settings) -> dict[str, Provider]:
         providers["dify"] = DifyProvider(
             base_url=settings.dify_url,
             api_key=settings.dify_api_key or "",
-            read_timeout=settings.upstream_read_timeout,
-            idle_timeout=settings.upstream_idle_timeout,
-            retry_attempts=settings.upstream_retry_attempts,
-            retry_deadline=settings.upstream_retry_deadline,
+            limits=limits,
         )
     return providers
 
