@@ -12,7 +12,7 @@ upstream sends keep-alives.
 from __future__ import annotations
 
 import email.utils
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,6 +113,53 @@ def keepalives(count: int) -> list[Step]:
 OK = Reply(answer(TOKENS, usage=(3, 4)))
 
 
+def cut_mid_answer(
+    opening_of: Callable[..., list[Step]],
+    idle: list[Step],
+    *,
+    idle_stall: str,
+    stops: bool,
+) -> dict[str, Case]:
+    """The faults after two tokens, in one format: a dropped connection, silence, and
+    ``idle`` (events without text) until the idle timeout. ``stops``: the upstream is told
+    to stop the abandoned answer (Dify)."""
+    head = opening_of(*TOKENS[:2])
+    kept = "".join(TOKENS[:2])
+    return {
+        "drop-after-2-tokens": Case(
+            [Reply(head, end="drop")],
+            "failed",
+            "upstream_dropped",
+            1,
+            kept,
+            "connection failed",
+            stops=stops,
+        ),
+        "stall-silence": Case(
+            [Reply(head, end="stall")],
+            "failed",
+            "upstream_timeout",
+            1,
+            kept,
+            "timed out",
+            at_least=READ_TIMEOUT * 0.9,
+            hangs_up=True,
+            stops=stops,
+        ),
+        idle_stall: Case(
+            [Reply([*head, *idle])],
+            "failed",
+            "upstream_stalled",
+            1,
+            kept,
+            "no text for 1.5 s",
+            at_least=IDLE_TIMEOUT * 0.9,
+            hangs_up=True,
+            stops=stops,
+        ),
+    }
+
+
 @dataclass
 class Case:
     replies: list[Reply]
@@ -165,34 +212,7 @@ CASES: dict[str, Case] = {
         "gave up after 4",
         at_least=ATTEMPTS * READ_TIMEOUT * 0.9,
     ),
-    "drop-after-2-tokens": Case(
-        [Reply(opening(*TOKENS[:2]), end="drop")],
-        "failed",
-        "upstream_dropped",
-        1,
-        "".join(TOKENS[:2]),
-        "connection failed",
-    ),
-    "stall-silence": Case(
-        [Reply(opening(*TOKENS[:2]), end="stall")],
-        "failed",
-        "upstream_timeout",
-        1,
-        "".join(TOKENS[:2]),
-        "timed out",
-        at_least=READ_TIMEOUT * 0.9,
-        hangs_up=True,
-    ),
-    "keepalive-only-stall": Case(
-        [Reply([*opening(*TOKENS[:2]), *keepalives(100)])],
-        "failed",
-        "upstream_stalled",
-        1,
-        "".join(TOKENS[:2]),
-        "no text for 1.5 s",
-        at_least=IDLE_TIMEOUT * 0.9,
-        hangs_up=True,
-    ),
+    **cut_mid_answer(opening, keepalives(100), idle_stall="keepalive-only-stall", stops=False),
     "malformed-below-threshold": Case(
         [
             Reply(
@@ -326,37 +346,7 @@ DIFY_CASES: dict[str, Case] = {
     ),
     "reset-before-head": CASES["reset-before-head"],
     "stall-before-head": CASES["stall-before-head"],
-    "drop-after-2-tokens": Case(
-        [Reply(dify_opening(*TOKENS[:2]), end="drop")],
-        "failed",
-        "upstream_dropped",
-        1,
-        "".join(TOKENS[:2]),
-        "connection failed",
-        stops=True,
-    ),
-    "stall-silence": Case(
-        [Reply(dify_opening(*TOKENS[:2]), end="stall")],
-        "failed",
-        "upstream_timeout",
-        1,
-        "".join(TOKENS[:2]),
-        "timed out",
-        at_least=READ_TIMEOUT * 0.9,
-        hangs_up=True,
-        stops=True,
-    ),
-    "ping-only-stall": Case(
-        [Reply([*dify_opening(*TOKENS[:2]), *dify_pings(100)])],
-        "failed",
-        "upstream_stalled",
-        1,
-        "".join(TOKENS[:2]),
-        "no text for 1.5 s",
-        at_least=IDLE_TIMEOUT * 0.9,
-        hangs_up=True,
-        stops=True,
-    ),
+    **cut_mid_answer(dify_opening, dify_pings(100), idle_stall="ping-only-stall", stops=True),
     "long-workflow-steps": Case(
         [Reply([*dify_steps(5), *dify_opening(*TOKENS), *dify_ending()])],
         "completed",
