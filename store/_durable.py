@@ -432,7 +432,8 @@ class DurableStreams:
 
     async def append(
         self,
-        info: StreamInfo,
+        owner: str | None,
+        name: str,
         *,
         content_type: str | None,
         payload: bytes | None,
@@ -440,18 +441,26 @@ class DurableStreams:
         seq: str | None = None,
         producer: Producer | None = None,
     ) -> AppendOutcome:
-        """Append one message (``payload``; ``None`` to only close), atomically with every
-        check and with closing.
+        """Append one message (``payload``; ``None`` to only close) to a named stream, in one
+        write: finding the stream (and expiring it if due) with every check and with closing.
 
         Raises ``StreamClosed``, ``ContentTypeMismatch``, ``SeqConflict``, ``StaleEpoch``,
         ``SeqGap``, ``EpochSeq``, ``StreamNotFound``, ``StreamGone``, ``StreamReadOnly``.
         """
-        if not info.writable:
-            raise StreamReadOnly(info.name)
+        if name.startswith(GENERATION_PREFIX):
+            await self.info(owner, name)  # a missing one is not found before it is read-only
+            raise StreamReadOnly(name)
         now = self._clock()
-        outcome: AppendOutcome = await self.store.execute(
-            lambda ctx: self._append(ctx, info, content_type, payload, close, seq, producer, now)
+        # The op reads the in-memory access times through ``get`` (atomic) instead of a copy
+        # of them all, which would cost every append the number of streams.
+        touched = self._touched.get
+        outcome: AppendOutcome | None = await self.store.execute(
+            lambda ctx: self._append(
+                ctx, owner, name, content_type, payload, close, seq, producer, now, touched
+            )
         )
+        if outcome is None:
+            raise StreamNotFound(name)  # it had expired: now retired
         return outcome
 
     async def delete(self, info: StreamInfo) -> None:
@@ -614,17 +623,27 @@ class DurableStreams:
     def _append(
         self,
         ctx: WriterContext,
-        info: StreamInfo,
+        owner: str | None,
+        name: str,
         content_type: str | None,
         payload: bytes | None,
         close: bool,
         seq: str | None,
         producer: Producer | None,
         now: float,
-    ) -> AppendOutcome:
+        touched: Callable[[str], float | None],
+    ) -> AppendOutcome | None:
+        """The append; ``None`` when the stream had expired (and is retired now)."""
         conn = ctx.conn
-        stream_id = info.stream_id
-        row = _load_live(conn, info)
+        row = _load_named(conn, _name_key(owner, name))
+        if row is None:
+            raise StreamNotFound(name)
+        if row.deleted == SOFT_DELETED:
+            raise StreamGone(name)
+        if row.expired(now, touched(row.id)):
+            _retire(ctx, row, EXPIRED_KEPT)
+            return None
+        stream_id = row.id
         state = None
         if producer is not None:
             state = conn.execute(
@@ -640,7 +659,7 @@ class DurableStreams:
                     raise StaleEpoch(state[0])
             elif payload is None:
                 return AppendOutcome(tail, True)  # closing a closed stream: idempotent
-            raise StreamClosed(info.name, tail)
+            raise StreamClosed(name, tail)
         if payload is not None and content_type is not None:
             if media_type(content_type) != media_type(row.content_type):
                 raise ContentTypeMismatch(row.content_type, content_type)

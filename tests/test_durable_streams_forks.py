@@ -340,7 +340,8 @@ async def test_ttl_expires_when_idle_reads_and_writes_slide_it_head_does_not(
 async def test_expires_at_is_absolute_and_an_expired_source_leaves_its_fork_intact(
     ds: httpx.AsyncClient,
 ) -> None:
-    """Expires-At in the past: created, then gone at once; in 1.5 s: gone then, however
+    """Expires-At in the past: created, then gone at once (an append finds it expired and
+    frees its name); in 1.5 s: gone then, however
     often it is read. A TTL source expiring under a fork with its own TTL: the fork still
     reads the inherited data and the source's name is free for a new, empty stream; a fork
     that asked for nothing inherited the source's TTL and expires with it."""
@@ -351,7 +352,13 @@ async def test_expires_at_is_absolute_and_an_expired_source_leaves_its_fork_inta
     in_the_past = at(-60).replace("+00:00", "Z")  # both forms of UTC are RFC 3339
     past = await create(ds, "past", "text/plain", headers={"Stream-Expires-At": in_the_past})
     assert past.status_code == 201
-    assert (await ds.head(path("past"))).status_code == 404
+    # The first access is an append: the write that would append finds it expired instead,
+    # retires it (its name is free at once) and answers 404.
+    assert (await append(ds, "past", "late")).status_code == 404
+    again = await create(ds, "past", "text/plain")
+    assert again.status_code == 201, "the expired stream's name is free"
+    assert again.headers["stream-next-offset"] == offset(0)
+    assert (await ds.head(path("past"))).status_code == 200
 
     async def absolute() -> None:
         started = time.monotonic()

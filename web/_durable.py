@@ -324,7 +324,6 @@ async def append(request: Request) -> Response:
     """``POST``: append a body, close, or both; idempotent with producer headers."""
     state = app_state(request)
     owner = await current_user(request)
-    info = await state.streams.info(owner, stream_name(request))
     close = flag(request, "stream-closed")
     producer = parse_producer(request)
     seq = request.headers.get("stream-seq")
@@ -334,15 +333,23 @@ async def append(request: Request) -> Response:
     if body:
         if content_type is None:
             raise BadRequest("an append with a body needs a Content-Type")
-        json_mode = is_json(content_type) and is_json(info.content_type)
+        # A JSON body is taken apart here, before the store has looked at the stream: a
+        # stream of another type refuses it (409) in the same write that finds the stream.
         depth = state.settings.max_json_depth
+        json_mode = is_json(content_type)
         payload = json_message(body, allow_empty=False, max_depth=depth) if json_mode else body
     elif not close:
         raise BadRequest("the body is empty: send data, or Stream-Closed: true to close")
     if payload is not None:
         await state.stored.check(owner)
     outcome = await state.streams.append(
-        info, content_type=content_type, payload=payload, close=close, seq=seq, producer=producer
+        owner,
+        stream_name(request),
+        content_type=content_type,
+        payload=payload,
+        close=close,
+        seq=seq,
+        producer=producer,
     )
     headers = {"Stream-Next-Offset": format_offset(outcome.next_offset)}
     if outcome.closed:
