@@ -41,6 +41,7 @@ CLIENT_START_DELAY = 2.0  # seconds for the client processes to start before the
 RESULT_TIMEOUT = 180.0  # seconds the clients get to parse and hand back their results
 KEEP_ALIVE_WARNING = 4.0  # uvicorn closes idle keep-alive connections after 5 s
 PROMPT = "keepstream spine benchmark"
+COMPACTION_WAIT = 60.0  # seconds the server gets to compact the finished answers after a run
 
 
 @dataclass
@@ -70,7 +71,8 @@ class LiveOutcome:
     samples: list[Sample] = field(default_factory=list)  # the server, polled during the run
     wal_bytes: int | None = None  # and its WAL
     text_bytes: int | None = None  # the answers' text (UTF-8) in that file
-    checkpointed_bytes: int | None = None  # the file once the WAL is copied into it
+    checkpointed_bytes: int | None = None  # the file once compacted and checkpointed
+    used_bytes: int | None = None  # ... and its pages in use (not free)
 
     # -- derived figures --------------------------------------------------------------------------
 
@@ -204,17 +206,19 @@ class LiveOutcome:
         sizes = [x.rss_bytes for x in self.samples if x.rss_bytes is not None]
         return max(sizes) / 1e6 if sizes else None
 
-    def disk_per_text(self) -> float | None:
-        """The checkpointed database's bytes per byte of the answers' text."""
-        if not self.text_bytes or self.checkpointed_bytes is None:
+    def disk_per_text(self, *, in_use: bool = True) -> float | None:
+        """The compacted database's bytes (its pages in use, or the whole file) per byte
+        of the answers' text."""
+        size = self.used_bytes if in_use else self.checkpointed_bytes
+        if not self.text_bytes or size is None:
             return None
-        return self.checkpointed_bytes / self.text_bytes
+        return size / self.text_bytes
 
     def disk_per_kilotoken(self) -> float | None:
-        """The checkpointed database's bytes per 1,000 tokens delivered."""
-        if self.checkpointed_bytes is None or not self.tokens:
+        """The compacted database's bytes in use per 1,000 tokens delivered."""
+        if self.used_bytes is None or not self.tokens:
             return None
-        return self.checkpointed_bytes / self.tokens * 1000
+        return self.used_bytes / self.tokens * 1000
 
     def peak_wal_mb(self) -> float | None:
         """The largest WAL seen while streaming, MB."""
@@ -228,17 +232,33 @@ class LiveOutcome:
         return int(self.store_after[key]) - int(self.store_before[key])
 
 
-def checkpointed_sizes(db: Path) -> tuple[int | None, int | None]:
-    """A keepstream database's size once its WAL is copied into it (the server is idle
-    after the run), and the UTF-8 size of every answer's text in it."""
+def checkpointed_sizes(db: Path) -> tuple[int | None, int | None, int | None]:
+    """A keepstream database's sizes once the server has compacted every closed stream
+    (waited for, up to ``COMPACTION_WAIT`` s) and its WAL is copied in: the file, the pages
+    in use (the file less its free pages, which later writes reuse), and the UTF-8 size of
+    every answer's text in it."""
     try:
         with contextlib.closing(sqlite3.connect(db, timeout=10)) as conn:
+            deadline = time.monotonic() + COMPACTION_WAIT
+            while (
+                time.monotonic() < deadline
+                and conn.execute(
+                    "SELECT 1 FROM streams WHERE closed = 1 AND EXISTS"
+                    " (SELECT 1 FROM messages WHERE stream_id = streams.id) LIMIT 1"
+                ).fetchone()
+            ):
+                time.sleep(0.1)
             conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
             row = conn.execute("SELECT sum(length(CAST(text AS BLOB))) FROM generations").fetchone()
+            (pages,), (free,), (page_size,) = (
+                conn.execute(f"PRAGMA {name}").fetchone()
+                for name in ("page_count", "freelist_count", "page_size")
+            )
         size = db.stat().st_size
     except (sqlite3.Error, OSError):
-        return None, None
-    return size, int(row[0]) if row and row[0] is not None else None
+        return None, None, None
+    text = int(row[0]) if row and row[0] is not None else None
+    return size, (pages - free) * page_size, text
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -365,7 +385,7 @@ def live_run(
         with contextlib.suppress(OSError):
             outcome.db_bytes = db.stat().st_size
             outcome.wal_bytes = Path(f"{db}-wal").stat().st_size
-        outcome.checkpointed_bytes, outcome.text_bytes = checkpointed_sizes(db)
+        outcome.checkpointed_bytes, outcome.used_bytes, outcome.text_bytes = checkpointed_sizes(db)
     try:
         outcome.store_after = server.health().get("store")
     except (OSError, ValueError) as exc:

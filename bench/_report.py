@@ -237,18 +237,25 @@ def live_report(
             "WAL file after the run", lambda o: o.wal_bytes and o.wal_bytes / 1e6, ",.1f", " MB", ""
         ),
         row(
-            "database, checkpointed, per 1,000 tokens",
+            "database in use, compacted, per 1,000 tokens",
             lambda o: o.disk_per_kilotoken(),
             ",.0f",
             " B",
             "",
         ),
         row(
-            "database, checkpointed / the answers' text",
+            "database in use, compacted / the answers' text",
             lambda o: o.disk_per_text(),
             ".2f",
             "x",
             "<= 2x",
+        ),
+        row(
+            "database file, compacted / the answers' text",
+            lambda o: o.disk_per_text(in_use=False),
+            ".2f",
+            "x",
+            "free pages are reused",
         ),
         row("WAL file, largest seen while streaming", lambda o: o.peak_wal_mb(), ",.1f", " MB", ""),
     ]

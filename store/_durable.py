@@ -15,6 +15,7 @@ offset is the stream's message index, as everywhere in keepstream.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import sqlite3
@@ -25,6 +26,7 @@ from typing import Any
 
 import anyio
 
+from . import _blocks as blocks
 from ._exceptions import (
     ConfigConflict,
     ContentTypeMismatch,
@@ -256,6 +258,7 @@ def _hard_delete(ctx: WriterContext, row: _Row) -> None:
     while True:
         conn.execute("DELETE FROM streams WHERE id = ?", (row.id,))
         conn.execute("DELETE FROM messages WHERE stream_id = ?", (row.id,))
+        conn.execute("DELETE FROM message_blocks WHERE stream_id = ?", (row.id,))
         conn.execute("DELETE FROM stream_names WHERE stream_id = ?", (row.id,))
         conn.execute("DELETE FROM producers WHERE stream_id = ?", (row.id,))
         ctx.mark_deleted(row.id)
@@ -291,12 +294,11 @@ def _message_at(conn: sqlite3.Connection, segments: tuple[tuple[str, int], ...],
     """The message at offset ``at`` of a stream with these segments."""
     for stream_id, base in reversed(segments):
         if base <= at:
-            found = conn.execute(
-                "SELECT data FROM messages WHERE stream_id = ? AND offset = ?", (stream_id, at)
-            ).fetchone()
-            if found is None:
+            with contextlib.closing(blocks.read(conn, stream_id, at, 1)) as found:
+                message = next(found, None)
+            if message is None:
                 break
-            return bytes(found[0])
+            return bytes(message)
     raise InvalidFork("Stream-Fork-Sub-Offset needs a message at the fork offset")
 
 

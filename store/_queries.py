@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
 from collections.abc import Iterable
 from typing import Any
 
+from . import _blocks as blocks
 from ._exceptions import GenerationNotFound, StreamExists, StreamNotFound
 from ._writer import WriterContext, stream_end
 from .types import ActiveGeneration, GenerationRecord, ReadResult, WorkerRecord
@@ -41,6 +43,7 @@ def delete_stream(ctx: WriterContext, stream_id: str) -> None:
     if ctx.conn.execute("DELETE FROM streams WHERE id = ?", (stream_id,)).rowcount == 0:
         raise StreamNotFound(stream_id)
     ctx.conn.execute("DELETE FROM messages WHERE stream_id = ?", (stream_id,))
+    ctx.conn.execute("DELETE FROM message_blocks WHERE stream_id = ?", (stream_id,))
     ctx.mark_deleted(stream_id)
 
 
@@ -73,15 +76,11 @@ def read_messages(
     row = conn.execute("SELECT closed FROM streams WHERE id = ?", (stream_id,)).fetchone()
     if row is None:
         raise StreamNotFound(stream_id)
-    cursor = conn.execute(
-        "SELECT data FROM messages WHERE stream_id = ? AND offset >= ? ORDER BY offset LIMIT ?",
-        (stream_id, offset, limit),
-    )
-    if max_bytes is None:
-        messages, cut = [data for (data,) in cursor], False
-    else:
-        messages, cut = take_within((data for (data,) in cursor), max_bytes)
-    cursor.close()
+    with contextlib.closing(blocks.read(conn, stream_id, offset, limit)) as found:
+        if max_bytes is None:
+            messages, cut = list(found), False
+        else:
+            messages, cut = take_within(found, max_bytes)
     conn.execute("COMMIT")
     return ReadResult(offset, messages, bool(row[0]) and not cut and len(messages) < limit)
 

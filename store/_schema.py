@@ -205,6 +205,23 @@ def m007_generation_provider_state(db: Database) -> None:
     db.execute("ALTER TABLE generations ADD COLUMN provider_state TEXT")
 
 
+@migrations()
+def m008_message_blocks(db: Database) -> None:
+    """Closed streams' messages, compacted: runs of them packed into compressed blocks (see
+    ``store/_blocks.py``). A stream's blocks hold a prefix of it, its rows the rest."""
+    db.execute(
+        """
+        CREATE TABLE message_blocks (
+            stream_id TEXT NOT NULL,
+            first_offset INTEGER NOT NULL,
+            count INTEGER NOT NULL,
+            data BLOB NOT NULL,
+            PRIMARY KEY (stream_id, first_offset)
+        )
+        """
+    )
+
+
 def connect(
     path: str, *, synchronous: Synchronous = "NORMAL", readonly: bool = False
 ) -> sqlite3.Connection:

@@ -209,7 +209,8 @@ class StreamStore:
 
     @property
     def stats(self) -> dict[str, int]:
-        """Counters since open (commits, message rows written, write retries) and gauges
+        """Counters since open (commits, message rows written, write retries, messages
+        compacted into blocks) and gauges
         (open streams this process holds a state of, the bytes of all in-memory tails and
         the budget they keep within, streams whose next offset the writer keeps, writes
         pending, WAL file bytes). Cheap: nothing is summed or queried per call."""
@@ -226,6 +227,7 @@ class StreamStore:
             "tail_cache_bytes": self._tail_cache_bytes,
             "tracked_streams": writer.tracked_streams if writer else 0,
             "write_retries": writer.retries if writer else 0,
+            "messages_compacted": writer.compacted if writer else 0,
             "pending_writes": self.pending_writes,
             "wal_bytes": wal_bytes,
         }

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from . import _blocks as blocks
 from ._exceptions import (
     StoreError,
     StoreUnavailable,
@@ -85,6 +86,13 @@ JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
 # A checkpoint runs after every ``checkpoint_every`` commits, and after any commit that
 # leaves the WAL larger than this.
 WAL_CHECKPOINT_AT = 16 * 1024 * 1024
+# Compaction of closed streams into blocks runs while the writer is idle, in slices of at
+# most this long, each transaction moving at most this many blocks (so new work waits for
+# one such transaction at most), and finds those left from before a start this many
+# streams per query.
+COMPACT_SLICE = 0.02
+COMPACT_BLOCKS = 4
+SCAN_STREAMS = 1024
 # Open streams whose next offset the writer keeps (and checks for other processes' writes):
 # past this many, the least recently appended are forgotten. The event loop normally has
 # the writer forget a stream long before, when it drops the stream's state as idle.
@@ -95,7 +103,10 @@ def stream_end(conn: sqlite3.Connection, stream_id: str, base_offset: int) -> in
     """The offset after a stream's last message (``base_offset`` while it has none of its
     own: 0, or a fork's first offset)."""
     (last,) = conn.execute(_LAST_OFFSET, (stream_id,)).fetchone()
-    return base_offset if last is None else int(last) + 1
+    if last is not None:
+        return int(last) + 1
+    compacted = blocks.end(conn, stream_id)  # its rows are all in blocks, or it has none
+    return base_offset if compacted is None else compacted
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -311,6 +322,10 @@ class Writer:
         # earliest first: every revisit waits as long, so insertion order is due order.
         self._revisits: dict[AppendSource, float] = {}
         self._forgotten: list[tuple[str, int]] = []  # for ``WriterContext.forget``
+        # Closed streams whose message rows are still to be packed into blocks (when the
+        # writer is idle), and where the scan for those from before this start got to.
+        self._to_compact: deque[str] = deque()
+        self._scan_from: int | None = 0
         self._context: WriterContext | None = None
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="keepstream-writer", daemon=True)
@@ -320,6 +335,7 @@ class Writer:
         self.commits = 0
         self.rows_written = 0
         self.retries = 0
+        self.compacted = 0  # messages moved into blocks
 
     def start(self) -> None:
         """Start the thread and wait until its connection is open."""
@@ -389,7 +405,7 @@ class Writer:
         wal = Path(f"{self._path}-wal")
         try:
             while True:
-                self._wake.wait(self._until_next_revisit())
+                self._wake.wait(0.0 if self._can_compact() else self._until_next_revisit())
                 self._revisit_due()
                 # Other processes' commits change data_version (ours never do): polled on
                 # every turn, busy or not, so followers of their streams are always woken.
@@ -411,6 +427,7 @@ class Writer:
                 if not pending:
                     if stopping:
                         return
+                    self._compact_while_idle(conn)
                     continue
                 if stopping and self._failures >= STOP_ATTEMPTS:
                     self._give_up(StoreUnavailable("the store closed while writes kept failing"))
@@ -433,6 +450,52 @@ class Writer:
                         self._checkpoint(conn)
         finally:
             conn.close()
+
+    def _can_compact(self) -> bool:
+        return bool(self._to_compact) or self._scan_from is not None
+
+    def _compact_while_idle(self, conn: sqlite3.Connection) -> None:
+        """Pack closed streams' rows into blocks for up to ``COMPACT_SLICE`` seconds, a few
+        blocks per transaction, stopping as soon as other work arrives: it goes first."""
+        until = time.monotonic() + COMPACT_SLICE
+        while time.monotonic() < until and not self._wake.is_set():
+            if not self._to_compact:
+                if self._scan_from is None:
+                    return
+                self._scan_from = self._scan_for_uncompacted(conn, self._scan_from)
+                continue
+            stream_id = self._to_compact[0]
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                moved, done = blocks.compact(conn, stream_id, max_blocks=COMPACT_BLOCKS)
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                if is_transient(exc):
+                    return  # tried again on the next idle turn
+                # Left as rows, which read as well; the next start's scan tries it again.
+                logger.warning("could not compact stream %s: %s", stream_id, exc)
+                done = True
+                moved = 0
+            self.compacted += moved
+            if done:
+                self._to_compact.popleft()
+
+    def _scan_for_uncompacted(self, conn: sqlite3.Connection, after: int) -> int | None:
+        """Queue closed streams past rowid ``after`` that still have message rows (closed
+        by a process that died first, say); where the next scan starts, ``None`` when done."""
+        try:
+            rows = conn.execute(
+                "SELECT rowid, closed AND EXISTS (SELECT 1 FROM messages WHERE stream_id = id),"
+                " id FROM streams WHERE rowid > ? ORDER BY rowid LIMIT ?",
+                (after, SCAN_STREAMS),
+            ).fetchall()
+        except sqlite3.Error as exc:
+            logger.warning("could not look for streams to compact: %s", exc)
+            return None
+        self._to_compact.extend(stream_id for _, uncompacted, stream_id in rows if uncompacted)
+        return rows[-1][0] if len(rows) == SCAN_STREAMS else None
 
     def _checkpoint(self, conn: sqlite3.Connection) -> None:
         """A PASSIVE checkpoint, here between two commits.
@@ -609,6 +672,7 @@ class Writer:
                 logger.exception("the commit observer failed")
         changes = list(ctx.changes.values())
         ctx.changes = {}
+        self._to_compact.extend(c.stream_id for c in changes if c.closed and not c.deleted)
         self._safe_publish(Outcome(changes, callbacks))
 
     def _rollback(self, ctx: WriterContext) -> None:

@@ -155,6 +155,11 @@ class _EngineCollector(Collector):
         yield CounterMetricFamily(
             "keepstream_messages_written", "Stream messages committed", value=stats["rows_written"]
         )
+        yield CounterMetricFamily(
+            "keepstream_messages_compacted",
+            "Messages of closed streams packed into compressed blocks",
+            value=stats["messages_compacted"],
+        )
         retries = CounterMetricFamily(
             "keepstream_retries",
             "Operations retried after a transient fault, by kind",
