@@ -24,8 +24,10 @@ Run on demand (not part of the test suite), with the project's virtualenv::
    catch-up tokens/s, for (a) a generation made by the server as fast as possible (deltas
    coalesced) and (b) one written straight into the database with one token per event.
 
-Modules: ``_client`` (the HTTP/SSE client), ``_servers`` (server processes, sampling, py-spy),
-``_live``, ``_resume`` and ``_report`` (the two parts and the printing), ``baseline_app``.
+Modules: ``_client`` (the HTTP client), ``_parse`` (parsing recorded responses),
+``_live_client`` (the live runs' client processes), ``_servers`` (server processes, sampling,
+py-spy), ``_live``, ``_resume`` and ``_report`` (the two parts and the printing),
+``baseline_app``.
 
 The client is a raw-asyncio (uvloop) HTTP/1.1 client in separate processes (``--client-procs``)
 that records reads and parses them after the run (see ``bench/_client.py``). Every run has a
