@@ -79,17 +79,16 @@ from bench._durable_phases import (  # noqa: E402
     throughput_phase,
 )
 from bench._live import percentile  # noqa: E402
+from bench._options import add_run_options, revision  # noqa: E402
 from bench._report import fmt, ratio, table  # noqa: E402
 from bench._servers import (  # noqa: E402
     DeadlineExceeded,
     Server,
-    add_run_options,
     free_port,
     guard_run,
     keepstream_server,
     kill_all,
 )
-from bench.bench_spine import core_revision  # noqa: E402
 
 NODE_DIR = ROOT / "bench" / "node"
 NODE_LAUNCHER = NODE_DIR / "serve.mjs"
@@ -559,11 +558,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="a short run")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="write results")
-    parser.add_argument(
-        "--no-git",
-        action="store_true",
-        help="do not ask git for the core's revision (e.g. while the repository is in use)",
-    )
     add_run_options(
         parser,
         time_limit=DEFAULT_TIME_LIMIT,
@@ -608,10 +602,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     def out(line: str = "") -> None:
         print(line, flush=True)
 
-    revision = "not asked" if opts.no_git else core_revision()
+    core = revision(opts)
     out(
         f"keepstream Durable Streams benchmark  {time.strftime('%Y-%m-%d %H:%M:%S')}  "
-        f"core {revision}  python {platform.python_version()}  {os.cpu_count()} cpus  "
+        f"core {core}  python {platform.python_version()}  {os.cpu_count()} cpus  "
         f"load {os.getloadavg()[0]:.2f}"
     )
     out(
@@ -639,7 +633,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         document = {
             "benchmark": "durable",
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "core": revision,
+            "core": core,
             "python": platform.python_version(),
             "cpus": os.cpu_count(),
             "options": {

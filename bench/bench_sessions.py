@@ -78,13 +78,13 @@ from bench._client import (  # noqa: E402
     new_loop,
 )
 from bench._live import percentile  # noqa: E402
+from bench._options import add_run_options, revision  # noqa: E402
 from bench._report import fmt, table  # noqa: E402
 from bench._servers import (  # noqa: E402
     CLOCK_TICKS,
     DeadlineExceeded,
     Profile,
     Server,
-    add_run_options,
     guard_run,
     keepstream_server,
     kill,
@@ -92,7 +92,6 @@ from bench._servers import (  # noqa: E402
     start_py_spy,
     summarise_profile,
 )
-from bench.bench_spine import core_revision  # noqa: E402
 
 DEFAULT_SESSIONS = 10_000
 DEFAULT_FILL_CONCURRENCY = 32
@@ -745,7 +744,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     how = sampling(opts)
     out(
         f"keepstream sessions benchmark  {time.strftime('%Y-%m-%d %H:%M:%S')}  "
-        f"core {core_revision()}  python {platform.python_version()}  {os.cpu_count()} cpus  "
+        f"core {revision(opts)}  python {platform.python_version()}  {os.cpu_count()} cpus  "
         f"load {os.getloadavg()[0]:.2f}"
     )
     out(
