@@ -269,6 +269,8 @@ class LoadClient:
                         self._idle.append(conn)
         except IO_ERRORS as exc:
             raise BenchHTTPError(f"{method} {path}: {_describe(exc)}") from exc
+        except BenchHTTPError as exc:  # a malformed answer: say to what
+            raise BenchHTTPError(f"{method} {path}: {exc}") from None
         return Response(status, head, content, received_ns)
 
     async def stream(
@@ -311,6 +313,8 @@ class LoadClient:
                     conn.writer.close()
         except IO_ERRORS as exc:
             raise BenchHTTPError(f"GET {path}: {_describe(exc)}") from exc
+        except BenchHTTPError as exc:
+            raise BenchHTTPError(f"GET {path}: {exc}") from None
         return Response(status, head, b"", received_ns)
 
     @staticmethod
