@@ -1,5 +1,7 @@
-"""The Durable Streams client side of ``bench_durable.py``: followers and appenders on
-``httpx.AsyncClient``, run in client processes (``reader_process``, ``appender_process``).
+"""The Durable Streams client side of ``bench_durable.py``: followers and appenders on the
+benchmarks' load client (``bench._client.LoadClient``), run in client processes
+(``reader_process``, ``appender_process``). It sends no ``Accept-Encoding``, so neither server
+compresses: gzip (the Node server's default above 1 KiB) would measure zlib, not the protocol.
 
 Every message is ``MESSAGE_BYTES`` bytes of ``text/plain``: its sequence number and the
 ``time.perf_counter_ns()`` taken just before its POST was sent, padded with dots. There are no
@@ -25,21 +27,18 @@ import json
 import re
 import time
 from array import array
-from collections.abc import AsyncGenerator, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
-import httpx
-
-from bench._client import cpu_seconds, new_loop
+from bench._client import BenchHTTPError, LoadClient, cpu_seconds, new_loop
 
 MESSAGE_BYTES = 100
 STREAM_ROOT = "/v1/stream/"
 CONTENT_TYPE = "text/plain"
+TEXT_HEADERS = {"Content-Type": CONTENT_TYPE}
 MAX_ERRORS = 20  # a phase stops after this many failed requests (per process)
-CONNECT_TIMEOUT = 5.0
-WRITE_TIMEOUT = 10.0
 READ_SLACK = 10.0  # a long-poll read may take this long beyond the server's long-poll timeout
 SETTLE_SECONDS = 0.5  # long-poll readers are started this long before they report ready...
 SETTLE_PER_READER = 0.01  # ...plus this much per reader
@@ -49,9 +48,8 @@ ERROR_PAUSE = 0.05  # a reader waits this long after a failed request
 GO_TIMEOUT = 60.0  # an appender process waits this long for "go"
 VERIFY_READS = 1_000  # catch-up GETs per stream when checking what was stored
 VERIFY_TIMEOUT = 30.0
-# Both servers compress nothing for this client: gzip (the Node server's default above 1 KiB)
-# would measure zlib, not the protocol.
-CLIENT_HEADERS = {"Accept-Encoding": "identity"}
+REQUEST_TIMEOUT = 30.0  # the writer's and the appenders' requests
+CREATE_TIMEOUT = 10.0
 EVENT_END = re.compile(rb"\r?\n\r?\n")
 
 T = TypeVar("T")
@@ -72,26 +70,12 @@ def unique_name(label: str) -> str:
     return f"bench-{label}-{time.time_ns()}"
 
 
-def new_client(base_url: str, *, connections: int, read_timeout: float) -> httpx.AsyncClient:
-    """An ``httpx.AsyncClient`` on ``base_url`` with ``connections`` keep-alive connections."""
-    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-    timeout = httpx.Timeout(
-        read_timeout, connect=CONNECT_TIMEOUT, write=WRITE_TIMEOUT, pool=read_timeout
-    )
-    return httpx.AsyncClient(
-        base_url=base_url, limits=limits, timeout=timeout, headers=CLIENT_HEADERS
-    )
-
-
-async def create_stream(client: httpx.AsyncClient, path: str) -> str:
+async def create_stream(client: LoadClient, path: str) -> str:
     """``PUT`` a new ``text/plain`` stream; its ``Stream-Next-Offset`` (``-1`` if absent)."""
-    response = await client.put(path, headers={"Content-Type": CONTENT_TYPE})
-    if response.status_code not in (200, 201):
-        raise BenchProtocolError(
-            f"PUT {path} answered {response.status_code}: {response.content[:200]!r}"
-        )
-    offset: str = response.headers.get("Stream-Next-Offset", "-1")
-    return offset
+    response = await client.request("PUT", path, headers=TEXT_HEADERS)
+    if response.status not in (200, 201):
+        raise BenchProtocolError(f"PUT {path} answered {response.status}: {response.body[:200]!r}")
+    return response.headers.get("Stream-Next-Offset", "-1")
 
 
 async def gather_all(calls: list[Coroutine[Any, Any, T]]) -> list[T]:
@@ -150,7 +134,7 @@ class ReaderTally(Tally):
     gaps: int = 0
     duplicates: int = 0
     malformed: int = 0
-    requests: int = 0  # long-poll GETs, or SSE responses
+    requests: int = 0  # long-poll GETs, or SSE GETs
     reconnects: int = 0
     latencies_ms: array[float] = field(default_factory=lambda: array("d"))
 
@@ -197,7 +181,7 @@ class Follower:
 
 
 async def long_poll_reader(
-    client: httpx.AsyncClient, path: str, offset: str, follower: Follower, tally: ReaderTally
+    client: LoadClient, path: str, offset: str, follower: Follower, tally: ReaderTally
 ) -> None:
     """``GET ?offset=X&live=long-poll`` in a loop, each time from the ``Stream-Next-Offset``
     (and with the ``Stream-Cursor``) of the previous answer, until every message has arrived
@@ -206,18 +190,17 @@ async def long_poll_reader(
     while not follower.done and not tally.given_up:
         url = f"{path}?offset={offset}&live=long-poll" + (f"&cursor={cursor}" if cursor else "")
         try:
-            response = await client.get(url)
-        except httpx.HTTPError as exc:
-            tally.fail(f"GET long-poll: {type(exc).__name__}: {exc}")
+            response = await client.request("GET", url)
+        except BenchHTTPError as exc:
+            tally.fail(f"GET long-poll: {exc}")
             await asyncio.sleep(ERROR_PAUSE)
             continue
-        received_ns = time.perf_counter_ns()
         tally.requests += 1
-        status = response.status_code
+        status = response.status
         if status == 200:
-            follower.feed(response.content, received_ns)
+            follower.feed(response.body, response.received_ns)
         elif status != 204:
-            tally.fail(f"GET long-poll answered {status}: {response.content[:200]!r}")
+            tally.fail(f"GET long-poll answered {status}: {response.body[:200]!r}")
             return
         offset = response.headers.get("Stream-Next-Offset", offset)
         cursor = response.headers.get("Stream-Cursor", cursor)
@@ -244,7 +227,7 @@ def parse_event(event: bytes) -> tuple[str, bytes]:
 
 
 async def sse_reader(
-    client: httpx.AsyncClient,
+    client: LoadClient,
     path: str,
     offset: str,
     follower: Follower,
@@ -255,43 +238,44 @@ async def sse_reader(
     ``streamNextOffset``, and reconnects from there if the server ends the response early;
     calls ``on_ready`` at the first control event. Ends when every message has arrived or a
     control event says ``streamClosed``."""
-    ready = False
+    ready = closed = False
+    buffer = b""
+
+    def on_read(received_ns: int, chunk: bytes) -> bool:
+        nonlocal buffer, offset, ready, closed
+        buffer += chunk
+        while (match := EVENT_END.search(buffer)) is not None:
+            event, buffer = buffer[: match.start()], buffer[match.end() :]
+            kind, data = parse_event(event)
+            if kind == "data":
+                follower.feed(data, received_ns)
+            elif kind == "control":
+                control = json.loads(data)
+                offset = control.get("streamNextOffset", offset)
+                if not ready:
+                    ready = True
+                    on_ready()
+                if control.get("streamClosed"):
+                    closed = True
+                    return True
+        return follower.done
+
     for _ in range(SSE_RECONNECTS + 1):
+        buffer = b""
+        tally.requests += 1
         try:
-            async with client.stream("GET", f"{path}?offset={offset}&live=sse") as response:
-                tally.requests += 1
-                if response.status_code != 200:
-                    body = await response.aread()
-                    tally.fail(f"GET sse answered {response.status_code}: {body[:200]!r}")
-                    return
-                buffer = b""
-                # aclosing: leaving the loop early must close the generator here, not in a
-                # finaliser after the event loop is gone (aiter_raw is an async generator).
-                raw = cast("AsyncGenerator[bytes, None]", response.aiter_raw())
-                async with contextlib.aclosing(raw) as chunks:
-                    async for chunk in chunks:
-                        received_ns = time.perf_counter_ns()
-                        buffer += chunk
-                        while (match := EVENT_END.search(buffer)) is not None:
-                            event, buffer = buffer[: match.start()], buffer[match.end() :]
-                            kind, data = parse_event(event)
-                            if kind == "data":
-                                follower.feed(data, received_ns)
-                            elif kind == "control":
-                                control = json.loads(data)
-                                offset = control.get("streamNextOffset", offset)
-                                if not ready:
-                                    ready = True
-                                    on_ready()
-                                if control.get("streamClosed"):
-                                    return
-                        if follower.done:
-                            return
-        except (httpx.HTTPError, ValueError) as exc:
+            response = await client.stream(f"{path}?offset={offset}&live=sse", on_read)
+        except (BenchHTTPError, ValueError) as exc:
             tally.fail(f"GET sse: {type(exc).__name__}: {exc}")
             if tally.given_up:
                 return
             await asyncio.sleep(ERROR_PAUSE)
+        else:
+            if response.status != 200:
+                tally.fail(f"GET sse answered {response.status}: {response.body[:200]!r}")
+                return
+            if closed or follower.done:
+                return
         tally.reconnects += 1
     tally.fail(f"SSE reader gave up after {SSE_RECONNECTS} reconnects")
 
@@ -321,8 +305,8 @@ async def _follow(spec: ReaderSpec, conn: Connection) -> ReaderTally:
         conn.send(("ready", spec.readers - waiting if spec.mode == "sse" else spec.readers))
 
     read_timeout = spec.long_poll_timeout + READ_SLACK
-    async with new_client(
-        spec.base_url, connections=spec.readers + 1, read_timeout=read_timeout
+    async with LoadClient(
+        spec.base_url, connections=spec.readers + 1, timeout=read_timeout
     ) as client:
         try:
             async with asyncio.timeout(spec.deadline - time.time()), asyncio.TaskGroup() as tg:
@@ -384,8 +368,7 @@ async def paced_writer(
     sent at once, never in a burst), each awaited; then the stream is closed, which is what
     ends the readers. Stops at ``deadline`` (``time.time()``)."""
     tally = WriterTally()
-    headers = {"Content-Type": CONTENT_TYPE}
-    async with new_client(base_url, connections=1, read_timeout=30.0) as client:
+    async with LoadClient(base_url, connections=1, timeout=REQUEST_TIMEOUT) as client:
         start = tally.first_sent = time.perf_counter()
         try:
             async with asyncio.timeout(deadline - time.time()):
@@ -397,15 +380,15 @@ async def paced_writer(
                         await asyncio.sleep(delay)
                     sent_ns = time.perf_counter_ns()
                     try:
-                        response = await client.post(
-                            path, content=encode(seq, sent_ns), headers=headers
+                        response = await client.request(
+                            "POST", path, encode(seq, sent_ns), headers=TEXT_HEADERS
                         )
-                    except httpx.HTTPError as exc:
-                        tally.fail(f"POST: {type(exc).__name__}: {exc}")
+                    except BenchHTTPError as exc:
+                        tally.fail(str(exc))
                         break
-                    done_ns = time.perf_counter_ns()
-                    if response.status_code not in (200, 204):
-                        tally.fail(f"POST answered {response.status_code}: {response.content!r}")
+                    done_ns = response.received_ns
+                    if response.status not in (200, 204):
+                        tally.fail(f"POST answered {response.status}: {response.body!r}")
                         break
                     tally.post_ms.append((done_ns - sent_ns) / 1e6)
                     tally.sent += 1
@@ -414,9 +397,9 @@ async def paced_writer(
             tally.cut_short = True
         # Close-only POST: the readers see Stream-Closed once they have everything.
         try:
-            await client.post(path, headers={"Stream-Closed": "true"})
-        except httpx.HTTPError as exc:
-            tally.fail(f"POST close: {type(exc).__name__}: {exc}")
+            await client.request("POST", path, headers={"Stream-Closed": "true"})
+        except BenchHTTPError as exc:
+            tally.fail(f"POST close: {exc}")
     return tally
 
 
@@ -448,14 +431,14 @@ class AppenderTally(Tally):
     post_ms: array[float] = field(default_factory=lambda: array("d"))
 
 
-async def stored_bytes(client: httpx.AsyncClient, path: str) -> int:
+async def stored_bytes(client: LoadClient, path: str) -> int:
     """The stream's length in bytes, read by catch-up GETs from the start."""
     offset, total = "-1", 0
     for _ in range(VERIFY_READS):
-        response = await client.get(f"{path}?offset={offset}")
-        if response.status_code != 200:
-            raise BenchProtocolError(f"GET {path} answered {response.status_code}")
-        total += len(response.content)
+        response = await client.request("GET", f"{path}?offset={offset}")
+        if response.status != 200:
+            raise BenchProtocolError(f"GET {path} answered {response.status}")
+        total += len(response.body)
         next_offset = response.headers.get("Stream-Next-Offset", offset)
         up_to_date = response.headers.get("Stream-Up-To-Date", "").lower() == "true"
         if up_to_date or next_offset == offset:
@@ -470,33 +453,35 @@ async def _append(spec: AppenderSpec, conn: Connection) -> AppenderTally:
         STREAM_ROOT + unique_name(f"{spec.label}-{spec.first + k}") for k in range(spec.writers)
     ]
     acked = [0] * spec.writers
-    async with new_client(spec.base_url, connections=spec.writers + 1, read_timeout=30.0) as client:
+    async with LoadClient(
+        spec.base_url, connections=spec.writers + 1, timeout=REQUEST_TIMEOUT
+    ) as client:
 
         async def append(k: int, seq: int) -> bool:
             """One POST; whether the appender moves on to the next ``Producer-Seq`` (after a
             failure it sends the same one again, as an idempotent producer does)."""
-            headers = {"Content-Type": CONTENT_TYPE}
+            headers = TEXT_HEADERS
             if spec.producer:
-                headers |= {
+                headers = TEXT_HEADERS | {
                     "Producer-Id": f"bench-writer-{spec.first + k}",
                     "Producer-Epoch": "0",
                     "Producer-Seq": str(seq),
                 }
             t0 = time.perf_counter_ns()
             try:
-                response = await client.post(paths[k], content=encode(seq, t0), headers=headers)
-            except httpx.HTTPError as exc:
-                tally.fail(f"POST: {type(exc).__name__}: {exc}")
+                response = await client.request("POST", paths[k], encode(seq, t0), headers=headers)
+            except BenchHTTPError as exc:
+                tally.fail(str(exc))
                 return False
-            status = response.status_code
+            status = response.status
             if status == 204 and spec.producer:  # a duplicate: the server appended nothing
                 tally.duplicates += 1
                 return True
             if status not in (200, 204):
-                tally.fail(f"POST answered {status}: {response.content[:200]!r}")
+                tally.fail(f"POST answered {status}: {response.body[:200]!r}")
                 return False
             acked[k] += 1
-            tally.post_ms.append((time.perf_counter_ns() - t0) / 1e6)
+            tally.post_ms.append((response.received_ns - t0) / 1e6)
             return True
 
         async def appender(k: int, end: float) -> None:
@@ -531,7 +516,7 @@ async def _append(spec: AppenderSpec, conn: Connection) -> AppenderTally:
             async with asyncio.timeout(VERIFY_TIMEOUT):
                 lengths = await gather_all([stored_bytes(client, path) for path in paths])
             tally.stored_bytes = sum(lengths)
-        except (TimeoutError, httpx.HTTPError, BenchProtocolError) as exc:
+        except (TimeoutError, BenchHTTPError, BenchProtocolError) as exc:
             tally.fail(f"reading the streams back: {type(exc).__name__}: {exc}")
     return tally
 

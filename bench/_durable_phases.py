@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from bench._client import cpu_seconds, run_coroutine
+from bench._client import LoadClient, cpu_seconds, run_coroutine
 from bench._durable import (
+    CREATE_TIMEOUT,
     SETTLE_PER_READER,
     SETTLE_SECONDS,
     SSE_READY_TIMEOUT,
@@ -31,7 +32,6 @@ from bench._durable import (
     Tally,
     appender_process,
     create_stream,
-    new_client,
     paced_writer,
     reader_process,
     unique_name,
@@ -267,7 +267,7 @@ def server_cores(server: Server, ticks0: int | None, wall: float) -> float | Non
 
 
 async def _create(base_url: str, path: str) -> str:
-    async with new_client(base_url, connections=1, read_timeout=10.0) as client:
+    async with LoadClient(base_url, connections=1, timeout=CREATE_TIMEOUT) as client:
         return await create_stream(client, path)
 
 

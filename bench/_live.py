@@ -17,7 +17,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
-from bench._client import (
+from bench._live_client import (
     LiveClientResult,
     LiveSpec,
     StreamRecord,

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench._client import (
-    ResumeRead,
-    read_stream,
-    run_coroutine,
-)
+from bench._client import Recorder, run_coroutine
 from bench._live import PROMPT
+from bench._parse import StreamStats, parse_reads
 from bench._servers import (
     Server,
     keepstream_server,
@@ -24,6 +22,55 @@ from client import TERMINAL_STATUSES, Delta, Generation, KeepstreamClient
 
 RESUME_BATCH = 10_000  # events per append when preparing the one-token-per-event stream
 RESUME_READ_TIMEOUT = 60.0
+
+
+@dataclass(slots=True)
+class ResumeRead:
+    """One full read of a finished stream from an offset."""
+
+    sent_ns: int
+    stats: StreamStats
+    error: str | None = None
+
+    @property
+    def first_byte_s(self) -> float | None:
+        """Time from sending the GET to the first response byte."""
+        t = self.stats.first_byte_ns
+        return None if t is None else (t - self.sent_ns) / 1e9
+
+    @property
+    def first_event_s(self) -> float | None:
+        """Time from sending the GET to the read holding the first event."""
+        t = self.stats.first_event_ns
+        return None if t is None else (t - self.sent_ns) / 1e9
+
+    @property
+    def total_s(self) -> float | None:
+        """Time from sending the GET to the end of the response."""
+        t = self.stats.end_ns
+        return None if t is None else (t - self.sent_ns) / 1e9
+
+
+async def read_stream(host: str, port: int, path: str, *, offset: int, limit: float) -> ResumeRead:
+    """GET ``path`` on a fresh connection and record it (``limit``: seconds per step)."""
+    loop = asyncio.get_running_loop()
+    recorder = Recorder(f"{host}:{port}", get_path=path)
+    # The GET is written in connection_made and the clock starts there, so the time to first
+    # byte is the server's, not the TCP handshake's.
+    try:
+        await asyncio.wait_for(loop.create_connection(lambda: recorder, host, port), limit)
+        await asyncio.wait_for(recorder.closed, limit)
+    except (OSError, TimeoutError) as exc:
+        if recorder.transport is not None:
+            recorder.transport.abort()
+        error: str | None = f"{type(exc).__name__}: {exc}"
+    else:
+        error = recorder.error
+    sent = recorder.get_sent_ns or recorder.connect_ns
+    stats = parse_reads(
+        recorder.reads, expect_offset=offset, stamps=False, latencies=None, end_ns=recorder.end_ns
+    )
+    return ResumeRead(sent, stats, error or stats.error)
 
 
 @dataclass

@@ -6,7 +6,6 @@ whatever happened; ``kill_all`` is also what the hard deadline calls.
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import json
 import os
@@ -36,31 +35,6 @@ STARTED: list[subprocess.Popen[bytes]] = []
 # ``python -m web`` where the package has a __main__ (importing ``web`` already imports
 # ``web._cli``, so ``-m web._cli`` makes runpy warn); ``web._cli`` otherwise.
 _SERVER_MODULE = "web" if (ROOT / "web" / "__main__.py").exists() else "web._cli"
-
-
-def add_run_options(
-    parser: argparse.ArgumentParser, *, time_limit: float, keep_dir_help: str
-) -> None:
-    """The options every benchmark has: the client loop, extra keepstream arguments, the
-    hard time limit and keeping the temporary directory."""
-    parser.add_argument(
-        "--loop", choices=("uvloop", "asyncio"), default="uvloop", help="client event loop"
-    )
-    parser.add_argument(
-        "--ks-arg",
-        action="append",
-        default=[],
-        metavar="ARG",
-        help="extra argument for keepstream serve (repeat; e.g. --ks-arg=--synchronous "
-        "--ks-arg=FULL)",
-    )
-    parser.add_argument(
-        "--time-limit",
-        type=float,
-        default=time_limit,
-        help="hard limit for the whole invocation, seconds",
-    )
-    parser.add_argument("--keep-dir", action="store_true", help=keep_dir_help)
 
 
 def free_port() -> int:

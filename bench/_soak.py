@@ -20,9 +20,9 @@ import anyio
 import httpx
 from httpx_sse import ServerSentEvent, SSEError, aconnect_sse
 
-from bench._client import TERMINAL
 from bench._durable import STREAM_ROOT, encode, unique_name
 from bench._live import percentile
+from bench._parse import TERMINAL
 
 DEFAULT_MINUTES = 30.0
 QUICK_MINUTES = 2.0

@@ -12,8 +12,9 @@ The same workload runs against (a) ``keepstream serve`` on a fresh SQLite file
 ``bench/node/serve.mjs`` (long-poll timeout 20 s; file-backed by default, i.e. LMDB plus
 append-only logs with an fdatasync per append, or in memory with ``--node-store memory``,
 or both). One server runs at a time, each a real process on 127.0.0.1, and both serve streams
-at ``/v1/stream/<name>``. The clients are ``httpx.AsyncClient`` (``Accept-Encoding:
-identity``): the readers, or the appenders, split over ``--client-procs`` spawned processes
+at ``/v1/stream/<name>``. The clients are the benchmarks' raw-asyncio HTTP/1.1 client
+(``bench/_client.py``; an HTTP library's CPU per request would be part of every latency): the
+readers, or the appenders, split over ``--client-procs`` spawned processes
 (``bench/_durable.py``), the paced writer in this one (``bench/_durable_phases.py``). Send and
 receipt times are ``perf_counter_ns``, i.e. ``CLOCK_MONOTONIC``, one clock across processes.
 
@@ -63,8 +64,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: make ``bench`` (and the core) importable
     sys.path.insert(0, str(ROOT))
 
-import httpx  # noqa: E402
-
+from bench._client import BenchHTTPError  # noqa: E402
 from bench._durable import (  # noqa: E402
     MESSAGE_BYTES,
     STREAM_ROOT,
@@ -79,17 +79,16 @@ from bench._durable_phases import (  # noqa: E402
     throughput_phase,
 )
 from bench._live import percentile  # noqa: E402
+from bench._options import add_run_options, revision  # noqa: E402
 from bench._report import fmt, ratio, table  # noqa: E402
 from bench._servers import (  # noqa: E402
     DeadlineExceeded,
     Server,
-    add_run_options,
     free_port,
     guard_run,
     keepstream_server,
     kill_all,
 )
-from bench.bench_spine import core_revision  # noqa: E402
 
 NODE_DIR = ROOT / "bench" / "node"
 NODE_LAUNCHER = NODE_DIR / "serve.mjs"
@@ -322,7 +321,7 @@ def measure(
                     long_poll_timeout=opts.long_poll_timeout,
                     budget=budget,
                 )
-            except (httpx.HTTPError, BenchProtocolError, TimeoutError) as exc:
+            except (BenchHTTPError, BenchProtocolError, TimeoutError) as exc:
                 results.problems.append(f"{mode} x{readers}: {type(exc).__name__}: {exc}")
                 out(f"  {name:<10} {mode:>9} x{readers:<3}: FAILED: {type(exc).__name__}: {exc}")
                 continue
@@ -559,11 +558,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="a short run")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="write results")
-    parser.add_argument(
-        "--no-git",
-        action="store_true",
-        help="do not ask git for the core's revision (e.g. while the repository is in use)",
-    )
     add_run_options(
         parser,
         time_limit=DEFAULT_TIME_LIMIT,
@@ -608,10 +602,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     def out(line: str = "") -> None:
         print(line, flush=True)
 
-    revision = "not asked" if opts.no_git else core_revision()
+    core = revision(opts)
     out(
         f"keepstream Durable Streams benchmark  {time.strftime('%Y-%m-%d %H:%M:%S')}  "
-        f"core {revision}  python {platform.python_version()}  {os.cpu_count()} cpus  "
+        f"core {core}  python {platform.python_version()}  {os.cpu_count()} cpus  "
         f"load {os.getloadavg()[0]:.2f}"
     )
     out(
@@ -620,7 +614,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"(long-poll, then SSE); throughput: {opts.writers} writers x "
         f"{opts.throughput_seconds:g} s, plain then with producer headers"
     )
-    out(f"  client: httpx {httpx.__version__} on {opts.loop}; hard limit {opts.time_limit:g} s")
+    out(f"  client: bench/_client.py on {opts.loop}; hard limit {opts.time_limit:g} s")
     chosen = targets(opts)
     for target in chosen:
         out(f"  {target.name}: {target.description}")
@@ -639,7 +633,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         document = {
             "benchmark": "durable",
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "core": revision,
+            "core": core,
             "python": platform.python_version(),
             "cpus": os.cpu_count(),
             "options": {

@@ -3,7 +3,6 @@
 Run on demand (not part of the test suite), with the project's virtualenv::
 
     python bench/bench_sessions.py                    # 10,000 sessions, 300 samples each
-    python bench/bench_sessions.py --client httpx     # httpx.AsyncClient instead (slower)
     python bench/bench_sessions.py --profile fill     # py-spy on the server while it fills
 
 Against a fresh ``keepstream serve`` (new SQLite file in a temporary directory; simulated model
@@ -28,14 +27,13 @@ open sessions does not stop the fill):
    missed on its p99 (and said when only the p50 meets it); and per phase the server's and the
    client's CPU, which tells whether the client is what limits a figure.
 
-The client is a small keep-alive client on asyncio streams (``bench/_http.py``, uvloop), with
-one connection per request in flight. ``httpx.AsyncClient`` (``--client httpx``, same
-connection limit) was measured first and is the bottleneck here (2 CPUs): it spends 1 to 3 ms
-of client CPU per request, so during the fill it ran at 0.9 to 1 core and filled 350 to 380
-sessions/s while the server used 0.2 to 0.3 cores; the raw client fills 1,300 to 2,800/s (the
-server's limit, see below) at 0.05 to 0.1 client cores. On a 2-CPU machine the client's CPU is
-also taken from the server. The CPU table of every run shows the client's share, so a
-client-bound figure is visible.
+The client is the benchmarks' keep-alive client on asyncio streams (``bench/_client.py``,
+uvloop), with one connection per request in flight. ``httpx.AsyncClient`` was measured first
+and was the bottleneck here (2 CPUs): it spends 1 to 3 ms of client CPU per request, so during
+the fill it ran at 0.9 to 1 core and filled 350 to 380 sessions/s while the server used 0.2 to
+0.3 cores; the raw client fills 1,300 to 2,800/s (the server's limit, see below) at 0.05 to
+0.1 client cores. On a 2-CPU machine the client's CPU is also taken from the server. The CPU
+table of every run shows the client's share, so a client-bound figure is visible.
 
 Latency is sampled back to back by default. The store commits in groups (``--flush-interval``,
 10 ms): a write arriving just after a commit waits for the rest of the window, so back-to-back
@@ -71,18 +69,22 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: make ``bench`` (and the core) importable
     sys.path.insert(0, str(ROOT))
 
-import httpx  # noqa: E402
-
-from bench._client import cpu_seconds, new_loop  # noqa: E402
-from bench._http import BenchClient, BenchHTTPError, HttpxClient, RawClient  # noqa: E402
+from bench._client import (  # noqa: E402
+    JSON_HEADERS,
+    SSE_HEADERS,
+    BenchHTTPError,
+    LoadClient,
+    cpu_seconds,
+    new_loop,
+)
 from bench._live import percentile  # noqa: E402
+from bench._options import add_run_options, revision  # noqa: E402
 from bench._report import fmt, table  # noqa: E402
 from bench._servers import (  # noqa: E402
     CLOCK_TICKS,
     DeadlineExceeded,
     Profile,
     Server,
-    add_run_options,
     guard_run,
     keepstream_server,
     kill,
@@ -90,7 +92,6 @@ from bench._servers import (  # noqa: E402
     start_py_spy,
     summarise_profile,
 )
-from bench.bench_spine import core_revision  # noqa: E402
 
 DEFAULT_SESSIONS = 10_000
 DEFAULT_FILL_CONCURRENCY = 32
@@ -103,8 +104,10 @@ SIM_TOKENS = 20  # tokens per answer
 MAX_SESSIONS_PER_USER = 1_000_000
 LIST_LIMIT = 100
 MAX_ERRORS = 20  # a phase stops after this many failed requests
+REQUEST_TIMEOUT = 30.0  # seconds for one request, or for a stream's head and each read
 PY_SPY_STOP_TIMEOUT = 15.0
 MESSAGE_BODY = json.dumps({"content": "Hello, keepstream: how are sessions stored?"}).encode()
+DELTA_MARK = b"event: delta\n"
 
 # The issue's reference (a published session component) and keepstream's target, 10x better.
 REFERENCE_CREATE_MS = 100.0
@@ -189,13 +192,39 @@ def fill_rates(results: Results) -> tuple[float | None, float | None, float | No
 # -- phases ---------------------------------------------------------------------------------------
 
 
+async def first_delta(client: LoadClient, path: str) -> float:
+    """Open the SSE response at ``path``; the ``time.perf_counter()`` at which its first
+    complete ``event: delta`` had arrived. The stream is then dropped (the generation keeps
+    running on the server, which is what a client switching away does).
+
+    keepstream writes whole events per chunk, so looking for ``event: delta`` followed by a
+    blank line in the body so far never misses a frame."""
+    body = b""
+    seen_ns: int | None = None
+
+    def on_read(received_ns: int, data: bytes) -> bool:
+        nonlocal body, seen_ns
+        body += data
+        at = body.find(DELTA_MARK)
+        if at >= 0 and body.find(b"\n\n", at) >= 0:
+            seen_ns = received_ns
+        return seen_ns is not None
+
+    response = await client.stream(path, on_read, headers=SSE_HEADERS)
+    if response.status != 200:
+        raise BenchHTTPError(f"GET {path} answered {response.status}")
+    if seen_ns is None:
+        raise BenchHTTPError(f"GET {path} ended without a delta event")
+    return seen_ns / 1e9
+
+
 class Bench:
     """The phases against one started server, with one client."""
 
     def __init__(
         self,
         server: Server,
-        client: BenchClient,
+        client: LoadClient,
         opts: argparse.Namespace,
         *,
         results: Results,
@@ -263,18 +292,16 @@ class Bench:
     ) -> bytes | None:
         """One request; its body, or ``None`` (counted as an error) when it failed."""
         stats.requests += 1
+        headers = JSON_HEADERS if body is not None else None
         try:
-            status, content = await self.client.request(method, path, body)
-        except (httpx.HTTPError, OSError, BenchHTTPError, asyncio.IncompleteReadError) as exc:
-            stats.fail(f"{method} {path}: {type(exc).__name__}: {exc}")
+            response = await self.client.request(method, path, body or b"", headers=headers)
+        except BenchHTTPError as exc:
+            stats.fail(str(exc))
             return None
-        except TimeoutError:
-            stats.fail(f"{method} {path}: timed out")
+        if response.status != expect:
+            stats.fail(f"{method} {path} answered {response.status}: {response.body[:200]!r}")
             return None
-        if status != expect:
-            stats.fail(f"{method} {path} answered {status}: {content[:200]!r}")
-            return None
-        return content
+        return response.body
 
     async def fill(self) -> None:
         """Create ``--sessions`` sessions, ``--fill-concurrency`` requests in flight."""
@@ -363,12 +390,9 @@ class Bench:
         generation_id = json.loads(body)["generation_id"]
         stats.requests += 1
         try:
-            t2 = await self.client.first_delta(f"/v1/generations/{generation_id}/events")
-        except (httpx.HTTPError, OSError, BenchHTTPError, asyncio.IncompleteReadError) as exc:
-            stats.fail(f"events of {generation_id}: {type(exc).__name__}: {exc}")
-            return None
-        except TimeoutError:
-            stats.fail(f"events of {generation_id}: no delta in time")
+            t2 = await first_delta(self.client, f"/v1/generations/{generation_id}/events")
+        except BenchHTTPError as exc:
+            stats.fail(f"events of {generation_id}: {exc}")
             return None
         return {"post to 202": (t1 - t0) * 1000, "post to first delta": (t2 - t0) * 1000}
 
@@ -551,7 +575,7 @@ def final_report(results: Results, opts: argparse.Namespace, out: Callable[[str]
     table(rows, out)
 
     out("")
-    out(f"CPU per phase (client: {opts.client} on {opts.loop}; {os.cpu_count()} cpus shared)")
+    out(f"CPU per phase (client: raw on {opts.loop}; {os.cpu_count()} cpus shared)")
     cpu_rows = [
         ["phase", "requests", "errors", "wall", "req/s", "server", "server/req", "client", ""]
     ]
@@ -639,13 +663,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "see the module docstring on group commit)",
     )
     parser.add_argument(
-        "--client",
-        choices=("raw", "httpx"),
-        default="raw",
-        help="the raw asyncio client of bench/_http.py, or httpx.AsyncClient (which limits the "
-        "fill to a fraction of the server's rate: see the module docstring)",
-    )
-    parser.add_argument(
         "--profile",
         action="append",
         choices=PHASES,
@@ -674,14 +691,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return opts
 
 
-def make_client(server: Server, opts: argparse.Namespace) -> BenchClient:
-    """The client ``--client`` names, with ``--fill-concurrency`` connections at most."""
-    connections = max(opts.fill_concurrency, opts.sample_concurrency * 2)
-    if opts.client == "raw":
-        return RawClient("127.0.0.1", server.port, connections=connections)
-    return HttpxClient(server.url, connections=connections)
-
-
 async def measure(
     server: Server,
     opts: argparse.Namespace,
@@ -692,7 +701,8 @@ async def measure(
     out: Callable[[str], None],
 ) -> None:
     """Every phase, cut at ``deadline`` (``time.monotonic()``)."""
-    client = make_client(server, opts)
+    connections = max(opts.fill_concurrency, opts.sample_concurrency * 2)
+    client = LoadClient(server.url, connections=connections, timeout=REQUEST_TIMEOUT)
     try:
         async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
             await Bench(server, client, opts, results=results, workdir=workdir, out=out).run()
@@ -734,13 +744,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     how = sampling(opts)
     out(
         f"keepstream sessions benchmark  {time.strftime('%Y-%m-%d %H:%M:%S')}  "
-        f"core {core_revision()}  python {platform.python_version()}  {os.cpu_count()} cpus  "
+        f"core {revision(opts)}  python {platform.python_version()}  {os.cpu_count()} cpus  "
         f"load {os.getloadavg()[0]:.2f}"
     )
     out(
         f"  {opts.sessions:,} sessions filled {opts.fill_concurrency} at once; "
         f"{opts.samples} samples per figure ({how}) after {opts.warmup} warm-up; client "
-        f"{opts.client} on {opts.loop}; hard limit {opts.time_limit:g} s"
+        f"raw on {opts.loop}; hard limit {opts.time_limit:g} s"
     )
     out(f"  server: {' '.join(server.command[2:])}")
     out(f"  work dir {workdir}")

@@ -24,8 +24,10 @@ Run on demand (not part of the test suite), with the project's virtualenv::
    catch-up tokens/s, for (a) a generation made by the server as fast as possible (deltas
    coalesced) and (b) one written straight into the database with one token per event.
 
-Modules: ``_client`` (the HTTP/SSE client), ``_servers`` (server processes, sampling, py-spy),
-``_live``, ``_resume`` and ``_report`` (the two parts and the printing), ``baseline_app``.
+Modules: ``_client`` (the HTTP client), ``_parse`` (parsing recorded responses),
+``_live_client`` (the live runs' client processes), ``_servers`` (server processes, sampling,
+py-spy), ``_live``, ``_resume`` and ``_report`` (the two parts and the printing),
+``baseline_app``.
 
 The client is a raw-asyncio (uvloop) HTTP/1.1 client in separate processes (``--client-procs``)
 that records reads and parses them after the run (see ``bench/_client.py``). Every run has a
@@ -40,7 +42,6 @@ import os
 import platform
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -53,9 +54,10 @@ if str(ROOT) not in sys.path:  # run as a script: make ``bench`` (and the core) 
     sys.path.insert(0, str(ROOT))
 
 from bench._live import LiveOutcome, run_one_live  # noqa: E402
+from bench._options import add_run_options, revision  # noqa: E402
 from bench._report import fmt, live_report, print_profile, resume_report  # noqa: E402
 from bench._resume import ResumeOutcome, resume_bench  # noqa: E402
-from bench._servers import DeadlineExceeded, add_run_options, guard_run, kill_all  # noqa: E402
+from bench._servers import DeadlineExceeded, guard_run, kill_all  # noqa: E402
 from bench._sweep import Results, plot_sweep, sweep_report  # noqa: E402
 
 DEFAULT_CONCURRENCY = 1000
@@ -237,30 +239,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return opts
 
 
-def core_revision() -> str:
-    """The git revision of the core under test, ``+dirty`` if store/streaming/web have edits."""
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "store", "streaming", "web"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return head + ("+dirty" if dirty else "")
-
-
 def live_rounds(
     opts: argparse.Namespace,
     global_deadline: float,
@@ -319,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     C, R, L = opts.concurrency, opts.rate, opts.tokens
     out(
         f"keepstream spine benchmark  {time.strftime('%Y-%m-%d %H:%M:%S')}  "
-        f"core {core_revision()}  python {platform.python_version()}  {os.cpu_count()} cpus  "
+        f"core {revision(opts)}  python {platform.python_version()}  {os.cpu_count()} cpus  "
         f"load {os.getloadavg()[0]:.2f}"
     )
     flush = "server default" if opts.flush_interval is None else f"{opts.flush_interval:g} s"

@@ -76,12 +76,12 @@ import anyio.to_thread  # noqa: E402
 import httpx  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
+from bench._options import add_run_options  # noqa: E402
 from bench._report import fmt  # noqa: E402
 from bench._servers import (  # noqa: E402
     CLOCK_TICKS,
     DeadlineExceeded,
     Server,
-    add_run_options,
     cpu_ticks,
     guard_run,
     keepstream_server,
@@ -442,6 +442,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         time_limit=0.0,
         keep_dir_help="keep the temporary directory (database, server log); it is kept anyway "
         "when something went wrong",
+        git=False,
     )
     opts = parser.parse_args(argv)
     if opts.minutes is None:
