@@ -123,6 +123,26 @@ def get_generation(
     return GenerationRecord.from_row(row)
 
 
+def snapshot_length(conn: sqlite3.Connection, generation_id: str) -> tuple[int, int]:
+    """``(characters, next_offset)`` of a generation's snapshot; raises
+    ``GenerationNotFound``. SQLite counts the characters, unless the text holds a NUL (its
+    ``length()`` stops there): such a text is loaded and counted here instead."""
+    row = conn.execute(
+        "SELECT length(text), next_offset, instr(CAST(text AS BLOB), x'00')"
+        " FROM generations WHERE id = ?",
+        (generation_id,),
+    ).fetchone()
+    if row is None:
+        raise GenerationNotFound(generation_id)
+    characters, next_offset, nul = row
+    if nul:
+        ((text, next_offset),) = conn.execute(
+            "SELECT text, next_offset FROM generations WHERE id = ?", (generation_id,)
+        ).fetchall()
+        characters = len(text)
+    return int(characters), int(next_offset)
+
+
 def query_generations(
     conn: sqlite3.Connection, sql: str, params: list[Any]
 ) -> list[GenerationRecord]:

@@ -512,6 +512,11 @@ class StreamStore:
         whatever the answer's length. Raises ``GenerationNotFound``."""
         return await self.query(queries.get_generation, generation_id, False)
 
+    async def snapshot_length(self, generation_id: str) -> tuple[int, int]:
+        """``(characters, next_offset)`` of a generation's committed snapshot, without
+        loading its text. Raises ``GenerationNotFound``."""
+        return await self.query(queries.snapshot_length, generation_id)
+
     async def list_generations(
         self, *, statuses: Iterable[str] | None = None
     ) -> list[GenerationRecord]:

@@ -7,12 +7,14 @@ import json
 import tempfile
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import anyio
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import web._generations
 from store import StreamStore, format_offset
 from streaming import encode_event, merge_patch
 from web._generations import locate_text_offset
@@ -106,7 +108,8 @@ def test_text_offsets_resume_exactly_over_any_unicode(
     deltas: list[str], data: st.DataObject
 ) -> None:
     """Events after ``text_offset`` characters, the first one trimmed, give exactly the rest
-    of the text: whatever the characters (astral, combining, zero-width)."""
+    of the text: whatever the characters (astral, combining, zero-width), and whether the
+    search starts at the stream's start or steps back (two events at a time) from its end."""
     deltas = [d for d in deltas if d]
     full = "".join(deltas)
     text_offset = data.draw(st.integers(0, len(full)))
@@ -117,8 +120,13 @@ def test_text_offsets_resume_exactly_over_any_unicode(
                 await store.create_stream("s")
                 payloads = [encode_event({"type": "status", "status": "running"})]
                 payloads += [encode_event({"type": "delta", "text": d}) for d in deltas]
+                payloads.append(encode_event({"type": "status", "status": "completed"}))
                 await store.append("s", payloads, close=True)
-                offset, skip = await locate_text_offset(store, "s", text_offset)
+                found = await locate_text_offset(store, "s", text_offset)
+                with patch.object(web._generations, "SEARCH_STEP", 2):
+                    end = (len(full), len(payloads))
+                    assert await locate_text_offset(store, "s", text_offset, known=end) == found
+                offset, skip = found
                 rest = (await store.read("s", offset)).messages
                 if skip:
                     rest = [trim_delta(rest[0], skip), *rest[1:]]

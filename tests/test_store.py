@@ -360,3 +360,18 @@ async def test_a_paused_answer_s_snapshot_catches_up_by_itself(
         while (await store.get_generation("g")).text != "thinking":  # noqa: ASYNC110 - polled: the row is the thing observed
             await anyio.sleep(0.02)
     assert (await store.get_generation("g")).next_offset == 2
+
+
+async def test_a_snapshot_s_length_is_counted_in_characters_without_loading_its_text(
+    store: StreamStore,
+) -> None:
+    """Astral, combining and multi-byte characters count one each, as in Python, and a NUL
+    (where SQLite's own count would stop) is counted too."""
+    texts = {"plain": "abc", "wide": "é🙂e\u0301日本語", "nul": "a\x00b\x00🙂", "empty": ""}
+    for name, text in texts.items():
+        record = GenerationRecord(name, name, "completed", "simulated", text=text, next_offset=7)
+        await store.create_generation(record)
+    for name, text in texts.items():
+        assert await store.snapshot_length(name) == (len(text), 7), name
+    with pytest.raises(GenerationNotFound):
+        await store.snapshot_length("missing")

@@ -14,10 +14,10 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from store import (
-    TERMINAL_STATUSES,
     DurableStreams,
     GenerationNotFound,
     GenerationRecord,
+    StreamNotFound,
     StreamStore,
 )
 from streaming import GenerationPool, GenerationRequest, SessionManager, decode_event
@@ -33,6 +33,7 @@ from ._sse import READ_BYTES, follow
 
 # No stream holds 10**18 messages; longer digit strings are refused before int() sees them.
 MAX_OFFSET_DIGITS = 18
+SEARCH_STEP = 256  # events a text_offset search steps back at a time from a known point
 
 
 @dataclass(frozen=True)
@@ -234,13 +235,9 @@ async def generation_events(request: Request) -> Response:
         offset = parse_offset(request.query_params["offset"], "offset")
     elif "text_offset" in request.query_params:
         text_offset = parse_offset(request.query_params["text_offset"], "text_offset")
-        # A live answer's snapshot is a known point (its text ends at its next_offset),
-        # at most a second behind: the search starts there when the text asked for is past
-        # it. (A finished answer's snapshot holds all its text: nothing is past it.)
-        known = (0, 0)
-        if record.status not in TERMINAL_STATUSES:
-            snapshot = await state.pool.get(record.id)
-            known = (len(snapshot.text), snapshot.next_offset)
+        # The snapshot is a known point (its text ends at its next_offset): all of a
+        # finished answer, at most a second behind a live one's events.
+        known = await state.store.snapshot_length(record.id)
         offset, skip = await locate_text_offset(
             state.store, record.stream_id, text_offset, known=known
         )
@@ -259,10 +256,15 @@ async def locate_text_offset(
     """Map "characters already shown" to (message offset, characters to skip in it).
 
     ``known``: a point where the text so far is known to end (``(characters, offset)``, a
-    snapshot's); the search starts there when ``text_offset`` is past it (at it exactly,
-    the events between the last delta and that point, a final status say, are still due).
+    snapshot's). The search starts from whichever of the stream's start and that point is
+    nearer ``text_offset``: a client that saw most of a long answer costs the events after
+    what it saw, not the whole answer. Behind the point it steps back until it is strictly
+    before ``text_offset`` (at it exactly, an event from before, a final status say, may
+    still be due), then goes forward as from the start.
     """
-    position, offset = known if text_offset > known[0] else (0, 0)
+    position, offset = (0, 0)
+    if text_offset > known[0] or (known[1] and text_offset >= known[0] // 2):
+        position, offset = await _back_to(store, stream_id, text_offset, known)
     while True:
         result = await store.read(stream_id, offset, max_bytes=READ_BYTES)
         for index, payload in enumerate(result.messages, start=offset):
@@ -283,6 +285,27 @@ async def locate_text_offset(
             f"text_offset {text_offset} is beyond the text so far ({position} characters)"
         )
     return offset, 0
+
+
+async def _back_to(
+    store: StreamStore, stream_id: str, text_offset: int, known: tuple[int, int]
+) -> tuple[int, int]:
+    """From ``known``, a ``(characters, offset)`` point: the first point going back,
+    a step of events at a time, whose characters are below ``text_offset`` (or the start)."""
+    position, offset = known
+    while position >= text_offset and offset > 0:
+        start = at = max(0, offset - SEARCH_STEP)
+        while at < offset:  # the step's events, a bounded read at a time
+            result = await store.read(stream_id, at, limit=offset - at, max_bytes=READ_BYTES)
+            if not result.messages:
+                raise StreamNotFound(stream_id)  # shorter than its snapshot: deleted meanwhile
+            for payload in result.messages:
+                event = decode_event(payload)
+                if event.get("type") == "delta":
+                    position -= len(event["text"])
+            at = result.next_offset
+        offset = start
+    return position, offset
 
 
 async def generation_events_url(request: Request) -> Response:
