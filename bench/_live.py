@@ -33,6 +33,7 @@ from bench._servers import (
     keepstream_server,
     kill,
     longest_commit_gap,
+    scrape_metrics,
     start_py_spy,
     summarise_profile,
 )
@@ -41,6 +42,11 @@ CLIENT_START_DELAY = 2.0  # seconds for the client processes to start before the
 RESULT_TIMEOUT = 180.0  # seconds the clients get to parse and hand back their results
 KEEP_ALIVE_WARNING = 4.0  # uvicorn closes idle keep-alive connections after 5 s
 PROMPT = "keepstream spine benchmark"
+# The store counters the report shows, by the Prometheus samples that hold them.
+STORE_COUNTERS = {
+    "rows_written": "keepstream_messages_written_total",
+    "commits": "keepstream_commits_total",
+}
 COMPACTION_WAIT = 60.0  # seconds the server gets to compact the finished answers after a run
 
 
@@ -226,10 +232,16 @@ class LiveOutcome:
         return max(sizes) / 1e6 if sizes else None
 
     def store_delta(self, key: str) -> int | None:
-        """How much a ``/healthz`` store counter grew during the run."""
+        """How much a store counter (``STORE_COUNTERS``) grew during the run."""
         if not self.store_before or not self.store_after:
             return None
         return int(self.store_after[key]) - int(self.store_before[key])
+
+
+def store_counters(server: Server) -> dict[str, Any]:
+    """The store's counters from ``/metrics`` (none for a server without them)."""
+    metrics = scrape_metrics(server.url)
+    return {key: metrics[name] for key, name in STORE_COUNTERS.items() if name in metrics}
 
 
 def checkpointed_sizes(db: Path) -> tuple[int | None, int | None, int | None]:
@@ -348,8 +360,7 @@ def live_run(
                     messages[message[0]][i] = message
 
     receive(run_deadline, "opened")
-    health = server.health()
-    outcome.store_before = health.get("store")
+    outcome.store_before = store_counters(server)
     go_at = time.time() + 0.05
     for i, pipe in enumerate(pipes):
         if messages["opened"].get(i, ("",))[0] == "opened":
@@ -387,9 +398,9 @@ def live_run(
             outcome.wal_bytes = Path(f"{db}-wal").stat().st_size
         outcome.checkpointed_bytes, outcome.used_bytes, outcome.text_bytes = checkpointed_sizes(db)
     try:
-        outcome.store_after = server.health().get("store")
+        outcome.store_after = store_counters(server)
     except (OSError, ValueError) as exc:
-        outcome.problems.append(f"/healthz after the run failed: {exc}")
+        outcome.problems.append(f"/metrics after the run failed: {exc}")
     receive(time.time() + RESULT_TIMEOUT, "result")
     for child in processes:
         child.join(timeout=5.0)
