@@ -313,6 +313,7 @@ class Writer:
         self._checkpoint_every = checkpoint_every
         self._lock = threading.Lock()
         self._wake = threading.Event()
+        self._op_arrived = threading.Event()
         self._ops: deque[_PendingOp] = deque()
         # Keyed by the sources themselves, never by id(): a new source may get the address
         # of one that just went, and must not inherit its "taken recently" mark.
@@ -361,6 +362,7 @@ class Writer:
             if self._stopping:
                 raise StoreUnavailable("the store is closed")
             self._ops.append(_PendingOp(fn, done))
+        self._op_arrived.set()
         self._wake.set()
 
     @property
@@ -433,13 +435,20 @@ class Writer:
                     self._give_up(StoreUnavailable("the store closed while writes kept failing"))
                     return
                 # The group-commit window adapts: work that finds the writer idle is committed
-                # at once; only work that piled up during the last commit (load) waits out
-                # the window, to be committed with what comes after it.
+                # at once; only appends that piled up during the last commit (load) wait out
+                # the window, to be committed with what comes after them. An op ends the wait:
+                # someone awaits it (a request, mostly), and the window is for batching the
+                # generations' deltas, which the op's commit takes along anyway.
                 delay = last_commit + self._flush_interval - time.monotonic() if loaded else 0.0
                 if self._failures:
                     delay = max(delay, min(MAX_BACKOFF, 0.01 * 2**self._failures))
                 if delay > 0 and (pending < self._max_batch or self._failures) and not stopping:
-                    time.sleep(delay)
+                    if self._failures:
+                        time.sleep(delay)  # a retry's back-off
+                    else:
+                        self._op_arrived.clear()
+                        if not self._ops:  # an op arriving meanwhile ends the wait
+                            self._op_arrived.wait(delay)
                 ops, sources = self._drain(everything=stopping)
                 if ops or sources:
                     self._run_batch(ctx, ops, sources)

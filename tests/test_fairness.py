@@ -86,8 +86,10 @@ async def test_another_users_generation_does_not_wait_behind_a_hogs_queue(
     other_start = started[other.id]
     assert other_start is not None
     before_other = [h for h in hogs if (started[h.id] or float("inf")) < other_start]
-    # The one running when it was queued, and the hog's next in turn at most.
-    assert len(before_other) <= 2, len(before_other)
+    # Those that had started when it was queued (one, unless submitting took longer than an
+    # answer, on a busy machine), and the hog's next in turn at most.
+    already = [h for h in hogs if (started[h.id] or float("inf")) < other.created_at]
+    assert len(already) <= len(before_other) <= len(already) + 1, (already, before_other)
 
 
 async def open_clients(stack: AsyncExitStack, server: Server) -> dict[str, httpx.AsyncClient]:

@@ -375,3 +375,32 @@ async def test_a_snapshot_s_length_is_counted_in_characters_without_loading_its_
         assert await store.snapshot_length(name) == (len(text), 7), name
     with pytest.raises(GenerationNotFound):
         await store.snapshot_length("missing")
+
+
+async def test_a_write_someone_awaits_does_not_wait_out_the_group_commit_window(
+    tmp_path: Path,
+) -> None:
+    """Deltas that pile up while a commit runs wait out ``flush_interval`` to be batched;
+    an op submitted during that wait ends it (with a 5 s window, it would otherwise wait
+    seconds)."""
+    path = str(tmp_path / "s.db")
+    async with StreamStore(path, flush_interval=5.0, coalesce_window=0.0) as store:
+        logs = []
+        for i in range(50):
+            await store.create_generation(GenerationRecord(f"g{i}", f"g{i}", "running", "sim"))
+            logs.append(GenerationLog(store, f"g{i}", f"g{i}"))
+
+        async def feed() -> None:  # deltas all the time: some arrive during every commit
+            for i in range(200):
+                for log in logs:
+                    log.add_text(f"{i} ")
+                await anyio.sleep(0.002)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(feed)
+            await anyio.sleep(0.1)  # the writer is now waiting out its window
+            started = anyio.current_time()
+            await store.execute(lambda ctx: None)
+            waited = anyio.current_time() - started
+            tg.cancel_scope.cancel()
+        assert waited < 2.5, waited
