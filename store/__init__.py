@@ -35,10 +35,6 @@ from ._exceptions import StreamNotFound as StreamNotFound
 from ._exceptions import StreamReadOnly as StreamReadOnly
 from ._exceptions import WriteRejected as WriteRejected
 from ._sessions import SessionStore as SessionStore
-from ._sessions import check_not_busy as check_not_busy
-from ._sessions import drop_last_answer as drop_last_answer
-from ._sessions import insert_messages as insert_messages
-from ._sessions import remember as remember
 from ._store import DEFAULT_FLUSH_INTERVAL as DEFAULT_FLUSH_INTERVAL
 from ._store import StreamStore as StreamStore
 from ._writer import AppendSource as AppendSource
@@ -49,10 +45,13 @@ from .types import ActiveGeneration as ActiveGeneration
 from .types import AppendBatch as AppendBatch
 from .types import AppendResult as AppendResult
 from .types import GenerationRecord as GenerationRecord
+from .types import KeptResponse as KeptResponse
+from .types import NewMessage as NewMessage
 from .types import ReadResult as ReadResult
 from .types import SessionMessage as SessionMessage
 from .types import SessionRecord as SessionRecord
 from .types import SessionSummary as SessionSummary
+from .types import SessionWrite as SessionWrite
 from .types import WorkerRecord as WorkerRecord
 
 __all__ = [
@@ -72,6 +71,8 @@ __all__ = [
     "GenerationNotFound",
     "GenerationRecord",
     "InvalidFork",
+    "KeptResponse",
+    "NewMessage",
     "Op",
     "Producer",
     "ProducerError",
@@ -83,6 +84,7 @@ __all__ = [
     "SessionRecord",
     "SessionStore",
     "SessionSummary",
+    "SessionWrite",
     "StaleEpoch",
     "StoreBusy",
     "StoreError",
@@ -98,11 +100,7 @@ __all__ = [
     "WorkerRecord",
     "WriteRejected",
     "WriterContext",
-    "check_not_busy",
-    "drop_last_answer",
     "format_offset",
-    "insert_messages",
     "is_json",
     "media_type",
-    "remember",
 ]

@@ -10,6 +10,7 @@ from typing import Any
 
 from ._exceptions import SessionNotFound, WriteRejected
 from ._queries import delete_stream
+from ._session_writes import apply_session_write
 from ._store import StreamStore
 from ._writer import WriterContext
 from .types import (
@@ -18,6 +19,7 @@ from .types import (
     SessionMessage,
     SessionRecord,
     SessionSummary,
+    SessionWrite,
     encode_field,
 )
 
@@ -32,51 +34,16 @@ _LATEST_GENERATION = (
 )
 
 
-def insert_messages(
-    ctx: WriterContext,
-    session_id: str,
-    messages: Sequence[tuple[str, str, str | None, str | None]],
-    *,
-    now: float,
-    max_messages: int,
-) -> list[int]:
-    """Append ``(id, role, content, generation_id)`` messages; trim the oldest past
-    ``max_messages``; touch the session. Returns the new messages' sequence numbers."""
-    conn = ctx.conn
-    row = conn.execute(
-        "SELECT next_seq, message_count FROM sessions WHERE id = ?", (session_id,)
-    ).fetchone()
-    if row is None:
-        raise SessionNotFound(session_id)
-    next_seq, count = row
-    seqs = list(range(next_seq, next_seq + len(messages)))
-    conn.executemany(
-        "INSERT INTO session_messages (session_id, seq, id, role, content, generation_id,"
-        " created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        [(session_id, seq, *message, now) for seq, message in zip(seqs, messages, strict=True)],
-    )
-    count += len(messages)
-    trimmed = max(0, count - max_messages)
-    if trimmed:
-        conn.execute(
-            "DELETE FROM session_messages WHERE session_id = ? AND seq IN"
-            " (SELECT seq FROM session_messages WHERE session_id = ? ORDER BY seq LIMIT ?)",
-            (session_id, session_id, trimmed),
-        )
-    conn.execute(
-        "UPDATE sessions SET next_seq = ?, message_count = ?,"
-        " trimmed_messages = trimmed_messages + ?, updated_at = ?, last_activity_at = ?"
-        " WHERE id = ?",
-        (next_seq + len(messages), count - trimmed, trimmed, now, now, session_id),
-    )
-    return seqs
-
-
 class SessionStore:
     """Sessions and their messages, in the same database (and transactions) as the streams."""
 
     def __init__(self, streams: StreamStore) -> None:
         self.streams = streams
+
+    async def add_messages(self, write: SessionWrite) -> None:
+        """Apply a session write on its own (messages with no answer started: a paused
+        session's). Raises ``SessionNotFound`` and ``WriteRejected``."""
+        await self.streams.execute(lambda ctx: apply_session_write(ctx, write))
 
     async def create(self, record: SessionRecord, *, max_open: int | None = None) -> None:
         """Insert a new session; with ``max_open``, only while its owner has fewer open
@@ -193,29 +160,6 @@ class SessionStore:
         return await self.streams.query(_recall, owner or "", key)
 
 
-def drop_last_answer(ctx: WriterContext, session_id: str, *, now: float) -> str | None:
-    """Delete the session's last message if it is an assistant's answer, inside another
-    op's transaction; its generation (row, stream and events) stays. Returns the dropped
-    answer's generation id, or ``None`` when the last message is not an answer."""
-    conn = ctx.conn
-    row = conn.execute(
-        "SELECT seq, role, generation_id FROM session_messages WHERE session_id = ?"
-        " ORDER BY seq DESC LIMIT 1",
-        (session_id,),
-    ).fetchone()
-    if row is None or row[1] != "assistant":
-        return None
-    seq, _, generation_id = row
-    conn.execute("DELETE FROM session_messages WHERE session_id = ? AND seq = ?", (session_id, seq))
-    conn.execute(
-        "UPDATE sessions SET message_count = message_count - 1, updated_at = ?,"
-        " last_activity_at = ? WHERE id = ?",
-        (now, now, session_id),
-    )
-    dropped: str | None = generation_id
-    return dropped
-
-
 def check_open_below(
     ctx: WriterContext, owner: str | None, maximum: int, *, excluding: str | None = None
 ) -> None:
@@ -230,30 +174,6 @@ def check_open_below(
     ).fetchone()
     if count >= maximum:
         raise WriteRejected("open_sessions", str(count))
-
-
-def check_not_busy(ctx: WriterContext, session_id: str, *, new_generation_id: str) -> None:
-    """Raise ``WriteRejected("busy", <generation id>)`` if another generation of the session
-    is queued or running — checked inside the transaction that would start one more, so two
-    processes cannot both start one."""
-    row = ctx.conn.execute(
-        "SELECT id FROM generations WHERE session_id = ? AND id != ?"
-        " AND status IN ('queued', 'running') ORDER BY created_at DESC LIMIT 1",
-        (session_id, new_generation_id),
-    ).fetchone()
-    if row is not None:
-        raise WriteRejected("busy", row[0])
-
-
-def remember(
-    ctx: WriterContext, owner: str | None, key: str, session_id: str, response: JSONDict, now: float
-) -> None:
-    """Store the response for an idempotency key (inside another op's transaction)."""
-    ctx.conn.execute(
-        "INSERT INTO idempotency_keys (owner, key, session_id, response, created_at)"
-        " VALUES (?, ?, ?, ?, ?)",
-        (owner or "", key, session_id, json.dumps(response), now),
-    )
 
 
 def _rows(conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> list[Any]:

@@ -26,6 +26,7 @@ from ._exceptions import (
 )
 from ._handoff import Completion, OneShotAppend, Readers
 from ._schema import initialise, pending_migrations
+from ._session_writes import apply_session_write
 from ._tails import StreamState
 from ._writer import (
     CLOSE_STREAM,
@@ -45,6 +46,7 @@ from .types import (
     GenerationRecord,
     JSONDict,
     ReadResult,
+    SessionWrite,
     Synchronous,
     WorkerRecord,
 )
@@ -474,10 +476,11 @@ class StreamStore:
         record: GenerationRecord,
         *,
         content_type: str = "application/json",
-        also: Op | None = None,
+        session_write: SessionWrite | None = None,
     ) -> None:
         """Insert a generation and create its (empty) stream in one transaction, together
-        with whatever ``also`` writes (a session's messages, say)."""
+        with ``session_write`` (its session's messages, say). Raises ``WriteRejected`` or
+        ``SessionNotFound`` from the session write, and then writes nothing."""
 
         def op(ctx: WriterContext) -> None:
             queries.insert_stream(
@@ -485,8 +488,8 @@ class StreamStore:
             )
             row = record.to_row()
             ctx.conn.execute(_INSERT_GENERATION, [row[c] for c in _GENERATION_COLUMNS])
-            if also is not None:
-                also(ctx)
+            if session_write is not None:
+                apply_session_write(ctx, session_write, generation_id=record.id)
             ctx.mark_created(record.stream_id)
 
         await self.execute(op)

@@ -218,3 +218,43 @@ class SessionSummary:
     session: SessionRecord
     latest_generation_id: str | None
     latest_generation_status: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """A message to add to a session. An answer's message holds no content of its own:
+    ``generation_id`` names the generation whose text it is."""
+
+    id: str
+    role: str
+    content: str | None = None
+    generation_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class KeptResponse:
+    """What a request with an ``Idempotency-Key`` did, kept to answer its repeats."""
+
+    owner: str | None
+    key: str
+    response: JSONDict
+
+
+@dataclass(frozen=True, slots=True)
+class SessionWrite:
+    """Changes to a session made atomically with another write (a generation's creation,
+    say): plain data that the store applies inside that write's transaction.
+
+    In order: refuse with ``WriteRejected("busy", …)`` if ``only_if_idle`` and another
+    generation of the session is queued or running; drop the last message if it is an
+    answer (``replace_answer``); add ``messages``, dropping the oldest past
+    ``max_messages``; keep ``kept`` for its idempotency key.
+    """
+
+    session_id: str
+    messages: tuple[NewMessage, ...]
+    now: float
+    max_messages: int
+    only_if_idle: bool = False
+    replace_answer: bool = False
+    kept: KeptResponse | None = None

@@ -22,7 +22,7 @@ from store import (
     ActiveGeneration,
     GenerationNotFound,
     GenerationRecord,
-    Op,
+    SessionWrite,
     StoreError,
     StreamNotFound,
     StreamStore,
@@ -303,14 +303,15 @@ class GenerationPool:
         *,
         owner: str | None = None,
         session_id: str | None = None,
-        also: Callable[[GenerationRecord], Op] | None = None,
+        session_write: Callable[[str], SessionWrite] | None = None,
         after: Sequence[str] = (),
         prepare: Callable[[], Awaitable[GenerationRequest]] | None = None,
     ) -> GenerationRecord:
         """Persist a new generation and schedule it; return its ``queued`` record.
 
-        ``also(record)`` gives an op written in the same transaction as the generation (a
-        session's messages, say): both exist, or neither. With ``after``, the generation
+        ``session_write(generation_id)`` gives the changes to its session (its messages,
+        say) written in the same transaction as the generation: both happen, or neither
+        (``WriteRejected`` from the session write). With ``after``, the generation
         waits (queued) until those have ended. ``prepare()`` builds the request when the
         generation starts, replacing ``request`` (a conversation's prompt must include the
         answer it waited for).
@@ -348,7 +349,7 @@ class GenerationPool:
         self._hold(owner)
         try:
             await self.store.create_generation(
-                record, also=also(record) if also is not None else None
+                record, session_write=None if session_write is None else session_write(record.id)
             )
         except BaseException:
             self._let_go(owner)

@@ -26,18 +26,15 @@ import anyio
 
 from store import (
     GenerationRecord,
-    Op,
+    KeptResponse,
+    NewMessage,
     SessionMessage,
     SessionNotFound,
     SessionRecord,
     SessionStore,
     SessionSummary,
-    WriterContext,
+    SessionWrite,
     WriteRejected,
-    check_not_busy,
-    drop_last_answer,
-    insert_messages,
-    remember,
 )
 from store.types import JSONDict
 
@@ -86,26 +83,17 @@ class _Idempotency:
     key: str
     requested_session_id: str
 
-    def remember(
-        self,
-        ctx: WriterContext,
-        session_id: str,
-        message_id: str,
-        generation_id: str | None,
-        now: float,
-    ) -> None:
-        remember(
-            ctx,
+    def kept(self, session_id: str, message_id: str, generation_id: str | None) -> KeptResponse:
+        """What to keep for the key: where the request's message and answer went."""
+        return KeptResponse(
             self.owner,
             self.key,
-            session_id,
             {
                 "requested_session_id": self.requested_session_id,
                 "session_id": session_id,
                 "message_id": message_id,
                 "generation_id": generation_id,
             },
-            now,
         )
 
 
@@ -459,24 +447,28 @@ class SessionManager:
     ) -> PostedMessage:
         now = self._clock()
         message_id = new_message_id()
+        question = NewMessage(message_id, role, content)
 
-        def write(ctx: WriterContext, generation_id: str | None) -> None:
+        def write(generation_id: str | None, *, only_if_idle: bool = False) -> SessionWrite:
             """The message (and its answer's placeholder) and the idempotency record."""
-            messages: list[tuple[str, str, str | None, str | None]] = [
-                (message_id, role, content, None)
-            ]
+            messages = [question]
             if generation_id is not None:
-                messages.append(
-                    (answer_message_id(generation_id), "assistant", None, generation_id)
-                )
-            insert_messages(
-                ctx, record.id, messages, now=now, max_messages=self.limits.messages_per_session
-            )
+                answer_id = answer_message_id(generation_id)
+                messages.append(NewMessage(answer_id, "assistant", generation_id=generation_id))
+            kept = None
             if idempotency is not None:
-                idempotency.remember(ctx, record.id, message_id, generation_id, now)
+                kept = idempotency.kept(record.id, message_id, generation_id)
+            return SessionWrite(
+                record.id,
+                tuple(messages),
+                now=now,
+                max_messages=self.limits.messages_per_session,
+                only_if_idle=only_if_idle,
+                kept=kept,
+            )
 
         if record.status == "paused":
-            await self.store.streams.execute(lambda ctx: write(ctx, None))
+            await self.store.add_messages(write(None))
             return PostedMessage(await self.store.get(record.id), message_id, None, reopened)
         active = await self._active_generations(record.id)
         running = active[-1] if active else None
@@ -496,20 +488,13 @@ class SessionManager:
         async def prepare() -> GenerationRequest:
             return await self._request(record.id, message_id, content, role)
 
-        def also(generation: GenerationRecord) -> Op:
-            def op(ctx: WriterContext) -> None:
-                if not after:  # nothing else may be running now
-                    check_not_busy(ctx, record.id, new_generation_id=generation.id)
-                write(ctx, generation.id)
-
-            return op
-
         try:
             generation = await self.pool.submit(
                 GenerationRequest((ChatMessage(role, content),)),
                 owner=record.owner,
                 session_id=record.id,
-                also=also,
+                # With nothing to wait for, nothing else may be running now.
+                session_write=lambda generation_id: write(generation_id, only_if_idle=not after),
                 after=after,
                 prepare=prepare,
             )
@@ -555,23 +540,23 @@ class SessionManager:
                 await self.pool.cancel(running, wait=False)  # it is being replaced
             now = self._clock()
 
-            def also(generation: GenerationRecord) -> Op:
-                def op(ctx: WriterContext) -> None:
-                    if running is None:
-                        check_not_busy(ctx, session_id, new_generation_id=generation.id)
-                    drop_last_answer(ctx, session_id, now=now)
-                    answer = (answer_message_id(generation.id), "assistant", None, generation.id)
-                    insert_messages(
-                        ctx,
-                        session_id,
-                        [answer],
-                        now=now,
-                        max_messages=self.limits.messages_per_session,
-                    )
-                    if idempotency is not None:
-                        idempotency.remember(ctx, session_id, question.id, generation.id, now)
-
-                return op
+            def write(generation_id: str) -> SessionWrite:
+                """The new answer in the old one's place, and the idempotency record."""
+                answer = NewMessage(
+                    answer_message_id(generation_id), "assistant", generation_id=generation_id
+                )
+                kept = None
+                if idempotency is not None:
+                    kept = idempotency.kept(session_id, question.id, generation_id)
+                return SessionWrite(
+                    session_id,
+                    (answer,),
+                    now=now,
+                    max_messages=self.limits.messages_per_session,
+                    only_if_idle=running is None,
+                    replace_answer=True,
+                    kept=kept,
+                )
 
             async def prepare() -> GenerationRequest:
                 return await self._request(session_id, question.id, question.content, "user")
@@ -581,7 +566,7 @@ class SessionManager:
                     GenerationRequest((ChatMessage("user", question.content),)),
                     owner=record.owner,
                     session_id=session_id,
-                    also=also,
+                    session_write=write,
                     after=active,
                     prepare=prepare,
                 )
