@@ -5,6 +5,9 @@ No policy lives here: the store appends, reads, wakes readers after commits, and
 
 from __future__ import annotations
 
+from ._context import AppendSource as AppendSource
+from ._context import Op as Op
+from ._context import WriterContext as WriterContext
 from ._durable import AppendOutcome as AppendOutcome
 from ._durable import Chunk as Chunk
 from ._durable import CreateRequest as CreateRequest
@@ -37,9 +40,6 @@ from ._exceptions import WriteRejected as WriteRejected
 from ._sessions import SessionStore as SessionStore
 from ._store import DEFAULT_FLUSH_INTERVAL as DEFAULT_FLUSH_INTERVAL
 from ._store import StreamStore as StreamStore
-from ._writer import AppendSource as AppendSource
-from ._writer import Op as Op
-from ._writer import WriterContext as WriterContext
 from .types import TERMINAL_STATUSES as TERMINAL_STATUSES
 from .types import ActiveGeneration as ActiveGeneration
 from .types import AppendBatch as AppendBatch

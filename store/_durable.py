@@ -27,6 +27,7 @@ from typing import Any
 import anyio
 
 from . import _blocks as blocks
+from ._context import INSERT_MESSAGE, WriterContext, stream_end
 from ._exceptions import (
     ConfigConflict,
     ContentTypeMismatch,
@@ -41,7 +42,6 @@ from ._exceptions import (
     StreamReadOnly,
 )
 from ._store import StreamStore
-from ._writer import INSERT_MESSAGE, WriterContext, stream_end
 
 GENERATION_PREFIX = "gen_"
 OFFSET_WIDTH = 16

@@ -9,8 +9,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from . import _blocks as blocks
+from ._context import WriterContext, stream_end
 from ._exceptions import GenerationNotFound, StreamExists, StreamNotFound
-from ._writer import WriterContext, stream_end
 from .types import ActiveGeneration, GenerationRecord, ReadResult, WorkerRecord
 
 # -- SQL run on the writer thread --------------------------------------------------------------

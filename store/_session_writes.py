@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
+from ._context import WriterContext
 from ._exceptions import SessionNotFound, WriteRejected
-from ._writer import WriterContext
 from .types import KeptResponse, NewMessage, SessionWrite
 
 

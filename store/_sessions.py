@@ -8,11 +8,11 @@ import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
+from ._context import WriterContext
 from ._exceptions import SessionNotFound, WriteRejected
 from ._queries import delete_stream
 from ._session_writes import apply_session_write
 from ._store import StreamStore
-from ._writer import WriterContext
 from .types import (
     TERMINAL_STATUSES,
     JSONDict,

@@ -17,6 +17,16 @@ import anyio.lowlevel
 import anyio.to_thread
 
 from . import _queries as queries
+from ._context import (
+    CLOSE_STREAM,
+    INSERT_MESSAGE,
+    MAX_TRACKED_STREAMS,
+    AppendSource,
+    Op,
+    Outcome,
+    WriterContext,
+    update_fields,
+)
 from ._exceptions import (
     GenerationNotFound,
     StoreBusy,
@@ -28,17 +38,7 @@ from ._handoff import Completion, OneShotAppend, Readers
 from ._schema import initialise, pending_migrations
 from ._session_writes import apply_session_write
 from ._tails import StreamState
-from ._writer import (
-    CLOSE_STREAM,
-    INSERT_MESSAGE,
-    MAX_TRACKED_STREAMS,
-    AppendSource,
-    Op,
-    Outcome,
-    Writer,
-    WriterContext,
-    update_fields,
-)
+from ._writer import Writer
 from .types import (
     ActiveGeneration,
     AppendBatch,

@@ -32,13 +32,25 @@ import math
 import sqlite3
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from . import _blocks as blocks
+from ._compactor import Compactor
+from ._context import (
+    CLOSE_STREAM,
+    INSERT_MESSAGE,
+    MAX_TRACKED_STREAMS,
+    AppendSource,
+    Op,
+    Outcome,
+    StreamChange,
+    WriterContext,
+    is_transient,
+    update_fields,
+)
 from ._exceptions import (
     StoreError,
     StoreUnavailable,
@@ -47,13 +59,10 @@ from ._exceptions import (
     StreamNotFound,
 )
 from ._schema import connect
-from .types import AppendBatch, AppendResult, Synchronous, encode_field
+from .types import AppendBatch, AppendResult, Synchronous
 
 logger = logging.getLogger("keepstream.store")
 
-INSERT_MESSAGE = "INSERT INTO messages (stream_id, offset, data) VALUES (?, ?, ?)"
-CLOSE_STREAM = "UPDATE streams SET closed = 1 WHERE id = ?"
-_LAST_OFFSET = "SELECT max(offset) FROM messages WHERE stream_id = ?"
 _UPDATE_SNAPSHOT = "UPDATE generations SET text = text || ?, next_offset = ? WHERE id = ?"
 # The hot path writes a whole commit's rows with one statement each, fed one JSON array.
 # executemany steps SQLite once per row and gives the GIL up and takes it back around every
@@ -69,17 +78,6 @@ _UPDATE_SNAPSHOTS_JSON = (
 )
 
 # SQLite primary result codes worth retrying: the same statements can succeed later.
-_TRANSIENT_CODES = frozenset(
-    {
-        sqlite3.SQLITE_BUSY,
-        sqlite3.SQLITE_LOCKED,
-        sqlite3.SQLITE_NOMEM,
-        sqlite3.SQLITE_IOERR,
-        sqlite3.SQLITE_FULL,
-        sqlite3.SQLITE_CANTOPEN,
-        sqlite3.SQLITE_PROTOCOL,
-    }
-)
 MAX_BACKOFF = 1.0
 STOP_ATTEMPTS = 3
 JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
@@ -87,191 +85,8 @@ JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
 # leaves the WAL larger than this.
 WAL_CHECKPOINT_AT = 16 * 1024 * 1024
 # Compaction of closed streams into blocks runs while the writer is idle, in slices of at
-# most this long, each transaction moving at most this many blocks (so new work waits for
-# one such transaction at most), and finds those left from before a start this many
-# streams per query.
+# most this long.
 COMPACT_SLICE = 0.02
-COMPACT_BLOCKS = 4
-SCAN_STREAMS = 1024
-# Open streams whose next offset the writer keeps (and checks for other processes' writes):
-# past this many, the least recently appended are forgotten. The event loop normally has
-# the writer forget a stream long before, when it drops the stream's state as idle.
-MAX_TRACKED_STREAMS = 65_536
-
-
-def stream_end(conn: sqlite3.Connection, stream_id: str, base_offset: int) -> int:
-    """The offset after a stream's last message (``base_offset`` while it has none of its
-    own: 0, or a fork's first offset)."""
-    (last,) = conn.execute(_LAST_OFFSET, (stream_id,)).fetchone()
-    if last is not None:
-        return int(last) + 1
-    compacted = blocks.end(conn, stream_id)  # its rows are all in blocks, or it has none
-    return base_offset if compacted is None else compacted
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Whether a failed write may succeed if tried again (disk full, I/O, busy)."""
-    code = getattr(exc, "sqlite_errorcode", None)
-    return isinstance(exc, sqlite3.Error) and code is not None and code & 0xFF in _TRANSIENT_CODES
-
-
-class AppendSource(Protocol):
-    """Something that buffers messages for one stream until the writer takes them.
-
-    ``take`` and ``untake`` run on the writer thread and must be thread-safe against whoever
-    fills the buffer; ``committed`` and ``failed`` run on the event loop afterwards.
-    """
-
-    stream_id: str
-
-    def take(self) -> AppendBatch | None:
-        """Hand over everything buffered (``None`` when there is nothing)."""
-
-    def untake(self) -> None:
-        """The batch from the last ``take`` was rolled back: hold it again, ahead of newer
-        messages, for the next ``take``."""
-
-    def committed(self, result: AppendResult) -> None:
-        """The batch from the last ``take`` is durable at ``result``."""
-
-    def failed(self, error: StoreError) -> None:
-        """The batch from the last ``take`` can never be written (closed stream, …)."""
-
-
-@dataclass(slots=True)
-class StreamChange:
-    """What one commit did to one stream, for the event loop to publish."""
-
-    stream_id: str
-    first_offset: int | None
-    payloads: list[bytes] = field(default_factory=list)
-    created: bool = False
-    closed: bool = False
-    deleted: bool = False
-    stale: bool = False  # someone else wrote it: forget what this process knew
-
-
-@dataclass(slots=True)
-class Outcome:
-    """One commit, handed to the event loop."""
-
-    changes: list[StreamChange]
-    callbacks: list[Callable[[], None]]
-    external_change: bool = False
-
-
-class WriterContext:
-    """What an op sees: the connection and the writer's offset bookkeeping."""
-
-    def __init__(self, conn: sqlite3.Connection, *, max_streams: int = MAX_TRACKED_STREAMS) -> None:
-        self.conn = conn
-        # The next offset of each open stream this writer appended to or created, least
-        # recently appended first. More than a cache: these are the streams whose length
-        # the event loop may hold (a tail), so the ones checked for other processes' writes.
-        # A stream leaves it only together with the loop's state (see ``forget``).
-        self._next_offsets: OrderedDict[str, int] = OrderedDict()
-        self._max_streams = max_streams
-        self.changes: dict[str, StreamChange] = {}
-
-    @property
-    def tracked_streams(self) -> int:
-        """How many streams' next offsets are kept."""
-        return len(self._next_offsets)
-
-    def next_offset(self, stream_id: str) -> int:
-        """The offset the next message of an open stream gets; raises if closed or missing."""
-        offset = self._next_offsets.get(stream_id)
-        if offset is not None:
-            return offset
-        row = self.conn.execute(
-            "SELECT closed, base_offset FROM streams WHERE id = ?", (stream_id,)
-        ).fetchone()
-        if row is None:
-            raise StreamNotFound(stream_id)
-        if row[0]:
-            raise StreamClosed(stream_id)
-        offset = stream_end(self.conn, stream_id, row[1])
-        self._next_offsets[stream_id] = offset
-        return offset
-
-    def written_streams(self) -> list[str]:
-        """Open streams this writer has appended to (and so knows the length of)."""
-        return list(self._next_offsets)
-
-    def record_append(
-        self, stream_id: str, first: int, payloads: list[bytes], *, close: bool
-    ) -> None:
-        """Note appended messages (already written) for offsets and for publishing."""
-        self._next_offsets[stream_id] = first + len(payloads)
-        self._next_offsets.move_to_end(stream_id)
-        change = self.changes.get(stream_id)
-        if change is None or change.first_offset is None:
-            change = self.changes[stream_id] = StreamChange(stream_id, first)
-        change.payloads.extend(payloads)
-        if close:
-            self.mark_closed(stream_id)
-
-    def mark_created(self, stream_id: str, first_offset: int = 0) -> None:
-        """Note a new, empty stream whose first message gets ``first_offset`` (replacing one
-        deleted earlier in the batch, if any)."""
-        previous = self.changes.get(stream_id)
-        self._next_offsets[stream_id] = first_offset
-        self._next_offsets.move_to_end(stream_id)
-        self.changes[stream_id] = StreamChange(
-            stream_id,
-            first_offset,
-            created=True,
-            deleted=previous is not None and previous.deleted,
-        )
-
-    def mark_closed(self, stream_id: str) -> None:
-        """Note that a stream was closed."""
-        first = self._next_offsets.pop(stream_id, None)
-        change = self.changes.get(stream_id)
-        if change is None:
-            change = self.changes[stream_id] = StreamChange(stream_id, first)
-        change.closed = True
-
-    def mark_deleted(self, stream_id: str) -> None:
-        """Note that a stream is gone."""
-        self._next_offsets.pop(stream_id, None)
-        self.changes[stream_id] = StreamChange(stream_id, None, deleted=True)
-
-    def mark_stale(self, stream_id: str) -> None:
-        """Note that another writer changed the stream: nothing cached about it holds."""
-        self._next_offsets.pop(stream_id, None)
-        self.changes[stream_id] = StreamChange(stream_id, None, stale=True)
-
-    def reset(self) -> None:
-        """After a rollback: cached offsets may be wrong, and nothing of the batch is to be
-        published. Every stream tracked until now is published as stale instead (with the
-        next outcome that carries changes): the loop's states of them would otherwise go
-        unchecked for other processes' writes."""
-        self.changes = {sid: StreamChange(sid, None, stale=True) for sid in self._next_offsets}
-        self._next_offsets.clear()
-
-    def forget(self, dropped: Iterable[tuple[str, int]]) -> list[StreamChange]:
-        """Stop tracking streams; call between transactions.
-
-        ``dropped``: ``(stream, next offset)`` of streams whose state the event loop let go
-        of, knowing them that long; one appended to since (its state is back) stays. Then,
-        past ``max_streams``, the least recently appended go too: the returned changes make
-        the loop drop their states, which nothing would keep up to date any more.
-        """
-        offsets = self._next_offsets
-        for stream_id, offset in dropped:
-            # Compared by offset: a later append moved it on, and the loop's new state for
-            # it must stay tracked.
-            if offsets.get(stream_id) == offset:
-                del offsets[stream_id]
-        changes = []
-        while len(offsets) > self._max_streams:
-            stream_id, _ = offsets.popitem(last=False)
-            changes.append(StreamChange(stream_id, None, stale=True))
-        return changes
-
-
-Op = Callable[[WriterContext], Any]
 
 
 @dataclass(slots=True)
@@ -323,10 +138,7 @@ class Writer:
         # earliest first: every revisit waits as long, so insertion order is due order.
         self._revisits: dict[AppendSource, float] = {}
         self._forgotten: list[tuple[str, int]] = []  # for ``WriterContext.forget``
-        # Closed streams whose message rows are still to be packed into blocks (when the
-        # writer is idle), and where the scan for those from before this start got to.
-        self._to_compact: deque[str] = deque()
-        self._scan_from: int | None = 0
+        self._compactor = Compactor()  # closed streams to pack into blocks when idle
         self._context: WriterContext | None = None
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="keepstream-writer", daemon=True)
@@ -336,7 +148,11 @@ class Writer:
         self.commits = 0
         self.rows_written = 0
         self.retries = 0
-        self.compacted = 0  # messages moved into blocks
+
+    @property
+    def compacted(self) -> int:
+        """Messages moved into blocks since the start (read from any thread)."""
+        return self._compactor.compacted
 
     def start(self) -> None:
         """Start the thread and wait until its connection is open."""
@@ -407,7 +223,8 @@ class Writer:
         wal = Path(f"{self._path}-wal")
         try:
             while True:
-                self._wake.wait(0.0 if self._can_compact() else self._until_next_revisit())
+                idle_work = self._compactor.has_work
+                self._wake.wait(0.0 if idle_work else self._until_next_revisit())
                 self._revisit_due()
                 # Other processes' commits change data_version (ours never do): polled on
                 # every turn, busy or not, so followers of their streams are always woken.
@@ -429,7 +246,7 @@ class Writer:
                 if not pending:
                     if stopping:
                         return
-                    self._compact_while_idle(conn)
+                    self._compactor.run(conn, COMPACT_SLICE, interrupted=self._wake.is_set)
                     continue
                 if stopping and self._failures >= STOP_ATTEMPTS:
                     self._give_up(StoreUnavailable("the store closed while writes kept failing"))
@@ -459,52 +276,6 @@ class Writer:
                         self._checkpoint(conn)
         finally:
             conn.close()
-
-    def _can_compact(self) -> bool:
-        return bool(self._to_compact) or self._scan_from is not None
-
-    def _compact_while_idle(self, conn: sqlite3.Connection) -> None:
-        """Pack closed streams' rows into blocks for up to ``COMPACT_SLICE`` seconds, a few
-        blocks per transaction, stopping as soon as other work arrives: it goes first."""
-        until = time.monotonic() + COMPACT_SLICE
-        while time.monotonic() < until and not self._wake.is_set():
-            if not self._to_compact:
-                if self._scan_from is None:
-                    return
-                self._scan_from = self._scan_for_uncompacted(conn, self._scan_from)
-                continue
-            stream_id = self._to_compact[0]
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                moved, done = blocks.compact(conn, stream_id, max_blocks=COMPACT_BLOCKS)
-                conn.execute("COMMIT")
-            except sqlite3.Error as exc:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                if is_transient(exc):
-                    return  # tried again on the next idle turn
-                # Left as rows, which read as well; the next start's scan tries it again.
-                logger.warning("could not compact stream %s: %s", stream_id, exc)
-                done = True
-                moved = 0
-            self.compacted += moved
-            if done:
-                self._to_compact.popleft()
-
-    def _scan_for_uncompacted(self, conn: sqlite3.Connection, after: int) -> int | None:
-        """Queue closed streams past rowid ``after`` that still have message rows (closed
-        by a process that died first, say); where the next scan starts, ``None`` when done."""
-        try:
-            rows = conn.execute(
-                "SELECT rowid, closed AND EXISTS (SELECT 1 FROM messages WHERE stream_id = id),"
-                " id FROM streams WHERE rowid > ? ORDER BY rowid LIMIT ?",
-                (after, SCAN_STREAMS),
-            ).fetchall()
-        except sqlite3.Error as exc:
-            logger.warning("could not look for streams to compact: %s", exc)
-            return None
-        self._to_compact.extend(stream_id for _, uncompacted, stream_id in rows if uncompacted)
-        return rows[-1][0] if len(rows) == SCAN_STREAMS else None
 
     def _checkpoint(self, conn: sqlite3.Connection) -> None:
         """A PASSIVE checkpoint, here between two commits.
@@ -681,7 +452,7 @@ class Writer:
                 logger.exception("the commit observer failed")
         changes = list(ctx.changes.values())
         ctx.changes = {}
-        self._to_compact.extend(c.stream_id for c in changes if c.closed and not c.deleted)
+        self._compactor.add(c.stream_id for c in changes if c.closed and not c.deleted)
         self._safe_publish(Outcome(changes, callbacks))
 
     def _rollback(self, ctx: WriterContext) -> None:
@@ -819,15 +590,6 @@ class Writer:
         if isinstance(error, StreamClosed | StreamNotFound | StreamConflict):
             ctx.mark_stale(source.stream_id)
         return _bind(source.failed, error)
-
-
-def update_fields(conn: sqlite3.Connection, generation_id: str, fields: dict[str, Any]) -> int:
-    """Set columns of one generation row (names are trusted); return the rows changed."""
-    names = sorted(fields)
-    assignments = ", ".join(f"{name} = ?" for name in names)
-    values = [encode_field(name, fields[name]) for name in names]
-    sql = f"UPDATE generations SET {assignments} WHERE id = ?"
-    return conn.execute(sql, (*values, generation_id)).rowcount
 
 
 def _size(path: Path) -> int:

@@ -27,7 +27,7 @@ from store import (
     StoreError,
     StreamStore,
 )
-from store._writer import WriterContext
+from store._context import WriterContext
 from streaming import (
     GenerationLog,
     GenerationPool,
