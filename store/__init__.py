@@ -40,6 +40,7 @@ from ._exceptions import WriteRejected as WriteRejected
 from ._sessions import SessionStore as SessionStore
 from ._store import DEFAULT_FLUSH_INTERVAL as DEFAULT_FLUSH_INTERVAL
 from ._store import StreamStore as StreamStore
+from .types import ACTIVE_STATUSES as ACTIVE_STATUSES
 from .types import TERMINAL_STATUSES as TERMINAL_STATUSES
 from .types import ActiveGeneration as ActiveGeneration
 from .types import AppendBatch as AppendBatch
@@ -55,6 +56,7 @@ from .types import SessionWrite as SessionWrite
 from .types import WorkerRecord as WorkerRecord
 
 __all__ = [
+    "ACTIVE_STATUSES",
     "DEFAULT_FLUSH_INTERVAL",
     "TERMINAL_STATUSES",
     "ActiveGeneration",

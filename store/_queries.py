@@ -101,7 +101,7 @@ def stream_length(conn: sqlite3.Connection, stream_id: str) -> tuple[int, bool]:
 # Every column but the two that grow with the answer and the prompt.
 _LIGHT_COLUMNS = ", ".join(
     "'' AS text" if name == "text" else "NULL AS request" if name == "request" else name
-    for name in GenerationRecord("", "", "", "").to_row()
+    for name in GenerationRecord.blank().to_row()
 )
 
 

@@ -78,7 +78,7 @@ MIN_POLL_INTERVAL = 0.005
 # followers that were live when it closed read its end without a query.
 CLOSED_GRACE = 2.0
 
-_GENERATION_COLUMNS = tuple(GenerationRecord("", "", "", "").to_row())
+_GENERATION_COLUMNS = tuple(GenerationRecord.blank().to_row())
 _INSERT_GENERATION = "INSERT INTO generations ({}) VALUES ({})".format(
     ", ".join(_GENERATION_COLUMNS), ", ".join("?" for _ in _GENERATION_COLUMNS)
 )

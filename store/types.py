@@ -5,12 +5,27 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal, TypeVar
+from typing import Any, Final, Literal, TypeVar, get_args
 
 JSONDict = dict[str, Any]
 Synchronous = Literal["NORMAL", "FULL"]
 
-TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled", "interrupted"})
+# A generation is queued, then running, then ends in one of the final statuses (or ends
+# while still queued: cancelled or interrupted).
+ActiveStatus = Literal["queued", "running"]
+FinalStatus = Literal["completed", "failed", "cancelled", "interrupted"]
+GenerationStatus = ActiveStatus | FinalStatus
+ACTIVE_STATUSES: Final[frozenset[str]] = frozenset(get_args(ActiveStatus))
+TERMINAL_STATUSES: Final[frozenset[str]] = frozenset(get_args(FinalStatus))
+
+# A session is active, paused (messages kept, no answer started) or closed; a message to a
+# closed one follows its ``on_closed``, one to a busy one its ``on_busy``.
+SessionStatus = Literal["active", "paused", "closed"]
+OnClosed = Literal["reopen", "new", "reject"]
+OnBusy = Literal["reject", "queue", "interrupt"]
+SESSION_STATUSES: Final[tuple[SessionStatus, ...]] = get_args(SessionStatus)
+ON_CLOSED: Final[tuple[OnClosed, ...]] = get_args(OnClosed)
+ON_BUSY: Final[tuple[OnBusy, ...]] = get_args(OnBusy)
 
 
 # Record fields stored as JSON text; every other field maps to its column as it is, but for
@@ -105,7 +120,7 @@ class GenerationRecord:
 
     id: str
     stream_id: str
-    status: str
+    status: GenerationStatus
     provider: str
     model: str | None = None
     request: JSONDict = field(default_factory=dict)
@@ -123,6 +138,11 @@ class GenerationRecord:
     continuations: int = 0  # times it was taken over and continued after a crash
     # What its provider kept for the conversation's next answer (Dify's conversation id).
     provider_state: JSONDict | None = None
+
+    @classmethod
+    def blank(cls) -> GenerationRecord:
+        """An empty record (for the column list)."""
+        return cls("", "", "queued", "")
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> GenerationRecord:
@@ -157,9 +177,6 @@ class WorkerRecord:
     heartbeat_at: float
 
 
-SESSION_STATUSES = ("active", "paused", "closed")
-
-
 @dataclass(slots=True)
 class SessionRecord:
     """A conversation: who owns it, where it stands, its context and its policies."""
@@ -167,9 +184,9 @@ class SessionRecord:
     id: str
     owner: str | None
     title: str
-    status: str
-    on_closed: str
-    on_busy: str
+    status: SessionStatus
+    on_closed: OnClosed
+    on_busy: OnBusy
     created_at: float
     updated_at: float
     last_activity_at: float

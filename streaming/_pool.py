@@ -13,11 +13,13 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, aclosing
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import Literal
 
 import anyio
 from anyio.abc import TaskGroup
 
 from store import (
+    ACTIVE_STATUSES,
     TERMINAL_STATUSES,
     ActiveGeneration,
     GenerationNotFound,
@@ -28,7 +30,7 @@ from store import (
     StreamStore,
     WorkerRecord,
 )
-from store.types import JSONDict
+from store.types import FinalStatus, JSONDict
 
 from ._exceptions import PoolClosed, PoolFull, ProviderError, UnknownProvider
 from ._fair import FairSlots
@@ -77,7 +79,6 @@ CONTINUABLE_FAULTS = frozenset({"upstream_dropped", "upstream_stalled", "upstrea
 # A generation whose text is not being committed (a slow or failing disk) stops reading
 # from its provider once this much is buffered, until the writer catches up.
 MAX_UNCOMMITTED_CHARS = 256 * 1024
-ACTIVE_STATUSES = ("queued", "running")
 INTERRUPTED_ERROR: JSONDict = {
     "type": "interrupted",
     "message": "the server process running this generation stopped",
@@ -108,6 +109,9 @@ def new_generation_id() -> str:
     return "gen_" + secrets.token_urlsafe(16)
 
 
+StopReason = Literal["cancelled", "interrupted"]  # why a generation was stopped
+
+
 @dataclass(eq=False)
 class _Handle:
     """A generation this process owns: its cancel scope, its log, and why it was stopped."""
@@ -119,12 +123,12 @@ class _Handle:
     prepare: Callable[[], Awaitable[GenerationRequest]] | None = None  # the request, at start
     partial: str | None = None  # a continuation: the text its dead process committed
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
-    stop_reason: str | None = None  # "cancelled" or "interrupted"
+    stop_reason: StopReason | None = None
     started: bool = False
     done: anyio.Event = field(default_factory=anyio.Event)
     provider_state: JSONDict | None = None  # the last state its provider gave
 
-    def stop(self, reason: str) -> None:
+    def stop(self, reason: StopReason) -> None:
         if self.stop_reason is None:
             self.stop_reason = reason
         self.scope.cancel()
@@ -195,7 +199,7 @@ class GenerationPool:
         self._closing = False
         self._stack = AsyncExitStack()
         self._tg: TaskGroup | None = None
-        self._listeners: list[Callable[[GenerationRecord, str], Awaitable[None]]] = []
+        self._listeners: list[Callable[[GenerationRecord, FinalStatus], Awaitable[None]]] = []
         self._periodic: list[tuple[float, Callable[[], Awaitable[object]]]] = []
         self.stats = PoolStats()
         self.recovered = anyio.Event()  # set once the start-up recovery has run
@@ -220,7 +224,9 @@ class GenerationPool:
             self._tg.start_soon(self._repeat, interval, job)
         return self
 
-    def on_finished(self, listener: Callable[[GenerationRecord, str], Awaitable[None]]) -> None:
+    def on_finished(
+        self, listener: Callable[[GenerationRecord, FinalStatus], Awaitable[None]]
+    ) -> None:
         """Call ``listener(record, status)`` after each generation this pool ran has ended
         (its final event committed). Failures are logged, never propagated."""
         self._listeners.append(listener)
@@ -432,7 +438,7 @@ class GenerationPool:
 
     async def _supervise(self, handle: _Handle) -> None:
         record = handle.record
-        outcome: tuple[str, JSONDict | None, JSONDict | None] = ("interrupted", None, None)
+        outcome: tuple[FinalStatus, JSONDict | None, JSONDict | None] = ("interrupted", None, None)
         try:
             try:
                 with handle.scope:
@@ -508,7 +514,7 @@ class GenerationPool:
                 self._recently_ended.popitem(last=False)
         handle.done.set()
 
-    async def _notify(self, record: GenerationRecord, status: str) -> None:
+    async def _notify(self, record: GenerationRecord, status: FinalStatus) -> None:
         for listener in self._listeners:
             with anyio.move_on_after(FINALIZE_TIMEOUT, shield=True):
                 try:
@@ -534,7 +540,7 @@ class GenerationPool:
                 return
             await anyio.sleep(REMOTE_POLL_INTERVAL)
 
-    async def _run(self, handle: _Handle) -> tuple[str, JSONDict | None, JSONDict | None]:
+    async def _run(self, handle: _Handle) -> tuple[FinalStatus, JSONDict | None, JSONDict | None]:
         """Stream the provider's answer into the log; return (status, error, usage).
 
         A transport fault in the middle of the answer (a dropped connection, a stall) is
@@ -608,7 +614,12 @@ class GenerationPool:
             return "completed", None, usage
 
     async def _finish(
-        self, handle: _Handle, status: str, *, error: JSONDict | None, usage: JSONDict | None
+        self,
+        handle: _Handle,
+        status: FinalStatus,
+        *,
+        error: JSONDict | None,
+        usage: JSONDict | None,
     ) -> None:
         """Append the final status event, close the stream, update the row: one commit."""
         if not handle.started:
@@ -621,11 +632,11 @@ class GenerationPool:
         )
         await handle.log.flush()
 
-    async def _finish_unstarted(self, record: GenerationRecord, status: str) -> None:
+    async def _finish_unstarted(self, record: GenerationRecord, status: FinalStatus) -> None:
         await self._end_elsewhere(record.id, status)
 
     async def _end_elsewhere(
-        self, generation_id: str, status: str, *, orphan_of: str | None = None
+        self, generation_id: str, status: FinalStatus, *, orphan_of: str | None = None
     ) -> bool:
         """End a generation no task of ours runs (never started, or orphaned): final event,
         close and row in one commit, and only if it is still active — for an orphan, only
@@ -721,7 +732,7 @@ class GenerationPool:
                 if not record.cancel_requested and await self._continue_orphan(record):
                     ended += 1
                     return
-                status = "cancelled" if record.cancel_requested else "interrupted"
+                status: FinalStatus = "cancelled" if record.cancel_requested else "interrupted"
                 ended += await self._end_elsewhere(record.id, status, orphan_of=record.worker_id)
 
         async with anyio.create_task_group() as tg:

@@ -36,16 +36,19 @@ from store import (
     SessionWrite,
     WriteRejected,
 )
-from store.types import JSONDict
+from store.types import (
+    ACTIVE_STATUSES,
+    ON_BUSY,
+    ON_CLOSED,
+    SESSION_STATUSES,
+    FinalStatus,
+    JSONDict,
+)
 
 from ._exceptions import LimitExceeded, SessionBusy, SessionClosed
 from ._pool import GenerationPool
 from .types import ChatMessage, GenerationRequest, fit_history
 
-ON_CLOSED = ("reopen", "new", "reject")
-ON_BUSY = ("reject", "queue", "interrupt")
-SETTABLE_STATUSES = ("active", "paused", "closed")
-ACTIVE_GENERATION = frozenset({"queued", "running"})
 INTERRUPT_TIMEOUT = 10.0
 
 
@@ -250,8 +253,8 @@ class SessionManager:
         self, *, owner: str | None, status: str | None = None, limit: int = 100
     ) -> list[SessionSummary]:
         """An owner's sessions, most recent activity first."""
-        if status is not None and status not in SETTABLE_STATUSES:
-            raise ValueError(f"status must be one of {', '.join(SETTABLE_STATUSES)}")
+        if status is not None and status not in SESSION_STATUSES:
+            raise ValueError(f"status must be one of {', '.join(SESSION_STATUSES)}")
         return await self.store.list_for(owner, status=status, limit=limit)
 
     async def messages(self, session_id: str, *, owner: str | None) -> list[SessionMessage]:
@@ -300,7 +303,7 @@ class SessionManager:
             active = [
                 generation_id
                 for generation_id, status in await self.store.generations(session_id)
-                if status in ACTIVE_GENERATION
+                if status in ACTIVE_STATUSES
             ]
             for generation_id in active:
                 await self.pool.cancel(generation_id, wait=False)
@@ -313,7 +316,7 @@ class SessionManager:
         finally:
             self._deleting.discard(session_id)
 
-    async def _generation_finished(self, generation: GenerationRecord, status: str) -> None:
+    async def _generation_finished(self, generation: GenerationRecord, status: FinalStatus) -> None:
         """``close_on_complete``: a completed answer closes its session — only when asked."""
         if generation.session_id is None or status != "completed":
             return
@@ -613,7 +616,7 @@ class SessionManager:
         return [
             generation_id
             for generation_id, status in await self.store.generations(session_id)
-            if status in ACTIVE_GENERATION
+            if status in ACTIVE_STATUSES
         ]
 
     async def _request(
@@ -679,8 +682,8 @@ class SessionManager:
             raise ValueError(f"'on_closed' must be one of {', '.join(ON_CLOSED)}")
         if values.get("on_busy", "reject") not in ON_BUSY:
             raise ValueError(f"'on_busy' must be one of {', '.join(ON_BUSY)}")
-        if values.get("status", "active") not in SETTABLE_STATUSES:
-            raise ValueError(f"'status' must be one of {', '.join(SETTABLE_STATUSES)}")
+        if values.get("status", "active") not in SESSION_STATUSES:
+            raise ValueError(f"'status' must be one of {', '.join(SESSION_STATUSES)}")
         return values
 
     def _serialised(self, session_id: str) -> _SessionLock:

@@ -28,6 +28,7 @@ from store import (
     StreamStore,
 )
 from store._context import WriterContext
+from store.types import GenerationStatus
 from streaming import (
     GenerationLog,
     GenerationPool,
@@ -48,7 +49,7 @@ TIMEOUT = 10.0
 
 
 def new_record(
-    gid: str, *, status: str = "running", worker_id: str | None = None
+    gid: str, *, status: GenerationStatus = "running", worker_id: str | None = None
 ) -> GenerationRecord:
     return GenerationRecord(
         gid, gid, status, "simulated", worker_id=worker_id, created_at=time.time()

@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from store import GenerationRecord, StreamStore, WorkerRecord
+from store.types import GenerationStatus
 from streaming import (
     GenerationPool,
     GenerationRequest,
@@ -41,7 +42,7 @@ async def add_generation(
     gid: str,
     worker_id: str,
     *,
-    status: str = "running",
+    status: GenerationStatus = "running",
     cancel_requested: bool = False,
 ) -> None:
     await store.create_generation(

@@ -25,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from store import SessionNotFound, StreamNotFound
+from store import ACTIVE_STATUSES, SessionNotFound, StreamNotFound
 from streaming import answer_message_id, decode_event
 
 from ._auth import current_user
@@ -147,7 +147,7 @@ class ChunkTranslator:
                 return [delta]
             self.text_open = True
             return [{"type": "text-start", "id": TEXT_PART_ID}, delta]
-        if kind != "status" or status in ("queued", "running"):
+        if kind != "status" or status in ACTIVE_STATUSES:
             return []
         chunks: list[dict[str, Any]] = []
         if self.text_open:

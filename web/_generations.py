@@ -67,7 +67,7 @@ def generation_json(record: GenerationRecord, *, base: str = "") -> Generation:
     """The public form of a generation snapshot; its URLs start with ``base``."""
     return Generation(
         id=record.id,
-        status=record.status,  # type: ignore[arg-type]
+        status=record.status,
         provider=record.provider,
         model=record.model,
         text=record.text,

@@ -10,7 +10,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from store import TERMINAL_STATUSES, SessionMessage, SessionNotFound, SessionRecord, SessionSummary
+from store import (
+    ACTIVE_STATUSES,
+    TERMINAL_STATUSES,
+    SessionMessage,
+    SessionNotFound,
+    SessionRecord,
+    SessionSummary,
+)
 from streaming import PostedMessage
 
 from . import _schemas as schemas
@@ -71,7 +78,7 @@ def summary_json(summary: SessionSummary, *, base: str = "") -> schemas.SessionS
             id=summary.latest_generation_id,
             status=summary.latest_generation_status,  # type: ignore[arg-type]
         )
-    active = latest is not None and latest.status in ("queued", "running")
+    active = latest is not None and latest.status in ACTIVE_STATUSES
     return schemas.SessionSummary(
         **_session_fields(summary.session, base),
         latest_generation=latest,
