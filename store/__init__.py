@@ -6,8 +6,6 @@ No policy lives here: the store appends, reads, wakes readers after commits, and
 from __future__ import annotations
 
 from ._context import AppendSource as AppendSource
-from ._context import Op as Op
-from ._context import WriterContext as WriterContext
 from ._durable import AppendOutcome as AppendOutcome
 from ._durable import Chunk as Chunk
 from ._durable import CreateRequest as CreateRequest
@@ -37,6 +35,10 @@ from ._exceptions import StreamGone as StreamGone
 from ._exceptions import StreamNotFound as StreamNotFound
 from ._exceptions import StreamReadOnly as StreamReadOnly
 from ._exceptions import WriteRejected as WriteRejected
+from ._interface import GenerationBackend as GenerationBackend
+from ._interface import SessionBackend as SessionBackend
+from ._interface import StoreBackend as StoreBackend
+from ._interface import StreamBackend as StreamBackend
 from ._sessions import SessionStore as SessionStore
 from ._store import DEFAULT_FLUSH_INTERVAL as DEFAULT_FLUSH_INTERVAL
 from ._store import StreamStore as StreamStore
@@ -70,17 +72,18 @@ __all__ = [
     "CreateRequest",
     "DurableStreams",
     "EpochSeq",
+    "GenerationBackend",
     "GenerationNotFound",
     "GenerationRecord",
     "InvalidFork",
     "KeptResponse",
     "NewMessage",
-    "Op",
     "Producer",
     "ProducerError",
     "ReadResult",
     "SeqConflict",
     "SeqGap",
+    "SessionBackend",
     "SessionMessage",
     "SessionNotFound",
     "SessionRecord",
@@ -88,9 +91,11 @@ __all__ = [
     "SessionSummary",
     "SessionWrite",
     "StaleEpoch",
+    "StoreBackend",
     "StoreBusy",
     "StoreError",
     "StoreUnavailable",
+    "StreamBackend",
     "StreamClosed",
     "StreamConflict",
     "StreamExists",
@@ -101,7 +106,6 @@ __all__ = [
     "StreamStore",
     "WorkerRecord",
     "WriteRejected",
-    "WriterContext",
     "format_offset",
     "is_json",
     "media_type",

@@ -27,7 +27,7 @@ from typing import Any
 
 import anyio
 
-from store import AppendBatch, AppendResult, StoreError, StreamStore
+from store import AppendBatch, AppendResult, StoreBackend, StoreError
 from store.types import JSONDict
 
 # Coalescing stops here: a longer run of text becomes several delta events, so no single
@@ -118,7 +118,7 @@ class GenerationLog:
     """
 
     def __init__(
-        self, store: StreamStore, generation_id: str, stream_id: str, *, unsnapshotted: str = ""
+        self, store: StoreBackend, generation_id: str, stream_id: str, *, unsnapshotted: str = ""
     ) -> None:
         """``unsnapshotted``: text already in the stream but not in the snapshot row (what a
         dead process committed after its last snapshot update), to go in with the next."""

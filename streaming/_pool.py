@@ -25,9 +25,9 @@ from store import (
     GenerationNotFound,
     GenerationRecord,
     SessionWrite,
+    StoreBackend,
     StoreError,
     StreamNotFound,
-    StreamStore,
     WorkerRecord,
 )
 from store.types import FinalStatus, JSONDict
@@ -157,7 +157,7 @@ class GenerationPool:
 
     def __init__(
         self,
-        store: StreamStore,
+        store: StoreBackend,
         providers: Mapping[str, Provider],
         *,
         default_provider: str,

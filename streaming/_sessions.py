@@ -28,10 +28,10 @@ from store import (
     GenerationRecord,
     KeptResponse,
     NewMessage,
+    SessionBackend,
     SessionMessage,
     SessionNotFound,
     SessionRecord,
-    SessionStore,
     SessionSummary,
     SessionWrite,
     WriteRejected,
@@ -130,7 +130,7 @@ def merge_patch(target: Any, patch: Any) -> Any:
 
 
 class SessionManager:
-    """Sessions for owners, on a ``SessionStore`` and a ``GenerationPool``.
+    """Sessions for owners, on a ``SessionBackend`` and a ``GenerationPool``.
 
     Every method takes the caller's ``owner``; a session of another owner is reported as not
     found, exactly like a missing one.
@@ -138,7 +138,7 @@ class SessionManager:
 
     def __init__(
         self,
-        store: SessionStore,
+        store: SessionBackend,
         pool: GenerationPool,
         *,
         limits: SessionLimits | None = None,

@@ -17,8 +17,9 @@ from store import (
     DurableStreams,
     GenerationNotFound,
     GenerationRecord,
+    StoreBackend,
+    StreamBackend,
     StreamNotFound,
-    StreamStore,
 )
 from streaming import GenerationPool, GenerationRequest, SessionManager, decode_event
 
@@ -42,7 +43,7 @@ class AppState:
     Streams view of the store, and the metrics."""
 
     settings: Settings
-    store: StreamStore
+    store: StoreBackend
     pool: GenerationPool
     sessions: SessionManager
     streams: DurableStreams
@@ -251,7 +252,7 @@ async def generation_events(request: Request) -> Response:
 
 
 async def locate_text_offset(
-    store: StreamStore, stream_id: str, text_offset: int, *, known: tuple[int, int] = (0, 0)
+    store: StreamBackend, stream_id: str, text_offset: int, *, known: tuple[int, int] = (0, 0)
 ) -> tuple[int, int]:
     """Map "characters already shown" to (message offset, characters to skip in it).
 
@@ -288,7 +289,7 @@ async def locate_text_offset(
 
 
 async def _back_to(
-    store: StreamStore, stream_id: str, text_offset: int, known: tuple[int, int]
+    store: StreamBackend, stream_id: str, text_offset: int, known: tuple[int, int]
 ) -> tuple[int, int]:
     """From ``known``, a ``(characters, offset)`` point: the first point going back,
     a step of events at a time, whose characters are below ``text_offset`` (or the start)."""

@@ -7,7 +7,7 @@ import weakref
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 
-from store import StreamStore
+from store import StreamBackend
 from streaming import LimitExceeded
 
 from ._errors import LimitRefused
@@ -80,7 +80,7 @@ class StoredBytes:
     Without API keys, or with a limit of 0, nothing is checked.
     """
 
-    def __init__(self, store: StreamStore, limit: int) -> None:
+    def __init__(self, store: StreamBackend, limit: int) -> None:
         self.store = store
         self.limit = limit
         self._known: dict[str, tuple[float, int]] = {}

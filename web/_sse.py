@@ -13,7 +13,7 @@ import math
 from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import aclosing
 
-from store import StreamNotFound, StreamStore
+from store import StreamBackend, StreamNotFound
 from streaming import decode_event, encode_event
 
 # One write to a client carries at most about this much: a reader that falls behind costs
@@ -89,7 +89,7 @@ def trim_delta(payload: bytes, skip_chars: int) -> bytes:
 
 
 async def follow(
-    store: StreamStore,
+    store: StreamBackend,
     stream_id: str,
     offset: int,
     *,
