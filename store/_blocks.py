@@ -107,7 +107,8 @@ def _rewrite_generation(conn: sqlite3.Connection, stream_id: str) -> None:
     row spread the b-tree leaves it passed through: a finished 4 KB answer was left alone on
     a page holding 0.5 KB of it (the rest overflows). Written again at its final size, with
     a new rowid, it packs next to the rows that finished before it, and the pages it left
-    are freed or merged.
+    are freed or merged. (Rows are ordered by ``created_at``, which the pool keeps strictly
+    increasing; the rowid only ever broke ties, and no longer tells insertion order.)
     """
     cursor = conn.execute("SELECT * FROM generations WHERE stream_id = ?", (stream_id,))
     row = cursor.fetchone()

@@ -189,6 +189,7 @@ class GenerationPool:
         self.heartbeat_interval = heartbeat_interval
         self.lease_timeout = lease_timeout
         self._clock = clock
+        self._last_created = 0.0  # creation times this pool gives out only ever increase
         self._slots = FairSlots(max_running)
         self._handles: dict[str, _Handle] = {}
         # Generations this process saw end lately: a successor waiting for several need not
@@ -348,7 +349,7 @@ class GenerationPool:
             request=request.to_json(),
             owner=owner,
             worker_id=self.worker.id,
-            created_at=self._clock(),
+            created_at=self._creation_time(),
             session_id=session_id,
         )
         self._reserved += 1
@@ -376,6 +377,12 @@ class GenerationPool:
         self._handles[record.id] = handle
         self._tg.start_soon(self._supervise, handle, name=f"generation {record.id}")
         return record
+
+    def _creation_time(self) -> float:
+        """Now, but later than any generation this pool created before: the store orders a
+        session's generations by creation time (a row's place in its table is not kept)."""
+        self._last_created = max(self._clock(), math.nextafter(self._last_created, math.inf))
+        return self._last_created
 
     def _hold(self, owner: str | None) -> None:
         if owner is not None:

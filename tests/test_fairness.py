@@ -227,3 +227,20 @@ def test_existing_streams_get_their_owner_and_size_on_upgrade(tmp_path: Path) ->
     conn.execute("INSERT INTO messages VALUES ('ds_b', 1, CAST('abc' AS BLOB))")
     assert conn.execute("SELECT bytes FROM streams WHERE id = 'ds_b'").fetchone() == (10,)
     conn.close()
+
+
+async def test_generations_created_in_the_same_instant_still_get_increasing_times(
+    tmp_path: Path,
+) -> None:
+    """A session's generations are ordered by creation time (a compacted answer's row moves
+    to the end of its table, so insertion order is not kept): even a clock that stands
+    still gives every new generation a later time than the one before."""
+    provider = SimulatedProvider(tokens_per_second=0, max_tokens=1)
+    async with StreamStore(str(tmp_path / "s.db")) as store:
+        pool = GenerationPool(
+            store, {"simulated": provider}, default_provider="simulated", clock=lambda: 1000.0
+        )
+        async with pool:
+            request = GenerationRequest.from_json({"prompt": "x"})
+            times = [(await pool.submit(request)).created_at for _ in range(5)]
+    assert times == sorted(set(times)) and times[0] == 1000.0
