@@ -24,11 +24,11 @@ from ._pool import GenerationPool as GenerationPool
 from ._pool import new_generation_id as new_generation_id
 from ._provider import GenerationRun as GenerationRun
 from ._provider import Provider as Provider
-from ._sessions import PostedMessage as PostedMessage
-from ._sessions import SessionLimits as SessionLimits
+from ._session_values import PostedMessage as PostedMessage
+from ._session_values import SessionLimits as SessionLimits
+from ._session_values import answer_message_id as answer_message_id
+from ._session_values import merge_patch as merge_patch
 from ._sessions import SessionManager as SessionManager
-from ._sessions import answer_message_id as answer_message_id
-from ._sessions import merge_patch as merge_patch
 from ._simulated import SimulatedProvider as SimulatedProvider
 from ._upstream import UpstreamLimits as UpstreamLimits
 from .types import ChatMessage as ChatMessage
