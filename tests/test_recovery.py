@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import AsyncIterator
-from dataclasses import replace
 from pathlib import Path
 
 import anyio
@@ -22,7 +21,7 @@ from streaming import (
     encode_event,
     status_event,
 )
-from streaming._workers import is_dead
+from streaming._workers import PROCESS_STARTED, is_dead
 
 from .conftest import ServerFactory
 from .support import read_events, wait_for_status
@@ -91,11 +90,17 @@ async def test_start_up_ends_orphans_and_leaves_live_peers_alone(store: StreamSt
     assert {w.id for w in await store.list_workers()} == {"wrk_live"}
 
 
-def test_a_worker_with_our_pid_but_another_id_is_dead() -> None:
+def test_a_worker_with_our_pid_is_dead_if_last_heard_before_this_process_started() -> None:
+    """A restarted container's earlier process had our pid; a second runtime in this very
+    process has it too, and is alive."""
     now = time.time()
     me = WorkerRecord("wrk_me", "host", os.getpid(), now, now)
-    previous = WorkerRecord("wrk_before", "host", os.getpid(), now, now)
-    assert is_dead(previous, me=me, now=now, lease_timeout=15)
+    before = PROCESS_STARTED - 1
+    previous = WorkerRecord("wrk_before", "host", os.getpid(), before - 60, before)
+    lease = 10**6  # the pid decides, not the lease
+    assert is_dead(previous, me=me, now=now, lease_timeout=lease)
+    neighbour = WorkerRecord("wrk_beside", "host", os.getpid(), now, now)
+    assert not is_dead(neighbour, me=me, now=now, lease_timeout=lease)
     assert not is_dead(me, me=me, now=now, lease_timeout=15)
     elsewhere = WorkerRecord("wrk_far", "other-host", 999_999, now, now)
     assert not is_dead(elsewhere, me=me, now=now, lease_timeout=15)
@@ -151,11 +156,7 @@ async def test_two_processes_recovering_at_once_continue_an_orphan_once(tmp_path
             )
         )
         await one.append("gen_raced", [encode_event(status_event("running"))])
-        # Two processes: in one, a worker with our pid under another id counts as dead (a
-        # restarted container reuses its pid), so the second takes another live process's.
-        second_pool = pool_for(two)
-        second_pool.worker = replace(second_pool.worker, pid=os.getppid())
-        async with pool_for(one) as first, second_pool as second:
+        async with pool_for(one) as first, pool_for(two) as second:
             with anyio.fail_after(20):
                 await first.recovered.wait()
                 await second.recovered.wait()
@@ -166,4 +167,41 @@ async def test_two_processes_recovering_at_once_continue_an_orphan_once(tmp_path
     kinds = [decode_event(m).get("type") for m in result.messages]
     assert final.status == "completed", final
     assert kinds.count("resumed") == 1
+    assert final.text == SimulatedProvider().answer(GenerationRequest.from_json(request))
+
+
+async def test_a_second_runtime_in_the_process_leaves_the_first_ones_generations_alone(
+    tmp_path: Path,
+) -> None:
+    """Two pools in one process share its pid. The second starts after the first has taken
+    an orphan over: it sees the generation owned by a live worker (not by a dead one with
+    our pid) and leaves it, so the answer is continued once."""
+    path = str(tmp_path / "embedded.db")
+    request = {"prompt": "twice?", "params": {"tokens_per_second": 40, "max_tokens": 40}}
+    async with StreamStore(path) as one, StreamStore(path) as two:
+        now = time.time()
+        await one.register_worker(WorkerRecord("wrk_dead", "elsewhere", 1, now - 100, now - 100))
+        await one.create_generation(
+            GenerationRecord(
+                "gen_once",
+                "gen_once",
+                "running",
+                "simulated",
+                request=GenerationRequest.from_json(request).to_json(),
+                worker_id="wrk_dead",
+                created_at=now,
+            )
+        )
+        await one.append("gen_once", [encode_event(status_event("running"))])
+        async with pool_for(one) as first:
+            with anyio.fail_after(20):
+                await first.recovered.wait()  # it has claimed the orphan
+            async with pool_for(two) as second:
+                with anyio.fail_after(20):
+                    await second.recovered.wait()
+                    await first.wait_ended("gen_once")
+        final = await one.get_generation("gen_once")
+        result = await one.read("gen_once", 0)
+    kinds = [decode_event(m).get("type") for m in result.messages]
+    assert (final.status, kinds.count("resumed")) == ("completed", 1)
     assert final.text == SimulatedProvider().answer(GenerationRequest.from_json(request))
