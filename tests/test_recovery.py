@@ -6,6 +6,7 @@ import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx
@@ -44,6 +45,7 @@ async def add_generation(
     *,
     status: GenerationStatus = "running",
     cancel_requested: bool = False,
+    request: dict[str, Any] | None = None,
 ) -> None:
     await store.create_generation(
         GenerationRecord(
@@ -51,11 +53,20 @@ async def add_generation(
             gid,
             status,
             "simulated",
+            request={} if request is None else GenerationRequest.from_json(request).to_json(),
             worker_id=worker_id,
             cancel_requested=cancel_requested,
             created_at=time.time(),
         )
     )
+
+
+async def add_running_orphan(store: StreamStore, gid: str, request: dict[str, Any]) -> None:
+    """A generation that started (its status event is in its stream) on a worker that died."""
+    now = time.time()
+    await store.register_worker(WorkerRecord("wrk_dead", "elsewhere", 1, now - 100, now - 100))
+    await add_generation(store, gid, "wrk_dead", request=request)
+    await store.append(gid, [encode_event(status_event("running"))])
 
 
 async def test_start_up_ends_orphans_and_leaves_live_peers_alone(store: StreamStore) -> None:
@@ -142,20 +153,7 @@ async def test_two_processes_recovering_at_once_continue_an_orphan_once(tmp_path
     params = {"tokens_per_second": 40, "max_tokens": 40}
     request = {"prompt": "raced", "params": params}
     async with StreamStore(path) as one, StreamStore(path) as two:
-        now = time.time()
-        await one.register_worker(WorkerRecord("wrk_dead", "elsewhere", 1, now - 100, now - 100))
-        await one.create_generation(
-            GenerationRecord(
-                "gen_raced",
-                "gen_raced",
-                "running",
-                "simulated",
-                request=GenerationRequest.from_json(request).to_json(),
-                worker_id="wrk_dead",
-                created_at=now,
-            )
-        )
-        await one.append("gen_raced", [encode_event(status_event("running"))])
+        await add_running_orphan(one, "gen_raced", request)
         async with pool_for(one) as first, pool_for(two) as second:
             with anyio.fail_after(20):
                 await first.recovered.wait()
@@ -179,20 +177,7 @@ async def test_a_second_runtime_in_the_process_leaves_the_first_ones_generations
     path = str(tmp_path / "embedded.db")
     request = {"prompt": "twice?", "params": {"tokens_per_second": 40, "max_tokens": 40}}
     async with StreamStore(path) as one, StreamStore(path) as two:
-        now = time.time()
-        await one.register_worker(WorkerRecord("wrk_dead", "elsewhere", 1, now - 100, now - 100))
-        await one.create_generation(
-            GenerationRecord(
-                "gen_once",
-                "gen_once",
-                "running",
-                "simulated",
-                request=GenerationRequest.from_json(request).to_json(),
-                worker_id="wrk_dead",
-                created_at=now,
-            )
-        )
-        await one.append("gen_once", [encode_event(status_event("running"))])
+        await add_running_orphan(one, "gen_once", request)
         async with pool_for(one) as first:
             with anyio.fail_after(20):
                 await first.recovered.wait()  # it has claimed the orphan
