@@ -37,6 +37,7 @@ from bench._servers import (
     start_py_spy,
     summarise_profile,
 )
+from store._blocks import pending as uncompacted
 
 CLIENT_START_DELAY = 2.0  # seconds for the client processes to start before the first connect
 RESULT_TIMEOUT = 180.0  # seconds the clients get to parse and hand back their results
@@ -252,13 +253,7 @@ def checkpointed_sizes(db: Path) -> tuple[int | None, int | None, int | None]:
     try:
         with contextlib.closing(sqlite3.connect(db, timeout=10)) as conn:
             deadline = time.monotonic() + COMPACTION_WAIT
-            while (
-                time.monotonic() < deadline
-                and conn.execute(
-                    "SELECT 1 FROM streams WHERE closed = 1 AND EXISTS"
-                    " (SELECT 1 FROM messages WHERE stream_id = streams.id) LIMIT 1"
-                ).fetchone()
-            ):
+            while time.monotonic() < deadline and uncompacted(conn, 1):
                 time.sleep(0.1)
             conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
             row = conn.execute("SELECT sum(length(CAST(text AS BLOB))) FROM generations").fetchone()
