@@ -122,6 +122,12 @@ def _rewrite_generation(conn: sqlite3.Connection, stream_id: str) -> None:
     )
 
 
+def delete(conn: sqlite3.Connection, stream_id: str) -> None:
+    """Delete every message of a stream, rows and blocks, inside the caller's transaction."""
+    conn.execute("DELETE FROM messages WHERE stream_id = ?", (stream_id,))
+    conn.execute("DELETE FROM message_blocks WHERE stream_id = ?", (stream_id,))
+
+
 def read(
     conn: sqlite3.Connection, stream_id: str, offset: int, limit: int
 ) -> Generator[bytes, None, None]:

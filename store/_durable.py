@@ -200,6 +200,22 @@ def _load_generation(conn: sqlite3.Connection, owner: str | None, name: str) -> 
     )
 
 
+def _load_unexpired(
+    ctx: WriterContext,
+    owner: str | None,
+    name: str,
+    now: float,
+    touched: Callable[[str], float | None],
+) -> _Row | None:
+    """A named stream's row, in a write; ``None`` if there is none or if it had expired
+    (by ``now`` and its last access, ``touched(id)``), which retires it."""
+    row = _load_named(ctx.conn, _name_key(owner, name))
+    if row is not None and row.expired(now, touched(row.id)):
+        _retire(ctx, row, EXPIRED_KEPT)
+        return None
+    return row
+
+
 def _load_live(conn: sqlite3.Connection, info: StreamInfo) -> _Row:
     """The stream's row, as long as it has neither been deleted nor expired."""
     row = _load(conn, info.stream_id)
@@ -257,8 +273,7 @@ def _hard_delete(ctx: WriterContext, row: _Row) -> None:
     conn = ctx.conn
     while True:
         conn.execute("DELETE FROM streams WHERE id = ?", (row.id,))
-        conn.execute("DELETE FROM messages WHERE stream_id = ?", (row.id,))
-        conn.execute("DELETE FROM message_blocks WHERE stream_id = ?", (row.id,))
+        blocks.delete(conn, row.id)
         conn.execute("DELETE FROM stream_names WHERE stream_id = ?", (row.id,))
         conn.execute("DELETE FROM producers WHERE stream_id = ?", (row.id,))
         ctx.mark_deleted(row.id)
@@ -462,7 +477,7 @@ class DurableStreams:
             )
         )
         if outcome is None:
-            raise StreamNotFound(name)  # it had expired: now retired
+            raise StreamNotFound(name)
         return outcome
 
     async def delete(self, info: StreamInfo) -> None:
@@ -592,10 +607,7 @@ class DurableStreams:
     ) -> _Row:
         if name.startswith(GENERATION_PREFIX):
             raise InvalidFork("a generation's stream cannot be forked")
-        source = _load_named(ctx.conn, _name_key(owner, name))
-        if source is not None and source.expired(now, touched.get(source.id)):
-            _retire(ctx, source, EXPIRED_KEPT)
-            source = None
+        source = _load_unexpired(ctx, owner, name, now, touched.get)
         if source is None:
             raise StreamNotFound(name)
         if source.deleted == SOFT_DELETED:
@@ -635,16 +647,14 @@ class DurableStreams:
         now: float,
         touched: Callable[[str], float | None],
     ) -> AppendOutcome | None:
-        """The append; ``None`` when the stream had expired (and is retired now)."""
+        """The append; ``None`` when there is no such stream, or it had expired (and is
+        retired now, which the write commits)."""
         conn = ctx.conn
-        row = _load_named(conn, _name_key(owner, name))
+        row = _load_unexpired(ctx, owner, name, now, touched)
         if row is None:
-            raise StreamNotFound(name)
+            return None
         if row.deleted == SOFT_DELETED:
             raise StreamGone(name)
-        if row.expired(now, touched(row.id)):
-            _retire(ctx, row, EXPIRED_KEPT)
-            return None
         stream_id = row.id
         state = None
         if producer is not None:

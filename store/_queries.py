@@ -42,8 +42,7 @@ def delete_stream(ctx: WriterContext, stream_id: str) -> None:
     """Delete a stream and its messages; raises ``StreamNotFound``."""
     if ctx.conn.execute("DELETE FROM streams WHERE id = ?", (stream_id,)).rowcount == 0:
         raise StreamNotFound(stream_id)
-    ctx.conn.execute("DELETE FROM messages WHERE stream_id = ?", (stream_id,))
-    ctx.conn.execute("DELETE FROM message_blocks WHERE stream_id = ?", (stream_id,))
+    blocks.delete(ctx.conn, stream_id)
     ctx.mark_deleted(stream_id)
 
 
