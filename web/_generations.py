@@ -264,7 +264,7 @@ async def locate_text_offset(
     still be due), then goes forward as from the start.
     """
     position, offset = (0, 0)
-    if text_offset > known[0] or (known[1] and text_offset >= known[0] // 2):
+    if text_offset >= known[0] // 2:  # nearer the known point (or past it)
         position, offset = await _back_to(store, stream_id, text_offset, known)
     while True:
         result = await store.read(stream_id, offset, max_bytes=READ_BYTES)
