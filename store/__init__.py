@@ -18,6 +18,7 @@ from ._durable import media_type as media_type
 from ._exceptions import ConfigConflict as ConfigConflict
 from ._exceptions import ContentTypeMismatch as ContentTypeMismatch
 from ._exceptions import EpochSeq as EpochSeq
+from ._exceptions import Fenced as Fenced
 from ._exceptions import GenerationNotFound as GenerationNotFound
 from ._exceptions import InvalidFork as InvalidFork
 from ._exceptions import ProducerError as ProducerError
@@ -39,6 +40,8 @@ from ._interface import GenerationBackend as GenerationBackend
 from ._interface import SessionBackend as SessionBackend
 from ._interface import StoreBackend as StoreBackend
 from ._interface import StreamBackend as StreamBackend
+from ._redis import RedisSessionStore as RedisSessionStore
+from ._redis import RedisStore as RedisStore
 from ._sessions import SessionStore as SessionStore
 from ._store import DEFAULT_FLUSH_INTERVAL as DEFAULT_FLUSH_INTERVAL
 from ._store import StreamStore as StreamStore
@@ -72,6 +75,7 @@ __all__ = [
     "CreateRequest",
     "DurableStreams",
     "EpochSeq",
+    "Fenced",
     "GenerationBackend",
     "GenerationNotFound",
     "GenerationRecord",
@@ -81,6 +85,8 @@ __all__ = [
     "Producer",
     "ProducerError",
     "ReadResult",
+    "RedisSessionStore",
+    "RedisStore",
     "SeqConflict",
     "SeqGap",
     "SessionBackend",

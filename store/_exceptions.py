@@ -141,6 +141,16 @@ class GenerationNotFound(StoreError):
         self.generation_id = generation_id
 
 
+class Fenced(StoreError):
+    """A write for a generation made by a worker that no longer owns it: a peer took the
+    generation over (after this worker's lease ran out) and only the peer writes it now."""
+
+    def __init__(self, generation_id: str, worker_id: str | None) -> None:
+        super().__init__(f"generation {generation_id!r} is no longer owned by {worker_id!r}")
+        self.generation_id = generation_id
+        self.worker_id = worker_id
+
+
 class SessionNotFound(StoreError):
     """No session with this id."""
 

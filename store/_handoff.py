@@ -10,11 +10,40 @@ from typing import Any, TypeVar
 import anyio
 import anyio.to_thread
 
-from ._exceptions import StoreError, StoreUnavailable
+from ._exceptions import StoreBusy, StoreError, StoreUnavailable
 from ._schema import connect
 from .types import AppendBatch, AppendResult
 
 T = TypeVar("T")
+
+
+class WriteRoom:
+    """A bounded count of writes in flight: ``reserve`` waits up to ``wait`` seconds for a
+    place (``StoreBusy`` after that) and returns the function that gives it back."""
+
+    def __init__(self, size: int, wait: float) -> None:
+        if size < 1 or wait < 0:
+            raise ValueError("max_pending_writes must be >= 1 and write_wait >= 0")
+        self.size = size
+        self.wait = wait
+        self._room = anyio.Semaphore(size)
+
+    @property
+    def pending(self) -> int:
+        """Places taken and not given back."""
+        return self.size - self._room.value
+
+    async def reserve(self) -> Callable[[], None]:
+        """A place, waited for up to ``wait`` seconds; call the result once the write is done."""
+        try:
+            self._room.acquire_nowait()  # the usual case: no wait, not even a checkpoint
+            return self._room.release
+        except anyio.WouldBlock:
+            pass
+        with anyio.move_on_after(self.wait):
+            await self._room.acquire()
+            return self._room.release
+        raise StoreBusy(self.size, self.wait)
 
 
 class Completion:

@@ -27,13 +27,13 @@ from ._context import (
     WriterContext,
 )
 from ._exceptions import (
-    StoreBusy,
     StoreError,
     StoreUnavailable,
     StreamNotFound,
 )
+from ._follow import follow_stream
 from ._generation_rows import GenerationRows
-from ._handoff import Completion, OneShotAppend, Readers
+from ._handoff import Completion, OneShotAppend, Readers, WriteRoom
 from ._schema import initialise, pending_migrations
 from ._tails import StreamState
 from ._writer import Writer
@@ -108,8 +108,6 @@ class StreamStore(GenerationRows):
         max_tracked_streams: int = MAX_TRACKED_STREAMS,
         on_commit: Callable[[float, int], None] | None = None,
     ) -> None:
-        if max_pending_writes < 1 or write_wait < 0:
-            raise ValueError("max_pending_writes must be >= 1 and write_wait >= 0")
         if tail_cache_bytes < 0 or idle_after < 0 or max_tracked_streams < 0:
             raise ValueError("tail_cache_bytes, idle_after and max_tracked_streams must be >= 0")
         if synchronous not in ("NORMAL", "FULL"):
@@ -125,9 +123,7 @@ class StreamStore(GenerationRows):
         self._tail_bytes = tail_bytes
         self._reader_count = readers
         self._checkpoint_every = checkpoint_every
-        self._max_pending = max_pending_writes
-        self._write_wait = write_wait
-        self._room = anyio.Semaphore(max_pending_writes)
+        self._room = WriteRoom(max_pending_writes, write_wait)
         self._on_commit = on_commit
         self._tail_cache_bytes = tail_cache_bytes
         self._idle_after = idle_after
@@ -247,20 +243,7 @@ class StreamStore(GenerationRows):
     @property
     def pending_writes(self) -> int:
         """Writes (ops and plain appends) handed to the writer and not yet done."""
-        return self._max_pending - self._room.value
-
-    async def _reserve(self) -> Callable[[], None]:
-        """A place in the writer's bounded queue, waited for up to ``write_wait`` seconds
-        (``StoreBusy`` after that); call the returned function once the write is done."""
-        try:
-            self._room.acquire_nowait()  # the usual case: no wait, not even a checkpoint
-            return self._room.release
-        except anyio.WouldBlock:
-            pass
-        with anyio.move_on_after(self._write_wait):
-            await self._room.acquire()
-            return self._room.release
-        raise StoreBusy(self._max_pending, self._write_wait)
+        return self._room.pending
 
     async def execute(self, fn: Op) -> Any:
         """Run ``fn(ctx)`` on the writer thread in the next transaction; return its result.
@@ -268,7 +251,7 @@ class StreamStore(GenerationRows):
         Waits while the writer holds ``max_pending_writes`` writes; raises ``StoreBusy`` if
         no room frees within ``write_wait`` seconds.
         """
-        release = await self._reserve()
+        release = await self._room.reserve()
         completion = Completion(release)
         try:
             self._require_writer().submit(fn, completion.set)
@@ -297,7 +280,7 @@ class StreamStore(GenerationRows):
         """Append messages (and optionally close the stream) atomically; return their offsets.
 
         Waits for room in the writer's queue as ``execute`` does."""
-        release = await self._reserve()
+        release = await self._room.reserve()
         source = OneShotAppend(stream_id, AppendBatch(list(payloads), close=close), release)
         try:
             self.mark_dirty(source)
@@ -336,7 +319,7 @@ class StreamStore(GenerationRows):
         state = self._states.get(stream_id)
         return state.change_event() if state is not None else self._external_event
 
-    async def follow(
+    def follow(
         self,
         stream_id: str,
         offset: int,
@@ -350,19 +333,9 @@ class StreamStore(GenerationRows):
         passes. Between reads it waits for the stream's next commit; nothing is read that
         is not committed. Raises ``StreamNotFound`` (also when it is deleted meanwhile).
         """
-        first = True
-        while anyio.current_time() < deadline:
-            changed = self.change_event(stream_id)  # taken before reading: no wake-up lost
-            result = await self.read(stream_id, offset, max_bytes=max_bytes)
-            if result.messages or first or result.at_end:
-                yield result
-            first = False
-            offset = result.next_offset
-            if result.at_end:
-                return
-            if not result.messages:
-                with anyio.move_on_after(deadline - anyio.current_time()):
-                    await changed.wait()
+        return follow_stream(
+            self.read, self.change_event, stream_id, offset, max_bytes=max_bytes, deadline=deadline
+        )
 
     async def read(
         self,

@@ -103,7 +103,8 @@ class AppendBatch:
     messages (``text`` then holds all the text since the last such update, so the row's
     text always matches its ``next_offset``); ``close`` closes the stream after these
     messages. ``revisit_after``: seconds after which the source wants to be taken again even
-    with nothing new (to bring a snapshot it left behind up to date).
+    with nothing new (to bring a snapshot it left behind up to date). ``worker_id`` fences
+    the batch: it is refused (``Fenced``) unless the generation still belongs to that worker.
     """
 
     payloads: list[bytes]
@@ -112,6 +113,7 @@ class AppendBatch:
     fields: JSONDict = field(default_factory=dict)
     close: bool = False
     revisit_after: float | None = None
+    worker_id: str | None = None
 
 
 @dataclass(slots=True)

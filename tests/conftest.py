@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 
 import httpx
 import pytest
 
+from .backends import BACKENDS, Backend, open_backend
 from .durable_support import as_user, next_user
 from .fake_upstream import FakeUpstream
+from .redis_support import RedisServer
 from .support import Server
 
 
@@ -138,3 +141,29 @@ async def ds(ds_server: Server, user: str) -> AsyncIterator[httpx.AsyncClient]:
     """A client of the module's ``ds_server``, as this test's user."""
     async with as_user(ds_server, user) as http:
         yield http
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A real ``redis-server`` of this test process (AOF ``everysec``, a temporary
+    directory); tests keep apart by key prefix (``redis_prefix``)."""
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_prefix() -> str:
+    """Key prefix of this test's own on the shared ``redis_server``."""
+    return f"t{uuid.uuid4().hex[:12]}:"
+
+
+@pytest.fixture(params=BACKENDS)
+async def backend(
+    request: pytest.FixtureRequest, tmp_path: Path, redis_prefix: str
+) -> AsyncIterator[Backend]:
+    """An open store and session store, on SQLite and on Redis (the real server)."""
+    kind: str = request.param
+    url = request.getfixturevalue("redis_server").url if kind == "redis" else ""
+    async with open_backend(kind, tmp_path / "store.db", url, redis_prefix) as opened:
+        yield opened

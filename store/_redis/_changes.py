@@ -1,0 +1,68 @@
+"""Waking readers after a committed write on Redis: this node's own writes wake its readers
+as soon as the write's reply arrives; other nodes' writes arrive on the ``changes`` channel,
+which every write script publishes to after its write (so never before it).
+
+A subscriber that lost its connection may have missed messages: when it is back, every
+waiting reader is woken to read again. Readers also read again after ``MAX_WAIT`` without a
+wake-up, so nothing waits forever on a message that never came.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+
+import anyio
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+logger = logging.getLogger("keepstream.store.redis")
+
+# The longest a reader waits without reading again, woken or not.
+MAX_WAIT = 1.0
+RESUBSCRIBE_DELAY = 0.2
+
+
+class ChangeEvents:
+    """Per-stream events, each set (and replaced) by the next committed change."""
+
+    def __init__(self) -> None:
+        # Weak: the readers hold their events; a stream nobody waits on costs nothing.
+        self._events: weakref.WeakValueDictionary[str, anyio.Event] = weakref.WeakValueDictionary()
+
+    def event(self, stream_id: str) -> anyio.Event:
+        """The event the next change to ``stream_id`` sets."""
+        event = self._events.get(stream_id)
+        if event is None:
+            event = self._events[stream_id] = anyio.Event()
+        return event
+
+    def wake(self, stream_ids: list[str]) -> None:
+        """Set the events of ``stream_ids``."""
+        for stream_id in stream_ids:
+            event = self._events.pop(stream_id, None)
+            if event is not None:
+                event.set()
+
+    def wake_all(self) -> None:
+        """Set every event (after messages may have been missed)."""
+        self.wake(list(self._events.keys()))
+
+
+async def listen(client: Redis, channel: str, node_id: str, events: ChangeEvents) -> None:
+    """Wake ``events`` for the changes other nodes publish on ``channel``, forever;
+    resubscribes after a lost connection (waking everyone: messages may have been lost)."""
+    own = node_id.encode()
+    while True:
+        try:
+            async with client.pubsub(ignore_subscribe_messages=True) as pubsub:
+                await pubsub.subscribe(channel)
+                events.wake_all()
+                async for message in pubsub.listen():
+                    node, *stream_ids = message["data"].split(b" ")
+                    if node != own:
+                        events.wake([sid.decode() for sid in stream_ids])
+        except (RedisError, OSError) as exc:
+            logger.warning("change subscription lost (%s); subscribing again", exc)
+            events.wake_all()
+            await anyio.sleep(RESUBSCRIBE_DELAY)

@@ -1,0 +1,115 @@
+"""Records as Redis hashes and script arguments: every field's value is its JSON text (so a
+script compares ``'"running"'`` and a reader gets back exactly what was written), but a
+generation's text, which lives in a string key of its own."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import fields
+from typing import Any, TypeVar
+
+from .._exceptions import (
+    Fenced,
+    SessionNotFound,
+    StoreError,
+    StreamClosed,
+    StreamExists,
+    StreamNotFound,
+    WriteRejected,
+)
+from ..types import NewMessage, SessionWrite
+
+R = TypeVar("R")
+Arg = str | bytes | int | float
+
+
+def dumps(value: Any) -> str:
+    """Compact JSON, as every hash field holds it."""
+    return json.dumps(value, separators=(",", ":"))
+
+
+def field_pairs(values: Mapping[str, Any]) -> list[Arg]:
+    """``name, value, …`` for a script; ``text`` (raw) comes with ``text_chars``."""
+    pairs: list[Arg] = []
+    for name, value in values.items():
+        if name == "text":
+            pairs += ["text", value, "text_chars", len(value)]
+        else:
+            pairs += [name, dumps(value)]
+    return pairs
+
+
+def names(reply: Any) -> list[str]:
+    """A Redis reply's list of ids, decoded."""
+    return [item.decode() for item in reply]
+
+
+def record_from_hash(cls: type[R], values: Mapping[Any, Any], **extra: Any) -> R:
+    """A record dataclass from a hash (fields it lacks keep their defaults)."""
+    decoded: dict[str, Any] = dict(extra)
+    for f in fields(cls):  # type: ignore[arg-type]
+        raw = values.get(f.name.encode())
+        if raw is not None and f.name not in decoded:
+            decoded[f.name] = json.loads(raw)
+    return cls(**decoded)
+
+
+def session_write_args(write: SessionWrite) -> list[Arg]:
+    """A ``SessionWrite`` as the arguments the scripts' ``session_write`` reads."""
+    args: list[Arg] = [
+        write.session_id,
+        int(write.only_if_idle),
+        int(write.replace_answer),
+        dumps(write.now),
+        write.max_messages,
+        len(write.messages),
+    ]
+    args += [_message_fields(m, write.now) for m in write.messages]
+    kept = write.kept
+    if kept is None:
+        args += [0, "", "", ""]
+    else:
+        args += [1, kept.owner or "", kept.key, dumps(kept.response)]
+    return args
+
+
+def _message_fields(message: NewMessage, now: float) -> str:
+    """A stored message's JSON without its opening brace and ``seq`` (the script adds
+    them: it assigns the sequence numbers)."""
+    body = dumps(
+        {
+            "id": message.id,
+            "role": message.role,
+            "content": message.content,
+            "generation_id": message.generation_id,
+            "created_at": now,
+        }
+    )
+    return body[1:-1]
+
+
+def check(reply: Any, subject: str = "", missing: type[StoreError] = StreamNotFound) -> Any:
+    """A script's reply, or its ``E:<why>[:<detail>]`` as the store's typed error."""
+    if isinstance(reply, bytes) and reply.startswith(b"E:"):
+        raise error_for(reply.decode(), subject, missing)
+    return reply
+
+
+def error_for(reply: str, subject: str, missing: type[StoreError] = StreamNotFound) -> StoreError:
+    """The typed error a script's ``E:`` reply stands for: ``subject`` is the id it was
+    about, ``missing`` the error for ``not_found`` (``StreamNotFound``,
+    ``GenerationNotFound``)."""
+    _, why, *rest = reply.split(":", 2)
+    detail = rest[0] if rest else None
+    if why == "not_found":
+        return missing(subject)
+    if why == "exists":
+        return StreamExists(subject)
+    if why == "closed":
+        return StreamClosed(subject, int(detail) if detail else None)
+    if why == "fenced":
+        return Fenced(subject, json.loads(detail) if detail else None)
+    if why == "session_not_found":
+        return SessionNotFound(detail or subject)
+    return WriteRejected(why, detail)
