@@ -52,6 +52,7 @@ from ._context import (
     update_fields,
 )
 from ._exceptions import (
+    Fenced,
     StoreError,
     StoreUnavailable,
     StreamClosed,
@@ -67,6 +68,8 @@ _UPDATE_SNAPSHOT = "UPDATE generations SET text = text || ?, next_offset = ? WHE
 # The hot path writes a whole commit's rows with one statement each, fed one JSON array.
 # executemany steps SQLite once per row and gives the GIL up and takes it back around every
 # step: under load that round trip, not SQLite, was most of the writer's time.
+# The owner of each generation a commit's fenced batches write, fed one JSON array.
+_OWNERS = "SELECT id, worker_id FROM generations WHERE id IN (SELECT value FROM json_each(?))"
 _INSERT_MESSAGES_JSON = (
     "INSERT INTO messages (stream_id, offset, data)"
     " SELECT value ->> 0, value ->> 1, CAST(value ->> 2 AS BLOB) FROM json_each(?)"
@@ -516,9 +519,11 @@ class Writer:
         rows: list[tuple[str, int, str]] = []
         binary_rows: list[tuple[str, int, bytes]] = []
         snapshots: list[tuple[str, str, int]] = []
+        owners = _owners(conn, [batch for _, batch in batches])
         for source, batch in batches:
             sid = source.stream_id
             try:
+                _check_fence(batch, owners)
                 first = ctx.next_offset(sid)
             except StoreError as exc:
                 callbacks.append(self._permanently_failed(ctx, source, exc))
@@ -558,6 +563,7 @@ class Writer:
         sid = source.stream_id
         conn.execute("SAVEPOINT append")
         try:
+            _check_fence(batch, _owners(conn, [batch]))
             first = ctx.next_offset(sid)
             conn.executemany(
                 INSERT_MESSAGE, [(sid, first + i, p) for i, p in enumerate(batch.payloads)]
@@ -590,6 +596,22 @@ class Writer:
         if isinstance(error, StreamClosed | StreamNotFound | StreamConflict):
             ctx.mark_stale(source.stream_id)
         return _bind(source.failed, error)
+
+
+def _owners(conn: sqlite3.Connection, batches: list[AppendBatch]) -> dict[str, str | None]:
+    """The owning worker of each generation the fenced ``batches`` write (one query)."""
+    fenced = [b.generation_id for b in batches if b.worker_id and b.generation_id]
+    if not fenced:
+        return {}
+    rows = conn.execute(_OWNERS, (json.dumps(fenced),)).fetchall()
+    return dict(rows)
+
+
+def _check_fence(batch: AppendBatch, owners: dict[str, str | None]) -> None:
+    """Raise ``Fenced`` if ``batch`` is fenced and its generation belongs to another worker."""
+    if batch.worker_id and batch.generation_id:
+        if owners.get(batch.generation_id) != batch.worker_id:
+            raise Fenced(batch.generation_id, batch.worker_id)
 
 
 def _size(path: Path) -> int:

@@ -118,11 +118,20 @@ class GenerationLog:
     """
 
     def __init__(
-        self, store: StoreBackend, generation_id: str, stream_id: str, *, unsnapshotted: str = ""
+        self,
+        store: StoreBackend,
+        generation_id: str,
+        stream_id: str,
+        *,
+        unsnapshotted: str = "",
+        worker_id: str | None = None,
     ) -> None:
         """``unsnapshotted``: text already in the stream but not in the snapshot row (what a
-        dead process committed after its last snapshot update), to go in with the next."""
+        dead process committed after its last snapshot update), to go in with the next.
+        ``worker_id``: the worker writing it; every batch is refused (``Fenced``) once the
+        generation belongs to another."""
         self.generation_id = generation_id
+        self.worker_id = worker_id
         self.stream_id = stream_id
         self._store = store
         self._lock = threading.Lock()
@@ -235,10 +244,14 @@ class GenerationLog:
             snapshot = "".join(self._unsnapshotted)
             self._unsnapshotted = []
             self._snapshot_at = now
-            return AppendBatch(payloads, self.generation_id, snapshot, fields, close)
+            return AppendBatch(
+                payloads, self.generation_id, snapshot, fields, close, worker_id=self.worker_id
+            )
         # Left behind: come back when it is due, new text or not (a model may pause).
         revisit = self._snapshot_at + SNAPSHOT_INTERVAL - now
-        return AppendBatch(payloads, self.generation_id, None, fields, close, revisit)
+        return AppendBatch(
+            payloads, self.generation_id, None, fields, close, revisit, self.worker_id
+        )
 
     def untake(self) -> None:
         """The last batch taken was rolled back: hold its items again, ahead of newer ones."""

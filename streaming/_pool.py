@@ -22,6 +22,7 @@ from store import (
     ACTIVE_STATUSES,
     TERMINAL_STATUSES,
     ActiveGeneration,
+    Fenced,
     GenerationNotFound,
     GenerationRecord,
     SessionWrite,
@@ -370,7 +371,7 @@ class GenerationPool:
         handle = _Handle(
             record,
             request,
-            GenerationLog(self.store, record.id, record.stream_id),
+            GenerationLog(self.store, record.id, record.stream_id, worker_id=self.worker.id),
             after=tuple(after),
             prepare=prepare,
         )
@@ -468,6 +469,12 @@ class GenerationPool:
                         self._slots.release()
                 if handle.scope.cancelled_caught:
                     outcome = (handle.stop_reason or "interrupted", None, None)
+            except Fenced:
+                logger.warning(
+                    "generation %s was taken over by another worker; stopped here",
+                    record.id,
+                    extra=log_context(record),
+                )
             except Exception as exc:
                 logger.exception("generation %s crashed", record.id, extra=log_context(record))
                 crash = {"type": "internal_error", "message": f"{type(exc).__name__}: {exc}"}
@@ -587,6 +594,8 @@ class GenerationPool:
                             text = sanitizer.feed(chunk.text)
                             pieces.append(text)
                             log.add_text(text)
+                            if log.error is not None:
+                                raise log.error  # refused for good (fenced, say): stop here
                             if log.pending_chars > MAX_UNCOMMITTED_CHARS:
                                 await log.wait_for_room(MAX_UNCOMMITTED_CHARS)
                         if chunk.usage is not None:
@@ -628,7 +637,10 @@ class GenerationPool:
         error: JSONDict | None,
         usage: JSONDict | None,
     ) -> None:
-        """Append the final status event, close the stream, update the row: one commit."""
+        """Append the final status event, close the stream, update the row: one commit
+        (nothing once another worker owns the generation: its end is theirs to write)."""
+        if isinstance(handle.log.error, Fenced):
+            return
         if not handle.started:
             await self._finish_unstarted(handle.record, status)
             return
@@ -640,18 +652,18 @@ class GenerationPool:
         await handle.log.flush()
 
     async def _finish_unstarted(self, record: GenerationRecord, status: FinalStatus) -> None:
-        await self._end_elsewhere(record.id, status)
+        await self._end_elsewhere(record.id, status, worker=self.worker.id, orphan=False)
 
     async def _end_elsewhere(
-        self, generation_id: str, status: FinalStatus, *, orphan_of: str | None = None
+        self, generation_id: str, status: FinalStatus, *, worker: str | None, orphan: bool
     ) -> bool:
         """End a generation no task of ours runs (never started, or orphaned): final event,
-        close and row in one commit, and only if it is still active — for an orphan, only
-        while it still belongs to its dead worker ``orphan_of`` (a peer may have taken it
-        over meanwhile). Returns whether it did."""
+        close and row in one commit, and only while it is still active and belongs to
+        ``worker`` (ours; for an orphan, its dead worker's: a peer may have taken it over
+        meanwhile). Returns whether it did."""
         error = INTERRUPTED_ERROR if status == "interrupted" else None
         fields: JSONDict = {"status": status, "error": error, "finished_at": self._clock()}
-        if orphan_of is not None:
+        if orphan:
             # Its snapshot row may be behind its stream (see ``GenerationLog``): it ends
             # with all the text its process committed.
             try:
@@ -664,7 +676,7 @@ class GenerationPool:
             encode_event(status_event(status, error=error)),
             fields,
             only_if=ACTIVE_STATUSES,
-            only_worker=None if orphan_of is None else (orphan_of,),
+            only_worker=(worker,),
         )
 
     async def _text_beyond_snapshot(self, record: GenerationRecord) -> str:
@@ -740,7 +752,9 @@ class GenerationPool:
                     ended += 1
                     return
                 status: FinalStatus = "cancelled" if record.cancel_requested else "interrupted"
-                ended += await self._end_elsewhere(record.id, status, orphan_of=record.worker_id)
+                ended += await self._end_elsewhere(
+                    record.id, status, worker=record.worker_id, orphan=True
+                )
 
         async with anyio.create_task_group() as tg:
             for record in orphans:
@@ -781,7 +795,13 @@ class GenerationPool:
         handle = _Handle(
             record,
             request,
-            GenerationLog(self.store, record.id, record.stream_id, unsnapshotted=tail),
+            GenerationLog(
+                self.store,
+                record.id,
+                record.stream_id,
+                unsnapshotted=tail,
+                worker_id=self.worker.id,
+            ),
             partial=record.text + tail if record.status == "running" else None,
         )
         self._handles[record.id] = handle

@@ -1,6 +1,6 @@
-"""The SQLite backend implements the backend-neutral store interface (``store._interface``)
-that ``streaming`` and ``web`` are typed against: checked by mypy through the annotations
-below, and here at run time, member by member, down to the parameters."""
+"""Both backends implement the backend-neutral store interface (``store._interface``) that
+``streaming`` and ``web`` are typed against: checked by mypy through the annotations below,
+and here at run time, member by member, down to the parameters."""
 
 from __future__ import annotations
 
@@ -11,12 +11,16 @@ import pytest
 
 from store import (
     GenerationBackend,
+    RedisSessionStore,
+    RedisStore,
     SessionBackend,
     SessionStore,
     StoreBackend,
     StreamBackend,
     StreamStore,
 )
+
+from .redis_support import RedisServer
 
 
 def members(protocol: type) -> dict[str, object]:
@@ -41,10 +45,18 @@ def parameters(function: object) -> list[tuple[str, object]]:
         (GenerationBackend, StreamStore),
         (StoreBackend, StreamStore),
         (SessionBackend, SessionStore),
+        (StreamBackend, RedisStore),
+        (GenerationBackend, RedisStore),
+        (StoreBackend, RedisStore),
+        (SessionBackend, RedisSessionStore),
     ],
-    ids=["streams", "generations", "store", "sessions"],
+    ids=[
+        f"{backend}-{part}"
+        for backend in ("sqlite", "redis")
+        for part in ("streams", "generations", "store", "sessions")
+    ],
 )
-def test_the_sqlite_backend_has_every_member_of_the_interface(
+def test_each_backend_has_every_member_of_the_interface(
     protocol: type, implementation: type
 ) -> None:
     wanted = members(protocol)
@@ -63,6 +75,17 @@ async def test_the_sqlite_backend_is_typed_as_the_interface(tmp_path: Path) -> N
     async with StreamStore(str(tmp_path / "s.db")) as opened:
         store: StoreBackend = opened  # mypy checks these assignments structurally
         sessions: SessionBackend = SessionStore(opened)
+        await store.create_stream("s")
+        assert (await store.append("s", [b"x"], close=True)).next_offset == 1
+        assert await sessions.idle(before=0.0) == []
+
+
+async def test_the_redis_backend_is_typed_as_the_interface(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    async with RedisStore(redis_server.url, prefix=redis_prefix) as opened:
+        store: StoreBackend = opened
+        sessions: SessionBackend = RedisSessionStore(opened)
         await store.create_stream("s")
         assert (await store.append("s", [b"x"], close=True)).next_offset == 1
         assert await sessions.idle(before=0.0) == []

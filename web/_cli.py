@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # One line even when quiet, so a person who started it sees where it is.
     print(
         f"keepstream {package_version()}: serving http://{settings.host}:{settings.port}"
-        f" (database {settings.db}; API reference at /docs)",
+        f" (store {settings.store or settings.db}; API reference at /docs)",
         file=sys.stderr,
         flush=True,
     )

@@ -37,7 +37,7 @@ from store import (
 )
 
 from ._auth import access_of, current_user
-from ._errors import BadRequest
+from ._errors import BadRequest, NotAvailable
 from ._generations import app_state, read_body, sse_response
 from ._json import encode_json, parse_json
 from ._settings import Settings
@@ -255,8 +255,11 @@ def control_event(chunk: Chunk, stream_cursor: str) -> bytes:
 
 
 def streams_of(request: Request) -> DurableStreams:
-    """The running app's Durable Streams."""
-    return app_state(request).streams
+    """The running app's Durable Streams (``NotAvailable`` on a store without them)."""
+    streams = app_state(request).streams
+    if streams is None:
+        raise NotAvailable("Durable Streams are not available on the Redis store yet")
+    return streams
 
 
 async def create_request(request: Request, owner: str | None, settings: Settings) -> CreateRequest:
@@ -309,7 +312,7 @@ async def create_stream(request: Request) -> Response:
     name = stream_name(request)
     await state.stored.check(owner)
     wanted = await create_request(request, owner, state.settings)
-    created, info = await state.streams.create(owner, name, wanted)
+    created, info = await streams_of(request).create(owner, name, wanted)
     headers = {
         "Content-Type": info.content_type,
         "Stream-Next-Offset": format_offset(info.next_offset),
@@ -342,7 +345,7 @@ async def append(request: Request) -> Response:
         raise BadRequest("the body is empty: send data, or Stream-Closed: true to close")
     if payload is not None:
         await state.stored.check(owner)
-    outcome = await state.streams.append(
+    outcome = await streams_of(request).append(
         owner,
         stream_name(request),
         content_type=content_type,
@@ -392,7 +395,7 @@ async def read(request: Request) -> Response:
     """``GET``: catch-up, long-poll or SSE from ``?offset=``."""
     state = app_state(request)
     owner = await current_user(request)
-    info = await state.streams.info(owner, stream_name(request), touch=True)
+    info = await streams_of(request).info(owner, stream_name(request), touch=True)
     offset = read_offset(request)
     live = request.query_params.get("live")
     if live not in (None, "long-poll", "sse"):
@@ -411,7 +414,7 @@ async def read(request: Request) -> Response:
         chunk = Chunk(start, [], start, True, info.closed)
         headers = {**read_headers(info, chunk), "Cache-Control": "no-store"}
         return Response(body_of(info, []), headers=headers)
-    chunk = await state.streams.read(info, start, limit=READ_MESSAGES, max_bytes=READ_BYTES)
+    chunk = await streams_of(request).read(info, start, limit=READ_MESSAGES, max_bytes=READ_BYTES)
     return chunk_response(request, info, chunk)
 
 

@@ -46,7 +46,7 @@ class AppState:
     store: StoreBackend
     pool: GenerationPool
     sessions: SessionManager
-    streams: DurableStreams
+    streams: DurableStreams | None  # on SQLite only, for now
     metrics: Metrics
     readers: OpenReaders
     stored: StoredBytes

@@ -13,7 +13,15 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from types import TracebackType
 from typing import Self
 
-from store import DurableStreams, SessionStore, StreamStore
+from store import (
+    DurableStreams,
+    RedisSessionStore,
+    RedisStore,
+    SessionBackend,
+    SessionStore,
+    StoreBackend,
+    StreamStore,
+)
 from streaming import (
     DifyProvider,
     GenerationPool,
@@ -182,6 +190,39 @@ class Runtime:
 
 
 @asynccontextmanager
+async def open_store(
+    settings: Settings, metrics: Metrics
+) -> AsyncIterator[tuple[StoreBackend, SessionBackend, DurableStreams | None]]:
+    """The store ``settings.store`` names (SQLite by default), its session store, and the
+    Durable Streams view (SQLite only, for now); closed on exit."""
+    kind, location = settings.store_location
+    if kind == "redis":
+        async with RedisStore(
+            location,
+            prefix=settings.redis_prefix,
+            flush_interval=settings.flush_interval,
+            coalesce_window=settings.coalesce_window,
+            max_pending_writes=settings.max_pending_writes,
+            write_wait=settings.write_wait,
+            require_persistence=not settings.redis_allow_volatile,
+            on_commit=metrics.observe_commit,
+        ) as redis_store:
+            yield redis_store, RedisSessionStore(redis_store), None
+        return
+    async with StreamStore(
+        location,
+        synchronous="FULL" if settings.synchronous == "FULL" else "NORMAL",
+        flush_interval=settings.flush_interval,
+        coalesce_window=settings.coalesce_window,
+        max_pending_writes=settings.max_pending_writes,
+        write_wait=settings.write_wait,
+        tail_cache_bytes=settings.tail_cache_bytes,
+        on_commit=metrics.observe_commit,
+    ) as sqlite_store:
+        yield sqlite_store, SessionStore(sqlite_store), DurableStreams(sqlite_store)
+
+
+@asynccontextmanager
 async def open_state(
     settings: Settings, providers: Mapping[str, Provider], metrics: Metrics
 ) -> AsyncIterator[AppState]:
@@ -189,17 +230,8 @@ async def open_state(
     generations get ``shutdown_grace``) and close the store. ``providers`` are used, not
     closed: their owner closes them."""
     async with AsyncExitStack() as stack:
-        store = await stack.enter_async_context(
-            StreamStore(
-                settings.db,
-                synchronous="FULL" if settings.synchronous == "FULL" else "NORMAL",
-                flush_interval=settings.flush_interval,
-                coalesce_window=settings.coalesce_window,
-                max_pending_writes=settings.max_pending_writes,
-                write_wait=settings.write_wait,
-                tail_cache_bytes=settings.tail_cache_bytes,
-                on_commit=metrics.observe_commit,
-            )
+        store, session_store, streams = await stack.enter_async_context(
+            open_store(settings, metrics)
         )
         pool = GenerationPool(
             store,
@@ -211,9 +243,11 @@ async def open_state(
             shutdown_grace=settings.shutdown_grace,
             time_limit=settings.generation_time_limit or None,
             max_continuations=settings.max_continuations,
+            heartbeat_interval=settings.heartbeat_interval,
+            lease_timeout=settings.lease_timeout,
         )
         sessions = SessionManager(
-            SessionStore(store),
+            session_store,
             pool,
             limits=SessionLimits(
                 active_sessions_per_user=settings.max_sessions_per_user,
@@ -226,9 +260,9 @@ async def open_state(
                 auto_clean=settings.auto_clean,
             ),
         )
-        streams = DurableStreams(store)
         pool.every(settings.session_sweep_interval, sessions.sweep)
-        pool.every(EXPIRY_SWEEP_INTERVAL, streams.sweep)
+        if streams is not None:
+            pool.every(EXPIRY_SWEEP_INTERVAL, streams.sweep)
         await stack.enter_async_context(pool)
         readers = OpenReaders(settings.max_streams_per_user)
         stored = StoredBytes(store, settings.max_stored_bytes_per_user)

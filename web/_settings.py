@@ -26,6 +26,17 @@ class Settings:
     host: str = _setting("127.0.0.1", "address to bind")
     port: int = _setting(8000, "port to bind (0 picks a free one)")
     db: str = _setting("./keepstream.db", "SQLite database file")
+    store: str | None = _setting(
+        None,
+        "where the data lives: sqlite:///path (default: the --db file) or redis://host:port/db"
+        " (any number of nodes on one Redis serve the same streams)",
+    )
+    redis_prefix: str = _setting("ks:", "Redis: prefix of every key keepstream writes")
+    redis_allow_volatile: bool = _setting(
+        False,
+        "Redis: start even when it has no append-only file or may evict keys (a restart of"
+        " Redis then loses answers clients have seen)",
+    )
     provider: str = _setting(
         "simulated",
         "default provider: simulated, openai, dify, or one a provider factory adds",
@@ -104,6 +115,14 @@ class Settings:
         64 * 1_048_576, "bytes of recent stream messages kept in memory, for all streams"
     )
     shutdown_grace: float = _setting(10.0, "seconds running generations get to finish on stop")
+    heartbeat_interval: float = _setting(
+        2.0, "seconds between a server's heartbeats (and its sweeps for dead peers' work)"
+    )
+    lease_timeout: float = _setting(
+        15.0,
+        "seconds without a heartbeat after which a server counts as dead and its generations"
+        " are taken over by a peer (on another host; on this one a gone pid counts at once)",
+    )
     max_continuations: int = _setting(
         3,
         "times a generation whose process died is taken over and continued from its"
@@ -230,6 +249,8 @@ class Settings:
                 raise ValueError(f"cors_origins: {origin!r} is not an http(s) origin")
         self.continuation_fields  # noqa: B018 - raises for a value that is not a JSON object
         self.continuation_message_fields  # noqa: B018 - likewise
+        if self.heartbeat_interval <= 0 or self.lease_timeout <= self.heartbeat_interval:
+            raise ValueError("heartbeat_interval must be > 0 and lease_timeout longer than it")
         if self.max_continuations < 0:
             raise ValueError("max_continuations must be >= 0")
         if self.max_queued < 0:
@@ -238,6 +259,7 @@ class Settings:
             raise ValueError("max_stored_bytes_per_user must be >= 0")
         if self.tail_cache_bytes < 0:
             raise ValueError("tail_cache_bytes must be >= 0")
+        self.store_location  # noqa: B018 - raises for a --store that is neither
         has_keys = bool(self.api_keys or self.api_keys_file)
         loopback = self.host in ("127.0.0.1", "localhost", "::1")
         if not (loopback or has_keys or self.allow_remote):
@@ -256,6 +278,19 @@ class Settings:
         """``upstream_continuation_message`` parsed (``ValueError`` if it is not a JSON
         object)."""
         return _json_object("upstream_continuation_message", self.upstream_continuation_message)
+
+    @property
+    def store_location(self) -> tuple[str, str]:
+        """``("sqlite", path)`` or ``("redis", url)`` from ``store`` (``db`` when unset)."""
+        if not self.store:
+            return "sqlite", self.db
+        if self.store.startswith("sqlite:///") and len(self.store) > len("sqlite:///"):
+            return "sqlite", self.store.removeprefix("sqlite:///")
+        if self.store.startswith(("redis://", "rediss://", "unix://")):
+            return "redis", self.store
+        raise ValueError(
+            f"store must be sqlite:///path or redis://host:port/db, not {self.store!r}"
+        )
 
     @property
     def factories(self) -> list[str]:

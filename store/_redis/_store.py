@@ -279,11 +279,11 @@ class RedisStore:
             self._on_commit(seconds, rows)
 
     async def create_stream(
-        self, stream_id: str, *, content_type: str = "application/json", owner: str | None = None
+        self, stream_id: str, *, content_type: str = "application/json"
     ) -> None:
         """Create an empty, open stream. Raises ``StreamExists``."""
         reply = await self.run(
-            self.scripts.create_stream, stream_id, content_type, dumps(time.time()), dumps(owner)
+            self.scripts.create_stream, stream_id, content_type, dumps(time.time()), dumps(None)
         )
         check(reply, stream_id)
 
