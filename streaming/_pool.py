@@ -481,9 +481,17 @@ class GenerationPool:
                 outcome = ("failed", crash, None)
             status, error, usage = outcome
             error_type = error.get("type") if error else None
+            fenced = False
             with anyio.move_on_after(FINALIZE_TIMEOUT, shield=True) as waited:
                 try:
                     await self._finish(handle, status, error=scrub(error), usage=scrub(usage))
+                except Fenced:
+                    fenced = True  # another worker took it over: its end is theirs to write
+                    logger.warning(
+                        "generation %s belongs to another worker now; its end was not written",
+                        record.id,
+                        extra=log_context(record),
+                    )
                 except Exception:
                     logger.exception("could not record the end of generation %s", record.id)
             # Ended: whoever waits for it (a cancel, a queued successor) goes on now, without
@@ -492,7 +500,7 @@ class GenerationPool:
             if waited.cancelled_caught:
                 # The store keeps retrying the write; the generation ends when it lands.
                 logger.error("recording the end of generation %s is still pending", record.id)
-            else:
+            elif not fenced:  # a fenced one ends with its new owner, who counts and tells
                 self.stats.finished[status] += 1
                 logger.info(
                     "generation %s ended %s",
@@ -637,10 +645,10 @@ class GenerationPool:
         error: JSONDict | None,
         usage: JSONDict | None,
     ) -> None:
-        """Append the final status event, close the stream, update the row: one commit
-        (nothing once another worker owns the generation: its end is theirs to write)."""
+        """Append the final status event, close the stream, update the row: one commit.
+        Raises ``Fenced`` once another worker owns the generation (its end is theirs)."""
         if isinstance(handle.log.error, Fenced):
-            return
+            raise handle.log.error
         if not handle.started:
             await self._finish_unstarted(handle.record, status)
             return
