@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 from . import _queries as queries
 from ._context import CLOSE_STREAM, INSERT_MESSAGE, Op, WriterContext, update_fields
-from ._exceptions import GenerationNotFound, StoreError
+from ._exceptions import GenerationNotFound, StoreError, WriteRejected
 from ._session_writes import apply_session_write
 from .types import ActiveGeneration, GenerationRecord, JSONDict, SessionWrite, WorkerRecord
 
@@ -19,6 +19,14 @@ T = TypeVar("T")
 _GENERATION_COLUMNS = tuple(GenerationRecord.blank().to_row())
 _INSERT_GENERATION = "INSERT INTO generations ({}) VALUES ({})".format(
     ", ".join(_GENERATION_COLUMNS), ", ".join("?" for _ in _GENERATION_COLUMNS)
+)
+
+
+# At most ``limit`` of an owner's active generations (through the partial index whose
+# condition the WHERE repeats exactly).
+_COUNT_ACTIVE = (
+    "SELECT count(*) FROM (SELECT 1 FROM generations WHERE owner = ?"
+    " AND status IN ('queued', 'running') LIMIT ?)"
 )
 
 
@@ -87,12 +95,20 @@ class GenerationRows(ABC):
         *,
         content_type: str = "application/json",
         session_write: SessionWrite | None = None,
+        max_active_per_owner: int | None = None,
     ) -> None:
         """Insert a generation and create its (empty) stream in one transaction, together
         with ``session_write`` (its session's messages, say). Raises ``WriteRejected`` or
-        ``SessionNotFound`` from the session write, and then writes nothing."""
+        ``SessionNotFound`` from the session write, and then writes nothing; with
+        ``max_active_per_owner``, ``WriteRejected("max_generations_per_user")`` when its
+        owner already has that many queued or running (in any process)."""
 
         def op(ctx: WriterContext) -> None:
+            if max_active_per_owner is not None and record.owner is not None:
+                params = (record.owner, max_active_per_owner)
+                (active,) = ctx.conn.execute(_COUNT_ACTIVE, params).fetchone()
+                if active >= max_active_per_owner:
+                    raise WriteRejected("max_generations_per_user", str(active))
             queries.insert_stream(
                 ctx, record.stream_id, content_type, mark=False, owner=record.owner
             )

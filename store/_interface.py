@@ -105,8 +105,11 @@ class GenerationBackend(Protocol):
         *,
         content_type: str = "application/json",
         session_write: SessionWrite | None = None,
+        max_active_per_owner: int | None = None,
     ) -> None:
-        """A generation and its empty stream (and ``session_write``), in one write."""
+        """A generation and its empty stream (and ``session_write``), in one write; with
+        ``max_active_per_owner``, only while its owner has fewer queued or running ones
+        (``WriteRejected("max_generations_per_user")`` otherwise)."""
         ...
 
     async def update_generation(self, generation_id: str, fields: JSONDict) -> None:

@@ -222,6 +222,16 @@ def m008_message_blocks(db: Database) -> None:
     )
 
 
+@migrations()
+def m009_active_generations_by_owner(db: Database) -> None:
+    """Each owner's queued and running generations, counted when one more is created (the
+    per-user limit holds across every process on the file)."""
+    db.execute(
+        "CREATE INDEX generations_active_by_owner ON generations (owner)"
+        " WHERE status IN ('queued', 'running')"
+    )
+
+
 def connect(
     path: str, *, synchronous: Synchronous = "NORMAL", readonly: bool = False
 ) -> sqlite3.Connection:

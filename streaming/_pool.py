@@ -30,6 +30,7 @@ from store import (
     StoreError,
     StreamNotFound,
     WorkerRecord,
+    WriteRejected,
 )
 from store.types import FinalStatus, JSONDict
 
@@ -357,8 +358,21 @@ class GenerationPool:
         self._hold(owner)
         try:
             await self.store.create_generation(
-                record, session_write=None if session_write is None else session_write(record.id)
+                record,
+                session_write=None if session_write is None else session_write(record.id),
+                # Checked again by the store, against every process's generations.
+                max_active_per_owner=self.max_per_owner,
             )
+        except WriteRejected as exc:
+            self._let_go(owner)
+            if exc.reason != "max_generations_per_user":
+                raise
+            raise PoolFull(
+                running=0,
+                queued=int(exc.detail or 0),
+                retry_after=self.retry_after,
+                limit="max_generations_per_user",
+            ) from exc
         except BaseException:
             self._let_go(owner)
             raise

@@ -152,3 +152,29 @@ async def test_a_stalled_node_that_comes_back_cannot_write_to_what_was_taken_ove
             if "belongs to another worker" in a.output():
                 break
             await anyio.sleep(0.1)
+
+
+async def test_the_per_user_limit_holds_across_nodes(
+    server_factory: ServerFactory, redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """Two generations of one user on A use up ``max_generations_per_user``: B refuses a
+    third (429, naming the limit), and takes one once one has ended."""
+    args = (
+        *("--store", redis_server.url, "--redis-prefix", redis_prefix, *NODE_ARGS),
+        *("--api-keys", "alice=alice-key-0123456789", "--max-generations-per-user", "2"),
+    )
+    a, b = server_factory(*args), server_factory(*args)
+    auth = {"Authorization": "Bearer alice-key-0123456789"}
+    async with (
+        httpx.AsyncClient(base_url=a.url, timeout=30, headers=auth) as one,
+        httpx.AsyncClient(base_url=b.url, timeout=30, headers=auth) as two,
+    ):
+        long = {"tokens_per_second": 20, "max_tokens": 1000}
+        first = await start_generation(one, prompt="one", params=long)
+        await start_generation(one, prompt="two", params=long)
+        refused = await two.post("/v1/generations", json={"prompt": "three"})
+        assert refused.status_code == 429, refused.text
+        assert "max_generations_per_user" in refused.text
+        assert (await one.post(f"/v1/generations/{first['id']}/cancel")).status_code == 200
+        await wait_for_status(two, first["id"], {"cancelled"})
+        assert (await two.post("/v1/generations", json={"prompt": "three"})).status_code == 202

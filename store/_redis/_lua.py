@@ -8,8 +8,9 @@ Layout under the key prefix ``p`` (every value in a record hash is JSON text):
 * ``m:<stream>``  list: the stream's messages; offset ``n`` is index ``n``;
 * ``g:<generation>``  hash: the record's fields, and ``text_chars``;
   ``t:<generation>``  string: the snapshot's text;
-* ``gens`` zset (creation time), ``active`` set (queued or running), ``sa:<session>`` set
-  (a session's active ones), ``sg:<session>`` zset (a session's, by creation);
+* ``gens`` zset (creation time), ``active`` set (queued or running), ``sa:<session>`` and
+  ``oa:<owner>`` sets (a session's, an owner's active ones), ``sg:<session>`` zset (a
+  session's, by creation);
 * ``S:<session>`` hash: the record's fields and ``msg_bytes``; ``SM:<session>`` list: its
   messages (JSON); ``os:<owner>`` zset (an owner's sessions by activity), ``oo:<owner>``
   set (their open ones), ``idle`` zset (open, not kept open, by activity), ``closed`` zset
@@ -36,14 +37,13 @@ local function active(status)
   return status == '"queued"' or status == '"running"'
 end
 local function gen_index(gid)
-  local f = redis.call('HMGET', p..'g:'..gid, 'status', 'session_id')
+  local f = redis.call('HMGET', p..'g:'..gid, 'status', 'session_id', 'owner')
   local on = active(f[1])
+  local op = on and 'SADD' or 'SREM'
+  redis.call(op, p..'active', gid)
   local session = str(f[2])
-  if on then redis.call('SADD', p..'active', gid) else redis.call('SREM', p..'active', gid) end
-  if session then
-    if on then redis.call('SADD', p..'sa:'..session, gid)
-    else redis.call('SREM', p..'sa:'..session, gid) end
-  end
+  if session then redis.call(op, p..'sa:'..session, gid) end
+  if f[3] and f[3] ~= 'null' then redis.call(op, p..'oa:'..f[3], gid) end
 end
 -- name/value pairs from ARGV[i..]: 'text' goes to the text key, the rest to the hash
 local function set_gen_fields(gid, i, n)
@@ -284,23 +284,29 @@ if f[1] == false then return 'E:not_found' end
 return {tonumber(f[1]), tonumber(f[2])}
 """
 
-# ARGV: p, generation, stream, content type, owner (JSON), created_at, n_fields, fields…,
-# has_session_write, session write…  Creates the stream, the record and the session write.
+# ARGV: p, generation, stream, content type, owner (JSON), created_at, max active of the
+# owner (-1: any), n_fields, fields…, has_session_write, session write…  Creates the stream,
+# the record and the session write.
 CREATE_GENERATION = r"""
 local gid, sid = ARGV[2], ARGV[3]
 local gkey = p..'g:'..gid
 if redis.call('EXISTS', gkey) == 1 then return 'OK' end  -- a retry after a lost reply
 local skey = p..'s:'..sid
 if redis.call('EXISTS', skey) == 1 then return 'E:exists' end
-local n = tonumber(ARGV[7])
-local after = 8 + 2 * n
+local most = tonumber(ARGV[7])
+if most >= 0 and ARGV[5] ~= 'null' then
+  local active = redis.call('SCARD', p..'oa:'..ARGV[5])
+  if active >= most then return 'E:max_generations_per_user:'..active end
+end
+local n = tonumber(ARGV[8])
+local after = 9 + 2 * n
 if ARGV[after] == '1' then
   local err = session_write(after + 1, gid)  -- checks first: a refusal writes nothing
   if err then return err end
 end
 redis.call('HSET', skey, 'next', 0, 'closed', 0, 'ct', ARGV[4], 'created', ARGV[6],
   'owner', ARGV[5], 'bytes', 0)
-set_gen_fields(gid, 8, n)
+set_gen_fields(gid, 9, n)
 redis.call('HSET', gkey, 'text_chars', 0)
 redis.call('ZADD', p..'gens', ARGV[6], gid)
 local owning = str(redis.call('HGET', gkey, 'session_id'))
@@ -441,11 +447,13 @@ for _, field in ipairs(redis.call('SMEMBERS', p..'SK:'..id)) do
 end
 local changed = {}
 for _, gid in ipairs(redis.call('ZRANGE', p..'sg:'..id, 0, -1)) do
-  local sid = str(redis.call('HGET', p..'g:'..gid, 'stream_id'))
+  local g = redis.call('HMGET', p..'g:'..gid, 'stream_id', 'owner')
+  local sid = str(g[1])
   if sid and delete_stream(sid) == 1 then changed[#changed + 1] = sid end
   redis.call('DEL', p..'g:'..gid, p..'t:'..gid)
   redis.call('ZREM', p..'gens', gid)
   redis.call('SREM', p..'active', gid)
+  if g[2] then redis.call('SREM', p..'oa:'..g[2], gid) end
 end
 redis.call('DEL', skey, p..'SM:'..id, p..'SK:'..id, p..'sg:'..id, p..'sa:'..id)
 publish(ARGV[2], changed)

@@ -372,8 +372,10 @@ class RedisStore:
         *,
         content_type: str = "application/json",
         session_write: SessionWrite | None = None,
+        max_active_per_owner: int | None = None,
     ) -> None:
-        """The record, its empty stream and ``session_write``, in one script."""
+        """The record, its empty stream and ``session_write``, in one script (refused while
+        the owner has ``max_active_per_owner`` queued or running, on any node)."""
         row = {name: getattr(record, name) for name in _GENERATION_FIELDS}
         pairs = field_pairs({"id": record.id, **row})
         args: list[Arg] = [
@@ -382,6 +384,7 @@ class RedisStore:
             content_type,
             dumps(record.owner),
             dumps(record.created_at),
+            -1 if max_active_per_owner is None else max_active_per_owner,
             len(pairs) // 2,
             *pairs,
         ]
