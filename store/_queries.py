@@ -71,8 +71,10 @@ def read_messages(
 ) -> ReadResult:
     """Up to ``limit`` messages (and about ``max_bytes``) from ``offset``, and whether they
     end a closed stream."""
-    conn.execute("BEGIN")  # one snapshot for the closed flag and the messages
-    row = conn.execute("SELECT closed FROM streams WHERE id = ?", (stream_id,)).fetchone()
+    conn.execute("BEGIN")  # one snapshot for the closed flag, the messages and the end
+    row = conn.execute(
+        "SELECT closed, base_offset FROM streams WHERE id = ?", (stream_id,)
+    ).fetchone()
     if row is None:
         raise StreamNotFound(stream_id)
     with contextlib.closing(blocks.read(conn, stream_id, offset, limit)) as found:
@@ -80,8 +82,11 @@ def read_messages(
             messages, cut = list(found), False
         else:
             messages, cut = take_within(found, max_bytes)
+    at_end = bool(row[0]) and not cut
+    if at_end and len(messages) == limit:  # the limit may have taken exactly the rest
+        at_end = offset + len(messages) >= stream_end(conn, stream_id, row[1])
     conn.execute("COMMIT")
-    return ReadResult(offset, messages, bool(row[0]) and not cut and len(messages) < limit)
+    return ReadResult(offset, messages, at_end)
 
 
 def stream_length(conn: sqlite3.Connection, stream_id: str) -> tuple[int, bool]:

@@ -10,7 +10,6 @@ from dataclasses import fields
 from typing import Any, TypeVar
 
 from .._exceptions import (
-    Fenced,
     SessionNotFound,
     StoreError,
     StreamClosed,
@@ -25,8 +24,9 @@ Arg = str | bytes | int | float
 
 
 def dumps(value: Any) -> str:
-    """Compact JSON, as every hash field holds it."""
-    return json.dumps(value, separators=(",", ":"))
+    """JSON as every hash field holds it: ``json.dumps``'s defaults, the very text SQLite
+    stores (so a context counts the same bytes toward a user's quota on both)."""
+    return json.dumps(value)
 
 
 def field_pairs(values: Mapping[str, Any]) -> list[Arg]:
@@ -108,8 +108,6 @@ def error_for(reply: str, subject: str, missing: type[StoreError] = StreamNotFou
         return StreamExists(subject)
     if why == "closed":
         return StreamClosed(subject, int(detail) if detail else None)
-    if why == "fenced":
-        return Fenced(subject, json.loads(detail) if detail else None)
     if why == "session_not_found":
         return SessionNotFound(detail or subject)
     return WriteRejected(why, detail)

@@ -25,7 +25,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .._context import AppendSource
-from .._exceptions import StoreError
+from .._exceptions import Fenced, StoreError
 from ..types import AppendBatch, AppendResult
 from ._codec import Arg, dumps, error_for, field_pairs
 
@@ -160,9 +160,11 @@ class Flusher:
                 changed.append(item.source.stream_id)
                 self._schedule_revisit(item.source, item.batch.revisit_after)
                 item.source.committed(AppendResult(result, result + size))
+            elif result == b"E:fenced":
+                gid = item.batch.generation_id or ""
+                item.source.failed(Fenced(gid, item.batch.worker_id))
             else:
-                subject = item.batch.generation_id or item.source.stream_id
-                item.source.failed(error_for(result.decode(), subject))
+                item.source.failed(error_for(result.decode(), item.source.stream_id))
         self.rows_written += rows
         self._on_committed(changed, self._last_commit - started, rows)
 

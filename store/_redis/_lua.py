@@ -21,7 +21,9 @@ Layout under the key prefix ``p`` (every value in a record hash is JSON text):
   the write (``<node> <stream> <stream> …``).
 
 Scripts name keys from ``ARGV[1]`` (the prefix) rather than ``KEYS``: keepstream runs on one
-Redis primary, not on Redis Cluster.
+Redis primary, not on Redis Cluster. The client retries a call whose connection dropped, so
+a script may run twice: creations carry a call token (the second run of the same call
+succeeds, a real duplicate is refused), appends a batch token, and the rest are idempotent.
 """
 
 from __future__ import annotations
@@ -201,7 +203,7 @@ for b = 1, tonumber(ARGV[3]) do
   elseif meta[4] == token then results[b] = tonumber(meta[5])
   elseif meta[1] == '1' then results[b] = 'E:closed:'..meta[2]
   elseif gid ~= '' and fence ~= '' and redis.call('HGET', p..'g:'..gid, 'worker_id') ~= fence
-  then results[b] = 'E:fenced:'..(redis.call('HGET', p..'g:'..gid, 'worker_id') or 'null')
+  then results[b] = 'E:fenced'
   else
     local first = tonumber(meta[2])
     if np > 0 then
@@ -229,12 +231,15 @@ publish(node, changed)
 return results
 """
 
-# ARGV: p, stream, content type, now, owner (JSON)
+# ARGV: p, stream, content type, now, owner (JSON), call token
 CREATE_STREAM = r"""
 local skey = p..'s:'..ARGV[2]
-if redis.call('EXISTS', skey) == 1 then return 'E:exists' end
+if redis.call('EXISTS', skey) == 1 then
+  if redis.call('HGET', skey, 'call') == ARGV[6] then return 'OK' end  -- this call, retried
+  return 'E:exists'
+end
 redis.call('HSET', skey, 'next', 0, 'closed', 0, 'ct', ARGV[3], 'created', ARGV[4],
-  'owner', ARGV[5], 'bytes', 0)
+  'owner', ARGV[5], 'bytes', 0, 'call', ARGV[6])
 return 'OK'
 """
 
@@ -285,29 +290,32 @@ return {tonumber(f[1]), tonumber(f[2])}
 """
 
 # ARGV: p, generation, stream, content type, owner (JSON), created_at, max active of the
-# owner (-1: any), n_fields, fields…, has_session_write, session write…  Creates the stream,
-# the record and the session write.
+# owner (-1: any), call token, n_fields, fields…, has_session_write, session write…  Creates
+# the stream, the record and the session write.
 CREATE_GENERATION = r"""
 local gid, sid = ARGV[2], ARGV[3]
 local gkey = p..'g:'..gid
-if redis.call('EXISTS', gkey) == 1 then return 'OK' end  -- a retry after a lost reply
 local skey = p..'s:'..sid
-if redis.call('EXISTS', skey) == 1 then return 'E:exists' end
+if redis.call('EXISTS', skey) == 1 then
+  if redis.call('HGET', skey, 'call') == ARGV[8] then return 'OK' end  -- this call, retried
+  return 'E:exists'
+end
+if redis.call('EXISTS', gkey) == 1 then return 'E:exists' end
 local most = tonumber(ARGV[7])
 if most >= 0 and ARGV[5] ~= 'null' then
   local active = redis.call('SCARD', p..'oa:'..ARGV[5])
   if active >= most then return 'E:max_generations_per_user:'..active end
 end
-local n = tonumber(ARGV[8])
-local after = 9 + 2 * n
+local n = tonumber(ARGV[9])
+local after = 10 + 2 * n
 if ARGV[after] == '1' then
   local err = session_write(after + 1, gid)  -- checks first: a refusal writes nothing
   if err then return err end
 end
 redis.call('HSET', skey, 'next', 0, 'closed', 0, 'ct', ARGV[4], 'created', ARGV[6],
-  'owner', ARGV[5], 'bytes', 0)
-set_gen_fields(gid, 9, n)
+  'owner', ARGV[5], 'bytes', 0, 'call', ARGV[8])
 redis.call('HSET', gkey, 'text_chars', 0)
+set_gen_fields(gid, 10, n)
 redis.call('ZADD', p..'gens', ARGV[6], gid)
 local owning = str(redis.call('HGET', gkey, 'session_id'))
 if owning then redis.call('ZADD', p..'sg:'..owning, ARGV[6], gid) end
@@ -350,16 +358,20 @@ set_gen_fields(gid, k + 3, tonumber(ARGV[k + 2]))
 return 1
 """
 
-# ARGV: p, generation, from (JSON), to (JSON), max_continuations, n_allowed, allowed…
+# ARGV: p, generation, from (JSON), to (JSON), max_continuations, call token, n_allowed,
+# allowed…
 CLAIM_GENERATION = r"""
 local gkey = p..'g:'..ARGV[2]
-local g = redis.call('HMGET', gkey, 'status', 'worker_id', 'cancel_requested', 'continuations')
+local g = redis.call('HMGET', gkey, 'status', 'worker_id', 'cancel_requested', 'continuations',
+  'claim')
 if g[1] == false then return 0 end
+if g[5] == ARGV[6] then return 1 end  -- this claim, retried after a lost reply
 local allowed = false
-for j = 7, 6 + tonumber(ARGV[6]) do if ARGV[j] == g[1] then allowed = true end end
+for j = 8, 7 + tonumber(ARGV[7]) do if ARGV[j] == g[1] then allowed = true end end
 if not allowed or g[2] ~= ARGV[3] or g[3] == 'true' then return 0 end
 if tonumber(g[4]) >= tonumber(ARGV[5]) then return 0 end
-redis.call('HSET', gkey, 'worker_id', ARGV[4], 'continuations', tonumber(g[4]) + 1)
+redis.call('HSET', gkey, 'worker_id', ARGV[4], 'continuations', tonumber(g[4]) + 1,
+  'claim', ARGV[6])
 return 1
 """
 
@@ -384,11 +396,13 @@ redis.call('HSET', p..'workers', ARGV[2], ARGV[3])
 return existed
 """
 
-# ARGV: p, session, owner (JSON), max_open (-1: none), if_absent, n_fields, fields…
+# ARGV: p, session, owner (JSON), max_open (-1: none), if_absent, call token, n_fields,
+# fields…
 CREATE_SESSION = r"""
 local id = ARGV[2]
 local skey = p..'S:'..id
 if redis.call('EXISTS', skey) == 1 then
+  if redis.call('HGET', skey, 'call') == ARGV[6] then return 1 end  -- this call, retried
   if ARGV[5] == '1' then return 0 end
   return 'E:exists'
 end
@@ -397,8 +411,8 @@ if maximum >= 0 then
   local err = open_below(ARGV[3], maximum, nil)
   if err then return err end
 end
-for j = 7, 6 + 2 * tonumber(ARGV[6]), 2 do redis.call('HSET', skey, ARGV[j], ARGV[j + 1]) end
-redis.call('HSET', skey, 'msg_bytes', 0)
+for j = 8, 7 + 2 * tonumber(ARGV[7]), 2 do redis.call('HSET', skey, ARGV[j], ARGV[j + 1]) end
+redis.call('HSET', skey, 'msg_bytes', 0, 'call', ARGV[6])
 session_index(id)
 return 1
 """
@@ -432,7 +446,7 @@ if err then return err end
 return 'OK'
 """
 
-# ARGV: p, node, session
+# ARGV: p, node, session. Returns the deleted streams.
 DELETE_SESSION = r"""
 local id = ARGV[3]
 local skey = p..'S:'..id
@@ -449,7 +463,7 @@ local changed = {}
 for _, gid in ipairs(redis.call('ZRANGE', p..'sg:'..id, 0, -1)) do
   local g = redis.call('HMGET', p..'g:'..gid, 'stream_id', 'owner')
   local sid = str(g[1])
-  if sid and delete_stream(sid) == 1 then changed[#changed + 1] = sid end
+  if sid and delete_stream(sid) > 0 then changed[#changed + 1] = sid end
   redis.call('DEL', p..'g:'..gid, p..'t:'..gid)
   redis.call('ZREM', p..'gens', gid)
   redis.call('SREM', p..'active', gid)
@@ -457,7 +471,7 @@ for _, gid in ipairs(redis.call('ZRANGE', p..'sg:'..id, 0, -1)) do
 end
 redis.call('DEL', skey, p..'SM:'..id, p..'SK:'..id, p..'sg:'..id, p..'sa:'..id)
 publish(ARGV[2], changed)
-return 'OK'
+return changed
 """
 
 # ARGV: p, session. Returns the messages' JSON, each followed by its generation's status

@@ -16,7 +16,7 @@ from ..types import (
 )
 from ._codec import check, dumps, field_pairs, record_from_hash, session_write_args
 from ._codec import names as names_of
-from ._store import RedisStore, unavailable_on_error
+from ._store import RedisStore, call_token, unavailable_on_error
 
 _SESSION_FIELDS = tuple(SessionRecord.blank("").to_row())
 
@@ -40,6 +40,7 @@ class RedisSessionStore:
             dumps(record.owner),
             -1 if max_open is None else max_open,
             int(if_absent),
+            call_token(),
             len(pairs) // 2,
             *pairs,
         )
@@ -84,7 +85,7 @@ class RedisSessionStore:
         reply = await self.streams.run(
             self.streams.scripts.delete_session, self.streams.node_id, session_id
         )
-        check(reply, session_id)
+        self.streams.wake(names_of(check(reply, session_id)))
 
     async def add_messages(self, write: SessionWrite) -> None:
         """Apply a session write on its own."""

@@ -59,6 +59,11 @@ def unavailable_on_error() -> Iterator[None]:
         raise StoreUnavailable(f"Redis: {exc}") from exc
 
 
+def call_token() -> str:
+    """A token naming one call of a creating script (its retry is then recognised)."""
+    return uuid.uuid4().hex
+
+
 class Scripts:
     """The Lua scripts, registered on a client (sent by SHA, loaded again if Redis lost them)."""
 
@@ -283,7 +288,12 @@ class RedisStore:
     ) -> None:
         """Create an empty, open stream. Raises ``StreamExists``."""
         reply = await self.run(
-            self.scripts.create_stream, stream_id, content_type, dumps(time.time()), dumps(None)
+            self.scripts.create_stream,
+            stream_id,
+            content_type,
+            dumps(time.time()),
+            dumps(None),
+            call_token(),
         )
         check(reply, stream_id)
 
@@ -310,6 +320,10 @@ class RedisStore:
         """Delete a stream and its messages. Raises ``StreamNotFound``."""
         check(await self.run(self.scripts.delete_stream, self.node_id, stream_id), stream_id)
         self._events.wake([stream_id])
+
+    def wake(self, stream_ids: list[str]) -> None:
+        """Wake this node's readers of ``stream_ids`` (after a write that changed them)."""
+        self._events.wake(stream_ids)
 
     def change_event(self, stream_id: str) -> anyio.Event:
         """The event the next committed change to ``stream_id`` sets (take it before reading)."""
@@ -385,6 +399,7 @@ class RedisStore:
             dumps(record.owner),
             dumps(record.created_at),
             -1 if max_active_per_owner is None else max_active_per_owner,
+            call_token(),
             len(pairs) // 2,
             *pairs,
         ]
@@ -451,6 +466,7 @@ class RedisStore:
             dumps(from_worker),
             dumps(to_worker),
             max_continuations,
+            call_token(),
             len(allowed),
             *allowed,
         )
