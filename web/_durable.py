@@ -24,9 +24,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from store import (
-    Chunk,
     CreateRequest,
-    DurableStreams,
     Producer,
     StreamGone,
     StreamInfo,
@@ -37,6 +35,7 @@ from store import (
 )
 
 from ._auth import access_of, current_user
+from ._durable_streams import Chunk, DurableStreams
 from ._errors import BadRequest, NotAvailable
 from ._generations import app_state, read_body, sse_response
 from ._json import encode_json, parse_json

@@ -14,7 +14,6 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from store import (
-    DurableStreams,
     GenerationNotFound,
     GenerationRecord,
     StoreBackend,
@@ -24,6 +23,7 @@ from store import (
 from streaming import GenerationPool, GenerationRequest, SessionManager, decode_event
 
 from ._auth import check_event_token, current_user, event_token, events_url
+from ._durable_streams import DurableStreams
 from ._errors import BadRequest, InvalidRequest, PayloadTooLarge, Unauthorized
 from ._json import JSONResponse, parse_json
 from ._limits import OpenReaders, StoredBytes

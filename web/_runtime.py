@@ -14,7 +14,6 @@ from types import TracebackType
 from typing import Self
 
 from store import (
-    DurableStreams,
     RedisSessionStore,
     RedisStore,
     SessionBackend,
@@ -36,6 +35,7 @@ from streaming import (
 )
 
 from ._auth import Access, ApiKeys, Authenticate
+from ._durable_streams import DurableStreams
 from ._errors import NotStarted
 from ._generations import AppState
 from ._limits import OpenReaders, StoredBytes
