@@ -361,6 +361,10 @@ class Recorder(asyncio.Protocol):
     connection before the measured phase. ``post`` (optional): ``POST /v1/generations``,
     whose 202 names the stream. ``stream``: one ``GET`` with ``Connection: close`` whose every
     read is recorded with its receipt time until the server closes.
+
+    A stream may also be read on another connection (another node, say): a posting
+    recorder with ``on_accepted`` set hands the 202's id to it, e.g. to a warmed recorder's
+    ``follow``, and closes instead of sending its own ``GET``.
     """
 
     def __init__(
@@ -378,6 +382,7 @@ class Recorder(asyncio.Protocol):
         self.closed: asyncio.Future[None] = loop.create_future()
         self.error: str | None = None
         self.generation_id: str | None = None
+        self.on_accepted: Callable[[str], None] | None = None
         self._warm = warm
         self._buf = b""
         self.connect_ns = time.time_ns()
@@ -416,6 +421,19 @@ class Recorder(asyncio.Protocol):
                 "POST", "/v1/generations", self.host, body=self.post_body, headers=JSON_HEADERS
             )
         )
+
+    def follow(self, generation_id: str) -> None:
+        """Stream ``generation_id``, started on another connection, on this warmed one."""
+        if self.state != "idle" or self.transport is None or self.transport.is_closing():
+            self._fail(f"connection not ready to follow (state {self.state})")
+            return
+        self.generation_id = generation_id
+        self.get_path = self.get_path.format(id=generation_id)
+        self._send_get()
+
+    def drop(self, error: str) -> None:
+        """Give up on this connection: note ``error`` and close it."""
+        self._fail(error)
 
     def _send_get(self) -> None:
         assert self.transport is not None
@@ -465,8 +483,15 @@ class Recorder(asyncio.Protocol):
             if status != 202:
                 self._fail(f"POST answered {status}: {body[:200]!r}")
                 return
-            self.generation_id = json.loads(body)["id"]
-            self.get_path = self.get_path.format(id=self.generation_id)
+            generation_id: str = json.loads(body)["id"]
+            self.generation_id = generation_id
+            if self.on_accepted is not None:  # read elsewhere: hand it over, close
+                self.state = "handed over"
+                self.on_accepted(generation_id)
+                if self.transport is not None:
+                    self.transport.close()
+                return
+            self.get_path = self.get_path.format(id=generation_id)
             self._send_get()
         else:
             self._fail(f"unexpected bytes in state {self.state}: {data[:80]!r}")
@@ -474,7 +499,7 @@ class Recorder(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         """Note the end (the server closes after the SSE response)."""
         self.end_ns = time.time_ns()
-        if self.state != "stream" and self.error is None:
+        if self.state not in ("stream", "handed over") and self.error is None:
             self.error = f"closed by the server in state {self.state}" + (
                 " (uvicorn's keep-alive timeout?)" if self.state == "idle" else ""
             )

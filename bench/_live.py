@@ -1,4 +1,5 @@
-"""Live fan-out runs: C generations, each followed by one SSE reader, against one server."""
+"""Live fan-out runs: C generations, each followed by one SSE reader, against one server, or
+against the nodes of one Redis (the client processes spread over them round-robin)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
+from bench._deployment import Deployment, deployed
 from bench._live_client import (
     LiveClientResult,
     LiveSpec,
@@ -26,11 +28,11 @@ from bench._live_client import (
 from bench._servers import (
     CLOCK_TICKS,
     Profile,
+    RedisMemory,
     Sample,
     Sampler,
     Server,
-    baseline_server,
-    keepstream_server,
+    get_json,
     kill,
     longest_commit_gap,
     scrape_metrics,
@@ -49,6 +51,7 @@ STORE_COUNTERS = {
     "commits": "keepstream_commits_total",
 }
 COMPACTION_WAIT = 60.0  # seconds the server gets to compact the finished answers after a run
+TEXT_SAMPLE = 50  # generations whose text is read back to estimate the answers' text on Redis
 
 
 @dataclass
@@ -61,9 +64,12 @@ class LiveOutcome:
     tokens_each: int
     streams: list[StreamRecord] = field(default_factory=list)
     latencies_ms: array[float] = field(default_factory=lambda: array("d"))  # sorted
+    cross_latencies_ms: array[float] = field(default_factory=lambda: array("d"))  # other node
+    local_latencies_ms: array[float] = field(default_factory=lambda: array("d"))  # same node
     schedule_latencies_ms: array[float] = field(default_factory=lambda: array("d"))  # sorted
     wall: float = 0.0
-    server_cores: float | None = None
+    node_cores: list[float | None] = field(default_factory=list)  # each node, while streaming
+    redis_cores: float | None = None  # the redis-server the nodes share, while streaming
     client_cores: float = 0.0
     client_parse_s: float = 0.0
     store_before: dict[str, Any] | None = None
@@ -75,11 +81,15 @@ class LiveOutcome:
     client_loop: str = ""
     open_phase: float = 0.0  # first connect → last connection warmed, s (longest client)
     db_bytes: int | None = None  # keepstream's SQLite file right after the run
-    samples: list[Sample] = field(default_factory=list)  # the server, polled during the run
+    samples: list[list[Sample]] = field(default_factory=list)  # each node, polled while streaming
     wal_bytes: int | None = None  # and its WAL
-    text_bytes: int | None = None  # the answers' text (UTF-8) in that file
+    text_bytes: int | None = None  # the answers' text (UTF-8) in that file, or on Redis
+    stored_tokens: int | None = None  # on Redis: the tokens generated (estimated, as the text)
     checkpointed_bytes: int | None = None  # the file once compacted and checkpointed
     used_bytes: int | None = None  # ... and its pages in use (not free)
+    redis_before: RedisMemory | None = None  # Redis's memory right before the streaming phase
+    redis_after: RedisMemory | None = None  # ... and once every stream ended
+    aof_bytes: int | None = None  # Redis's append-only file once every stream ended
 
     # -- derived figures --------------------------------------------------------------------------
 
@@ -100,6 +110,18 @@ class LiveOutcome:
     def schedule_latency(self, q: float) -> float | None:
         """The ``q``-quantile of schedule-to-receipt latency, ms."""
         return percentile(self.schedule_latencies_ms, q)
+
+    def latency_where(self, q: float, *, cross: bool) -> float | None:
+        """The ``q``-quantile of stamp-to-receipt latency of the streams read on another
+        node than the one that ran them (``cross``), or on the same one, ms."""
+        return percentile(self.cross_latencies_ms if cross else self.local_latencies_ms, q)
+
+    @property
+    def server_cores(self) -> float | None:
+        """The servers' CPU while streaming, summed over the nodes, in cores."""
+        if not self.node_cores or None in self.node_cores:
+            return None
+        return sum(c for c in self.node_cores if c is not None)
 
     @property
     def expected_duration(self) -> float:
@@ -187,17 +209,27 @@ class LiveOutcome:
         return (max(sent) - min(posts)) / 1e9 if posts and sent else 0.0
 
     def slowest_health_ms(self) -> float | None:
-        """The slowest ``/healthz`` answer while streaming, ms (a blocked event loop)."""
-        answers = [x.answer_s for x in self.samples if x.answer_s is not None]
+        """The slowest ``/healthz`` answer of any node while streaming, ms (a blocked event
+        loop)."""
+        answers = [x.answer_s for node in self.samples for x in node if x.answer_s is not None]
         return max(answers) * 1e3 if answers else None
 
     def commit_gap_s(self) -> float | None:
-        """The longest time without a commit while streaming, as sampled, s."""
-        return longest_commit_gap(self.samples)
+        """The longest time a node made no commit while streaming, as sampled, s."""
+        gaps = [g for node in self.samples if (g := longest_commit_gap(node)) is not None]
+        return max(gaps, default=None)
+
+    def _rounds(self) -> list[list[Sample]]:
+        """The samples by polling round: every node's sample of that round."""
+        return [list(round_) for round_ in zip(*self.samples, strict=False)]
 
     def peak_cores(self) -> float | None:
-        """The busiest second of the server while streaming, in cores."""
-        ticks = [(x.t, x.cpu_ticks) for x in self.samples if x.cpu_ticks is not None]
+        """The busiest second of the servers (all nodes) while streaming, in cores."""
+        ticks = [
+            (round_[0].t, sum(x.cpu_ticks for x in round_ if x.cpu_ticks is not None))
+            for round_ in self._rounds()
+            if all(x.cpu_ticks is not None for x in round_)
+        ]
         best = None
         j = 0
         for i in range(len(ticks)):
@@ -209,9 +241,9 @@ class LiveOutcome:
         return best
 
     def peak_rss_mb(self) -> float | None:
-        """The server's largest resident memory seen while streaming, MB."""
-        sizes = [x.rss_bytes for x in self.samples if x.rss_bytes is not None]
-        return max(sizes) / 1e6 if sizes else None
+        """The servers' largest resident memory (all nodes) seen while streaming, MB."""
+        sizes = [sum(x.rss_bytes or 0 for x in round_) for round_ in self._rounds()]
+        return max(sizes) / 1e6 if any(sizes) else None
 
     def disk_per_text(self, *, in_use: bool = True) -> float | None:
         """The compacted database's bytes (its pages in use, or the whole file) per byte
@@ -229,8 +261,28 @@ class LiveOutcome:
 
     def peak_wal_mb(self) -> float | None:
         """The largest WAL seen while streaming, MB."""
-        sizes = [x.wal_bytes for x in self.samples if x.wal_bytes is not None]
+        sizes = [x.wal_bytes for node in self.samples for x in node if x.wal_bytes is not None]
         return max(sizes) / 1e6 if sizes else None
+
+    def redis_growth(self, *, dataset: bool = False) -> int | None:
+        """How much Redis's memory (``used_memory``, or the data alone) grew over the
+        streaming phase, bytes."""
+        before, after = self.redis_before, self.redis_after
+        if before is None or after is None:
+            return None
+        return after.dataset - before.dataset if dataset else after.used - before.used
+
+    def redis_per_kilotoken(self, *, dataset: bool = False) -> float | None:
+        """Redis memory grown per 1,000 tokens generated (what Redis holds; the tokens
+        delivered when every stream was read to its end), bytes."""
+        growth = self.redis_growth(dataset=dataset)
+        tokens = self.stored_tokens or self.tokens
+        return growth / tokens * 1000 if growth is not None and tokens else None
+
+    def redis_per_text(self, *, dataset: bool = False) -> float | None:
+        """Redis memory grown per byte of the answers' text."""
+        growth = self.redis_growth(dataset=dataset)
+        return growth / self.text_bytes if growth is not None and self.text_bytes else None
 
     def store_delta(self, key: str) -> int | None:
         """How much a store counter (``STORE_COUNTERS``) grew during the run."""
@@ -239,10 +291,43 @@ class LiveOutcome:
         return int(self.store_after[key]) - int(self.store_before[key])
 
 
-def store_counters(server: Server) -> dict[str, Any]:
-    """The store's counters from ``/metrics`` (none for a server without them)."""
-    metrics = scrape_metrics(server.url)
-    return {key: metrics[name] for key, name in STORE_COUNTERS.items() if name in metrics}
+def store_counters(nodes: Sequence[Server]) -> dict[str, Any]:
+    """The store's counters from ``/metrics``, summed over the nodes (none for a server
+    without them)."""
+    scraped = [scrape_metrics(node.url) for node in nodes]
+    return {
+        key: sum(metrics[name] for metrics in scraped)
+        for key, name in STORE_COUNTERS.items()
+        if all(name in metrics for metrics in scraped)
+    }
+
+
+def sample_generations(
+    node: Server, streams: Sequence[StreamRecord], sample: int = TEXT_SAMPLE
+) -> tuple[int | None, int | None]:
+    """The answers' text (UTF-8 bytes) and tokens (``usage.output_tokens``) of every
+    generation started, estimated from up to ``sample`` of them, spread over the run and
+    read back from ``node``: their mean times the generations started."""
+    ids = [s.generation_id for s in streams if s.generation_id is not None]
+    sizes: list[int] = []
+    tokens: list[int] = []
+    for generation_id in ids[:: max(1, len(ids) // sample)][:sample]:
+        try:
+            record = get_json(f"{node.url}/v1/generations/{generation_id}")
+        except (OSError, ValueError):
+            continue
+        sizes.append(len(str(record.get("text") or "").encode()))
+        tokens.append(int((record.get("usage") or {}).get("output_tokens") or 0))
+    if not sizes:
+        return None, None
+    return round(sum(sizes) / len(sizes) * len(ids)), round(sum(tokens) / len(tokens) * len(ids))
+
+
+def cores(before: int | None, after: int | None, seconds: float) -> float | None:
+    """CPU used between two readings of clock ticks, in cores."""
+    if before is None or after is None or seconds <= 0:
+        return None
+    return (after - before) / CLOCK_TICKS / seconds
 
 
 def checkpointed_sizes(db: Path) -> tuple[int | None, int | None, int | None]:
@@ -276,66 +361,78 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     return values[index]
 
 
-def live_run(
-    server: Server,
-    opts: argparse.Namespace,
-    *,
-    global_deadline: float,
-    workdir: Path,
-    profile: bool,
-    processes: list[BaseProcess],
-) -> LiveOutcome:
-    """One live fan-out run against a started server.
-
-    The clients first open and warm every connection (the open phase, not measured as
-    streaming); on "go", the POSTs start at ``--start-rate`` and everything from then on —
-    wall time, server CPU, the store's counters, the profile — is the streaming phase.
-    """
+def client_specs(
+    nodes: Sequence[Server], opts: argparse.Namespace, *, open_at: float, deadline: float
+) -> list[LiveSpec]:
+    """Each client process's share of the run. The processes go to the nodes round-robin;
+    with several nodes, ``--cross-follow`` of each one's streams are read on the next node."""
     C, R, L = opts.concurrency, opts.rate, opts.tokens
-    outcome = LiveOutcome(server.kind, C, R, L)
     body = b'{"prompt":"%s","params":{"tokens_per_second":%s,"max_tokens":%d,"stamp":true}}' % (
         PROMPT.encode(),
         repr(R).encode(),
         L,
     )
     procs = max(1, min(opts.client_procs, C))
-    open_at = time.time() + CLIENT_START_DELAY
-    open_guess = C / opts.connect_rate if opts.connect_rate > 0 else 1.0
-    start_guess = C / opts.start_rate if opts.start_rate > 0 else 0.0
-    run_deadline = min(global_deadline, open_at + open_guess + start_guess + L / R + opts.run_slack)
-    ctx = multiprocessing.get_context("spawn")
-    pipes: list[multiprocessing.connection.Connection] = []
+    cross = opts.cross_follow if len(nodes) > 1 else 0.0
+    specs = []
     for j in range(procs):
-        share = C // procs + (1 if j < C % procs else 0)
-        spec = LiveSpec(
-            host="127.0.0.1",
-            port=server.port,
-            streams=share,
-            post_body=body,
-            open_at=open_at + (j / opts.connect_rate if opts.connect_rate > 0 else 0.0),
-            open_rate=opts.connect_rate / procs if opts.connect_rate > 0 else 0.0,
-            open_window=max(1, opts.connect_window // procs),
-            start_rate=opts.start_rate / procs if opts.start_rate > 0 else 0.0,
-            start_offset=j / opts.start_rate if opts.start_rate > 0 else 0.0,
-            deadline=run_deadline,
-            loop=opts.loop,
-            warm=opts.open_mode == "warm",
-            rate=R,
+        node, other = nodes[j % len(nodes)], nodes[(j + 1) % len(nodes)]
+        specs.append(
+            LiveSpec(
+                host="127.0.0.1",
+                port=node.port,
+                streams=C // procs + (1 if j < C % procs else 0),
+                post_body=body,
+                open_at=open_at + (j / opts.connect_rate if opts.connect_rate > 0 else 0.0),
+                open_rate=opts.connect_rate / procs if opts.connect_rate > 0 else 0.0,
+                open_window=max(1, opts.connect_window // procs),
+                start_rate=opts.start_rate / procs if opts.start_rate > 0 else 0.0,
+                start_offset=j / opts.start_rate if opts.start_rate > 0 else 0.0,
+                deadline=deadline,
+                loop=opts.loop,
+                warm=opts.open_mode == "warm",
+                rate=R,
+                follow_port=other.port if cross > 0 else 0,
+                cross_fraction=cross,
+            )
         )
-        parent_end, child_end = ctx.Pipe(duplex=True)
-        process = ctx.Process(
-            target=run_live_client, args=(spec, child_end), name=f"bench-client-{j}", daemon=True
-        )
-        process.start()
-        child_end.close()
-        processes.append(process)
-        pipes.append(parent_end)
+    return specs
 
-    messages: dict[str, dict[int, tuple[Any, ...]]] = {"opened": {}, "done": {}, "result": {}}
 
-    def receive(until: float, want: str) -> None:
+class Clients:
+    """The client processes of one run (started at once, registered in ``processes`` so that
+    they are killed whatever happens) and what each sent back, phase by phase: ``opened``,
+    ``done``, ``result``."""
+
+    def __init__(
+        self, specs: Sequence[LiveSpec], processes: list[BaseProcess], problems: list[str]
+    ) -> None:
+        self.messages: dict[str, dict[int, tuple[Any, ...]]] = {
+            "opened": {},
+            "done": {},
+            "result": {},
+        }
+        self.pipes: list[multiprocessing.connection.Connection] = []
+        self._processes = processes
+        self._problems = problems
+        ctx = multiprocessing.get_context("spawn")
+        for j, spec in enumerate(specs):
+            parent_end, child_end = ctx.Pipe(duplex=True)
+            process = ctx.Process(
+                target=run_live_client,
+                args=(spec, child_end),
+                name=f"bench-client-{j}",
+                daemon=True,
+            )
+            process.start()
+            child_end.close()
+            processes.append(process)
+            self.pipes.append(parent_end)
+
+    def receive(self, until: float, want: str) -> None:
         """Collect ``want`` messages from every client (or give up at ``until``)."""
-        got = messages[want]
+        got = self.messages[want]
+        pipes = self.pipes
         while time.time() < until:
             waiting = [p for i, p in enumerate(pipes) if i not in got]
             if not waiting:
@@ -348,85 +445,66 @@ def live_run(
                 except EOFError:
                     message = ("error", "exited without a result")
                 if message[0] == "error":
-                    outcome.problems.append(f"client {i} failed: {message[1]}")
-                    for phase in messages.values():
+                    self._problems.append(f"client {i} failed: {message[1]}")
+                    for phase in self.messages.values():
                         phase.setdefault(i, message)
                 else:
-                    messages[message[0]][i] = message
+                    self.messages[message[0]][i] = message
 
-    receive(run_deadline, "opened")
-    outcome.store_before = store_counters(server)
-    go_at = time.time() + 0.05
-    for i, pipe in enumerate(pipes):
-        if messages["opened"].get(i, ("",))[0] == "opened":
-            pipe.send(("go", go_at))
-    time.sleep(max(0.0, go_at - time.time()))
-    ticks0 = server.cpu_ticks()
-    t0 = time.time()
-    sampler = (
-        Sampler(server, interval=opts.sample_interval).start() if opts.sample_interval > 0 else None
-    )
-    spy = None
-    stream_guess = start_guess + L / R
-    if profile:
-        outcome.profile_file = workdir / f"py-spy-{server.kind}-{server.port}.txt"
-        spy = start_py_spy(
-            server.pid,
-            duration=stream_guess,
-            output=outcome.profile_file,
-            log=workdir / "py-spy.log",
-        )
-        if spy is None:
-            outcome.problems.append("py-spy not installed: no profile")
+    def go(self, at: float) -> None:
+        """Tell every client that opened its connections to start streaming at ``at``."""
+        for i, pipe in enumerate(self.pipes):
+            if self.messages["opened"].get(i, ("",))[0] == "opened":
+                pipe.send(("go", at))
 
-    receive(run_deadline + 10.0, "done")
-    ticks1 = server.cpu_ticks()
-    t1 = time.time()
-    if sampler is not None:
-        outcome.samples = sampler.stop()
-    if ticks0 is not None and ticks1 is not None and t1 > t0:
-        outcome.server_cores = (ticks1 - ticks0) / CLOCK_TICKS / (t1 - t0)
-    db = server.extra.get("db")
+    def close(self) -> list[LiveClientResult]:
+        """Reap the processes (killing the stuck) and return the results received."""
+        for child in self._processes:
+            child.join(timeout=5.0)
+            if child.is_alive():
+                child.kill()
+                child.join(timeout=5.0)
+        self._processes.clear()
+        for pipe in self.pipes:
+            pipe.close()
+        results = []
+        for i in range(len(self.pipes)):
+            message = self.messages["result"].get(i)
+            if message is None or message[0] != "result":
+                self._problems.append(f"client {i} sent no result")
+                continue
+            results.append(message[1])
+        return results
+
+
+def measure_store(outcome: LiveOutcome, deployment: Deployment) -> None:
+    """What the store holds once every stream ended: the SQLite file's sizes (compacted and
+    checkpointed), or Redis's memory and append-only file; and the store's counters."""
+    db = deployment.nodes[0].extra.get("db")
     if isinstance(db, Path):
         with contextlib.suppress(OSError):
             outcome.db_bytes = db.stat().st_size
             outcome.wal_bytes = Path(f"{db}-wal").stat().st_size
         outcome.checkpointed_bytes, outcome.used_bytes, outcome.text_bytes = checkpointed_sizes(db)
+    if deployment.redis is not None:
+        outcome.redis_after = deployment.redis.memory()
+        outcome.aof_bytes = deployment.redis.aof_bytes()
     try:
-        outcome.store_after = store_counters(server)
+        outcome.store_after = store_counters(deployment.nodes)
     except (OSError, ValueError) as exc:
         outcome.problems.append(f"/metrics after the run failed: {exc}")
-    receive(time.time() + RESULT_TIMEOUT, "result")
-    for child in processes:
-        child.join(timeout=5.0)
-        if child.is_alive():
-            child.kill()
-            child.join(timeout=5.0)
-    processes.clear()
-    for pipe in pipes:
-        pipe.close()
-    if spy is not None:
-        try:
-            spy.wait(timeout=stream_guess + 30.0)
-        except subprocess.TimeoutExpired:  # a stuck profiler must not lose the run
-            pass
-        kill(spy)
-        if outcome.profile_file is not None and outcome.profile_file.exists():
-            outcome.profile = summarise_profile(outcome.profile_file)
-        else:
-            outcome.problems.append("py-spy wrote no profile (see py-spy.log)")
 
-    latencies: list[int] = []
+
+def gather(outcome: LiveOutcome, results: Sequence[LiveClientResult], go_at: float) -> None:
+    """Fold the client processes' results into ``outcome``."""
+    local: list[int] = []
+    cross: list[int] = []
     schedule_latencies: list[int] = []
     finished: list[float] = []
-    for i in range(len(pipes)):
-        message = messages["result"].get(i)
-        if message is None or message[0] != "result":
-            outcome.problems.append(f"client {i} sent no result")
-            continue
-        result: LiveClientResult = message[1]
+    for result in results:
         outcome.streams.extend(result.streams)
-        latencies.extend(result.latencies)
+        local.extend(result.latencies)
+        cross.extend(result.cross_latencies)
         schedule_latencies.extend(result.schedule_latencies)
         finished.append(result.finished)
         outcome.client_cores += result.cpu_run
@@ -434,14 +512,24 @@ def live_run(
         outcome.deadline_hit = outcome.deadline_hit or result.deadline_hit
         outcome.client_loop = result.loop
         outcome.open_phase = max(outcome.open_phase, result.open_finished - result.open_started)
-    latencies.sort()
-    outcome.latencies_ms = array("d", [x / 1e6 for x in latencies])
-    schedule_latencies.sort()
-    outcome.schedule_latencies_ms = array("d", [x / 1e6 for x in schedule_latencies])
+    outcome.local_latencies_ms = sorted_ms(local)
+    outcome.cross_latencies_ms = sorted_ms(cross)
+    outcome.latencies_ms = sorted_ms(local + cross)
+    outcome.schedule_latencies_ms = sorted_ms(schedule_latencies)
     if finished:
         outcome.wall = max(finished) - go_at
         if outcome.wall > 0:
             outcome.client_cores /= outcome.wall
+
+
+def sorted_ms(nanoseconds: list[int]) -> array[float]:
+    """Durations in ns as sorted milliseconds."""
+    nanoseconds.sort()
+    return array("d", [x / 1e6 for x in nanoseconds])
+
+
+def note_problems(outcome: LiveOutcome) -> None:
+    """Add what went wrong with the streams, as the clients saw it, to the problems."""
     errors = [s.error for s in outcome.streams if s.error]
     if errors:
         outcome.problems.append(f"{len(errors)} stream errors, e.g. {errors[0]}")
@@ -450,6 +538,17 @@ def live_run(
     ]
     if bad_status:
         outcome.problems.append(f"{len(bad_status)} GETs answered {sorted(set(bad_status))}")
+    cut = [
+        s
+        for s in outcome.streams
+        if s.stats.status_code == 200 and s.stats.final_status is None and not s.error
+    ]
+    if cut:
+        outcome.problems.append(
+            f"{len(cut)} streams answered 200 and then ended without a final status event "
+            f"(closed by the server; {sum(s.cross for s in cut)} of them read on another node "
+            f"than their POST's; their tokens: {sum(s.stats.tokens for s in cut):,})"
+        )
     if outcome.open_phase > KEEP_ALIVE_WARNING:
         outcome.problems.append(
             f"opening the connections took {outcome.open_phase:.1f} s: idle ones may have hit "
@@ -457,6 +556,88 @@ def live_run(
         )
     if outcome.deadline_hit:
         outcome.problems.append("DEADLINE HIT: clients aborted; figures are partial")
+
+
+def start_profile(
+    outcome: LiveOutcome, server: Server, workdir: Path, duration: float
+) -> subprocess.Popen[bytes] | None:
+    """py-spy on ``server`` for the streaming phase (a problem noted if it is missing)."""
+    outcome.profile_file = workdir / f"py-spy-{outcome.kind}-{server.port}.txt"
+    spy = start_py_spy(
+        server.pid, duration=duration, output=outcome.profile_file, log=workdir / "py-spy.log"
+    )
+    if spy is None:
+        outcome.problems.append("py-spy not installed: no profile")
+    return spy
+
+
+def finish_profile(outcome: LiveOutcome, spy: subprocess.Popen[bytes], duration: float) -> None:
+    """Wait for py-spy (killed if stuck) and summarise what it wrote."""
+    try:
+        spy.wait(timeout=duration + 30.0)
+    except subprocess.TimeoutExpired:  # a stuck profiler must not lose the run
+        pass
+    kill(spy)
+    if outcome.profile_file is not None and outcome.profile_file.exists():
+        outcome.profile = summarise_profile(outcome.profile_file)
+    else:
+        outcome.problems.append("py-spy wrote no profile (see py-spy.log)")
+
+
+def live_run(
+    deployment: Deployment,
+    opts: argparse.Namespace,
+    *,
+    global_deadline: float,
+    workdir: Path,
+    profile: bool,
+    processes: list[BaseProcess],
+) -> LiveOutcome:
+    """One live fan-out run against started servers (one, or several nodes on one Redis).
+
+    The clients first open and warm every connection (the open phase, not measured as
+    streaming); on "go", the POSTs start at ``--start-rate`` and everything from then on —
+    wall time, server CPU, the store's counters, Redis's memory, the profile (of the first
+    node) — is the streaming phase.
+    """
+    C, R, L = opts.concurrency, opts.rate, opts.tokens
+    outcome = LiveOutcome(deployment.kind, C, R, L)
+    nodes, redis = deployment.nodes, deployment.redis
+    open_at = time.time() + CLIENT_START_DELAY
+    open_guess = C / opts.connect_rate if opts.connect_rate > 0 else 1.0
+    start_guess = C / opts.start_rate if opts.start_rate > 0 else 0.0
+    run_deadline = min(global_deadline, open_at + open_guess + start_guess + L / R + opts.run_slack)
+    specs = client_specs(nodes, opts, open_at=open_at, deadline=run_deadline)
+    clients = Clients(specs, processes, outcome.problems)
+
+    clients.receive(run_deadline, "opened")
+    outcome.store_before = store_counters(nodes)
+    outcome.redis_before = redis.memory() if redis is not None else None
+    go_at = time.time() + 0.05
+    clients.go(go_at)
+    time.sleep(max(0.0, go_at - time.time()))
+    ticks0, redis0, t0 = deployment.node_ticks(), deployment.redis_ticks(), time.time()
+    sampler = Sampler(nodes, interval=opts.sample_interval) if opts.sample_interval > 0 else None
+    if sampler is not None:
+        sampler.start()
+    stream_guess = start_guess + L / R
+    spy = start_profile(outcome, nodes[0], workdir, stream_guess) if profile else None
+
+    clients.receive(run_deadline + 10.0, "done")
+    ticks1, redis1, t1 = deployment.node_ticks(), deployment.redis_ticks(), time.time()
+    if sampler is not None:
+        outcome.samples = sampler.stop()
+    outcome.node_cores = [cores(a, b, t1 - t0) for a, b in zip(ticks0, ticks1, strict=True)]
+    outcome.redis_cores = cores(redis0, redis1, t1 - t0)
+    measure_store(outcome, deployment)
+    clients.receive(time.time() + RESULT_TIMEOUT, "result")
+    results = clients.close()
+    if spy is not None:
+        finish_profile(outcome, spy, stream_guess)
+    gather(outcome, results, go_at)
+    if redis is not None:
+        outcome.text_bytes, outcome.stored_tokens = sample_generations(nodes[0], outcome.streams)
+    note_problems(outcome)
     return outcome
 
 
@@ -468,7 +649,7 @@ def run_one_live(
     profile: bool,
     processes: list[BaseProcess],
 ) -> LiveOutcome | None:
-    """Start a fresh server of ``kind``, run one live round against it, always kill it.
+    """Start fresh servers of ``kind``, run one live round against them, always kill them.
 
     ``None`` when the round could not finish before the hard limit, so it was not started.
     """
@@ -482,32 +663,12 @@ def run_one_live(
     )
     if time.time() + need > global_deadline:
         return None
-    if kind == "keepstream":
-        server = keepstream_server(
-            workdir,
-            rate=R,
-            tokens=L,
-            capacity=C,
-            flush_interval=opts.flush_interval,
-            loop=opts.server_loop,
-            http=opts.server_http,
-            extra_args=opts.ks_arg,
-        )
-    else:
-        server = baseline_server(
-            workdir, rate=R, tokens=L, loop=opts.server_loop, http=opts.server_http
-        )
-    server.start()
-    try:
+    with deployed(kind, opts, workdir) as deployment:
         return live_run(
-            server,
+            deployment,
             opts,
             global_deadline=global_deadline,
             workdir=workdir,
             profile=profile,
             processes=processes,
         )
-    finally:
-        server.kill()
-        if not opts.keep_dir:
-            server.remove_database()  # WAL files reach GBs at C=1000

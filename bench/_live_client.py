@@ -3,12 +3,16 @@ the parent's signal, their SSE streams parsed only once they ended.
 
 One live stream is one connection (``bench._client.Recorder``): ``POST /v1/generations``
 (keep-alive), then ``GET /v1/generations/{id}/events`` with ``Connection: close`` on the same
-socket, so the server's close marks the end of the stream.
+socket, so the server's close marks the end of the stream. With several nodes on one store, a
+share of the streams (``LiveSpec.cross_fraction``) is read on another node instead: a second
+warmed connection, to ``follow_port``, sends that ``GET`` as soon as the POST's 202 came back
+on the first, which then closes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from array import array
 from dataclasses import dataclass, field
@@ -43,6 +47,18 @@ class LiveSpec:
     rate: float = 0.0  # the generations' token rate, for latency against the schedule
     loop: str = "uvloop"
     stamps: bool = True
+    follow_port: int = 0  # another node on the same store, for the streams read there
+    cross_fraction: float = 0.0  # the share of streams read on ``follow_port`` (warm only)
+
+    def crosses(self, index: int) -> bool:
+        """Whether stream ``index`` is read on ``follow_port`` (spread evenly over the
+        streams, so that the start ramp mixes both kinds)."""
+        f = self.cross_fraction
+        return (
+            self.warm
+            and self.follow_port > 0
+            and math.floor((index + 1) * f) > math.floor(index * f)
+        )
 
 
 @dataclass(slots=True)
@@ -57,6 +73,8 @@ class StreamRecord:
     get_sent_ns: int | None
     stats: StreamStats
     error: str | None = None
+    generation_id: str | None = None
+    cross: bool = False  # read on another node than the one it was started on
 
 
 @dataclass(slots=True)
@@ -64,7 +82,8 @@ class LiveClientResult:
     """Everything one client process measured."""
 
     streams: list[StreamRecord] = field(default_factory=list)
-    latencies: array[int] = field(default_factory=lambda: array("q"))
+    latencies: array[int] = field(default_factory=lambda: array("q"))  # read where started
+    cross_latencies: array[int] = field(default_factory=lambda: array("q"))  # on another node
     schedule_latencies: array[int] = field(default_factory=lambda: array("q"))
     open_started: float = 0.0  # wall clock: first connect
     open_finished: float = 0.0  # wall clock: last connection warmed
@@ -76,12 +95,85 @@ class LiveClientResult:
     loop: str = ""
 
 
+@dataclass(slots=True)
+class _Stream:
+    """One stream's connections: ``reader`` reads it and, unless ``poster`` (on another node)
+    does, starts it."""
+
+    reader: Recorder | None = None
+    poster: Recorder | None = None
+
+    def start(self) -> None:
+        """Send the stream's POST."""
+        starter = self.poster or self.reader
+        if starter is not None:
+            starter.start()
+
+    def record(self, spec: LiveSpec, result: LiveClientResult) -> StreamRecord:
+        """Parse what the reader recorded (its token latencies go into ``result``)."""
+        reader, poster = self.reader, self.poster
+        if reader is None:
+            return StreamRecord(
+                0, None, None, None, None, None, StreamStats(), "not opened before the deadline"
+            )
+        stats = parse_reads(
+            reader.reads,
+            expect_offset=0,
+            stamps=spec.stamps,
+            latencies=result.latencies if poster is None else result.cross_latencies,
+            end_ns=reader.end_ns,
+            rate=spec.rate,
+            schedule_latencies=result.schedule_latencies,
+        )
+        reader.reads = []
+        starter = poster or reader
+        warmed = [r.warmed_ns for r in (reader, poster) if r is not None]
+        return StreamRecord(
+            connect_ns=reader.connect_ns,
+            connected_ns=reader.connected_ns,
+            warmed_ns=None if None in warmed else max(w for w in warmed if w is not None),
+            post_sent_ns=starter.post_sent_ns,
+            accepted_ns=starter.accepted_ns,
+            get_sent_ns=reader.get_sent_ns,
+            stats=stats,
+            error=reader.error or starter.error,
+            generation_id=reader.generation_id or starter.generation_id,
+            cross=poster is not None,
+        )
+
+
+def _pair(poster: Recorder, reader: Recorder) -> None:
+    """Have ``reader`` follow the generation ``poster`` starts, and give up on it when the
+    poster's connection ends without one."""
+    poster.on_accepted = reader.follow
+
+    def gone(_: object) -> None:
+        if reader.state == "idle":
+            reader.drop(f"never followed: {poster.error or 'the POST connection closed'}")
+
+    poster.closed.add_done_callback(gone)
+
+
 async def _live(spec: LiveSpec, conn: Connection) -> LiveClientResult:
     loop = asyncio.get_running_loop()
     result = LiveClientResult(loop=type(loop).__module__.split(".")[0])
-    host = f"{spec.host}:{spec.port}"
     window = asyncio.Semaphore(max(1, spec.open_window))
-    recorders: list[Recorder] = []
+    recorders: list[Recorder] = []  # every connection
+    streams = [_Stream() for _ in range(spec.streams)]
+
+    async def connect(port: int, *, warm: bool, post: bool) -> Recorder:
+        recorder = Recorder(
+            f"{spec.host}:{port}",
+            get_path="/v1/generations/{id}/events",
+            post_body=spec.post_body if post else None,
+            warm=warm,
+        )
+        recorders.append(recorder)
+        try:
+            await loop.create_connection(lambda: recorder, spec.host, port)
+        except OSError as exc:
+            recorder.abandon(f"connect failed: {exc!r}")
+        return recorder
 
     async def open_one(index: int, *, warm: bool, at: float, rate: float) -> None:
         if rate > 0:
@@ -89,17 +181,16 @@ async def _live(spec: LiveSpec, conn: Connection) -> LiveClientResult:
             if delay > 0:
                 await asyncio.sleep(delay)
         async with window:
-            recorder = Recorder(
-                host, get_path="/v1/generations/{id}/events", post_body=spec.post_body, warm=warm
-            )
-            recorders.append(recorder)
-            try:
-                await loop.create_connection(lambda: recorder, spec.host, spec.port)
-            except OSError as exc:
-                recorder.abandon(f"connect failed: {exc!r}")
+            stream = streams[index]
+            if spec.crosses(index):  # read on the other node, started here
+                stream.reader = await connect(spec.follow_port, warm=True, post=False)
+                stream.poster = await connect(spec.port, warm=True, post=True)
+                _pair(stream.poster, stream.reader)
+                await asyncio.wait([stream.reader.ready, stream.poster.ready])
                 return
+            stream.reader = await connect(spec.port, warm=warm, post=True)
             # Warm: until /healthz answered. Lazy: until the GET is sent (the 202 came back).
-            await (recorder.ready if warm else recorder.opened)
+            await (stream.reader.ready if warm else stream.reader.opened)
 
     async def wait_all(futures: list[asyncio.Future[None]]) -> bool:
         """Whether all finished before the deadline."""
@@ -130,14 +221,14 @@ async def _live(spec: LiveSpec, conn: Connection) -> LiveClientResult:
         if delay > 0:
             await asyncio.sleep(delay)
         if spec.start_rate > 0:
-            for i, recorder in enumerate(recorders):
+            for i, stream in enumerate(streams):
                 due = go_at + spec.start_offset + i / spec.start_rate - time.time()
                 if due > 0:
                     await asyncio.sleep(due)
-                recorder.start()
+                stream.start()
         else:
-            for recorder in recorders:
-                recorder.start()
+            for stream in streams:
+                stream.start()
         ok = await wait_all([r.closed for r in recorders])
     elif ok:  # lazy: connect and POST in one go, at the start rate, while others stream
         at = go_at + spec.start_offset
@@ -161,42 +252,7 @@ async def _live(spec: LiveSpec, conn: Connection) -> LiveClientResult:
     conn.send(("done", result.finished, result.cpu_run))
 
     cpu1 = cpu_seconds()
-    for recorder in recorders:
-        stats = parse_reads(
-            recorder.reads,
-            expect_offset=0,
-            stamps=spec.stamps,
-            latencies=result.latencies,
-            end_ns=recorder.end_ns,
-            rate=spec.rate,
-            schedule_latencies=result.schedule_latencies,
-        )
-        recorder.reads = []
-        result.streams.append(
-            StreamRecord(
-                connect_ns=recorder.connect_ns,
-                connected_ns=recorder.connected_ns,
-                warmed_ns=recorder.warmed_ns,
-                post_sent_ns=recorder.post_sent_ns,
-                accepted_ns=recorder.accepted_ns,
-                get_sent_ns=recorder.get_sent_ns,
-                stats=stats,
-                error=recorder.error,
-            )
-        )
-    for _ in range(spec.streams - len(recorders)):  # never opened before the deadline
-        result.streams.append(
-            StreamRecord(
-                0,
-                None,
-                None,
-                None,
-                None,
-                None,
-                StreamStats(),
-                error="not opened before the deadline",
-            )
-        )
+    result.streams = [stream.record(spec, result) for stream in streams]
     result.cpu_parse = cpu_seconds() - cpu1
     return result
 

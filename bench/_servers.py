@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -24,6 +25,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -229,24 +231,31 @@ def keepstream_server(
     capacity: int,
     flush_interval: float | None,
     db: Path | None = None,
+    store: str | None = None,
     loop: str = "auto",
     http: str = "auto",
     extra_args: Sequence[str] = (),
 ) -> Server:
-    """A ``keepstream serve`` on a fresh SQLite file (or ``db``), not yet started.
+    """A ``keepstream serve`` on a fresh SQLite file (or ``db``), or on ``store`` (a
+    ``redis://`` URL, say, shared with other nodes), not yet started.
 
     ``loop``/``http`` other than ``auto`` are passed as ``--loop``/``--http``; ``extra_args``
     are appended as given (e.g. ``--coalesce-window 0.05``).
     """
     port = free_port()
-    db = db or directory / f"keepstream-{port}.db"
+    extra: dict[str, Any] = {}
+    if store is None:
+        db = db or directory / f"keepstream-{port}.db"
+        where = ["--db", str(db)]
+        extra["db"] = db
+    else:
+        where = ["--store", store]
     command = [
         sys.executable,
         "-m",
         _SERVER_MODULE,
         "serve",
-        "--db",
-        str(db),
+        *where,
         "--port",
         str(port),
         "--log-level",
@@ -269,9 +278,7 @@ def keepstream_server(
     if http != "auto":
         command += ["--http", http]
     command += list(extra_args)
-    return Server(
-        "keepstream", command, port, directory / f"keepstream-{port}.log", extra={"db": db}
-    )
+    return Server("keepstream", command, port, directory / f"keepstream-{port}.log", extra=extra)
 
 
 def baseline_server(
@@ -297,6 +304,117 @@ def baseline_server(
         http,
     ]
     return Server("baseline", command, port, directory / f"baseline-{port}.log")
+
+
+@dataclass(frozen=True, slots=True)
+class RedisMemory:
+    """Redis's memory at one moment (``INFO memory``), bytes: all of it (``used_memory``:
+    the data, and the overhead of clients' buffers, scripts, the AOF buffer …) and the
+    data alone (``used_memory_dataset``)."""
+
+    used: int
+    dataset: int
+
+
+@dataclass
+class RedisServer:
+    """A ``redis-server`` of the benchmark's own on 127.0.0.1, with its data in ``directory``.
+
+    Configured so that keepstream's persistence check passes (an append-only file, fsynced
+    every second; no RDB snapshots, which would fork mid-run); killed like every server.
+    """
+
+    directory: Path
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """The ``--store`` URL of its database 0."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def log(self) -> Path:
+        """What the server printed."""
+        return self.directory.parent / f"redis-{self.port}.log"
+
+    def start(self) -> RedisServer:
+        """Start the process and wait until it answers ``PING``."""
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed (needed for --store redis)")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.proc = spawn(
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.directory),
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "everysec",
+                "--save",
+                "",
+                "--daemonize",
+                "no",
+            ],
+            log=self.log,
+        )
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"redis-server exited with {self.proc.returncode}:\n"
+                    f"{self.log.read_text(errors='replace')[-2000:]}"
+                )
+            try:
+                self.info("server")
+                return self
+            except (OSError, redis.RedisError):
+                time.sleep(0.05)
+        self.kill()
+        raise RuntimeError(f"redis-server did not start within {STARTUP_TIMEOUT} s")
+
+    def info(self, section: str) -> dict[str, Any]:
+        """``INFO section``, parsed."""
+        with redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=10) as client:
+            answer: dict[str, Any] = client.info(section)
+        return answer
+
+    def memory(self) -> RedisMemory | None:
+        """``used_memory`` and ``used_memory_dataset`` from ``INFO memory``; ``None`` if it
+        did not answer."""
+        try:
+            info = self.info("memory")
+            return RedisMemory(int(info["used_memory"]), int(info["used_memory_dataset"]))
+        except (OSError, redis.RedisError, KeyError, ValueError):
+            return None
+
+    def aof_bytes(self) -> int | None:
+        """The size of the append-only file(s) so far, bytes."""
+        try:
+            return sum(path.stat().st_size for path in self.directory.rglob("*.aof"))
+        except OSError:
+            return None
+
+    def cpu_ticks(self) -> int | None:
+        """utime + stime of the server process so far (clock ticks)."""
+        return cpu_ticks(self.proc.pid) if self.proc is not None else None
+
+    def kill(self) -> None:
+        """SIGKILL the server (if it was started) and forget it."""
+        if self.proc is not None:
+            kill(self.proc)
+            if self.proc in STARTED:
+                STARTED.remove(self.proc)
+
+    def remove_data(self) -> None:
+        """Delete its data directory (after kill)."""
+        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 # -- profiling ------------------------------------------------------------------------------------
@@ -441,21 +559,22 @@ class Sample:
 
 
 class Sampler:
-    """Polls a server every ``interval`` seconds on a thread of its own until stopped.
+    """Polls servers (one, or the nodes of one deployment) every ``interval`` seconds on a
+    thread of its own until stopped; ``samples[i]`` holds the ``i``-th server's.
 
-    Cheap on purpose (one tiny request per interval): it shows *when* things stalled —
-    the longest time without a commit, the slowest ``/healthz`` answer (a blocked event loop),
-    the WAL's growth — which the per-token figures alone cannot.
+    Cheap on purpose (one tiny request per server and interval): it shows *when* things
+    stalled — the longest time without a commit, the slowest ``/healthz`` answer (a blocked
+    event loop), the WAL's growth — which the per-token figures alone cannot.
     """
 
-    def __init__(self, server: Server, *, interval: float = 0.1, timeout: float = 5.0) -> None:
-        self.samples: list[Sample] = []
-        self._server = server
+    def __init__(
+        self, servers: Sequence[Server], *, interval: float = 0.1, timeout: float = 5.0
+    ) -> None:
+        self.samples: list[list[Sample]] = [[] for _ in servers]
+        self._servers = list(servers)
         self._interval = interval
         self._timeout = timeout
         self._stop = threading.Event()
-        db = server.extra.get("db")
-        self._wal = Path(f"{db}-wal") if isinstance(db, Path) else None
         self._thread = threading.Thread(target=self._run, name="bench-sampler", daemon=True)
 
     def start(self) -> Sampler:
@@ -463,37 +582,43 @@ class Sampler:
         self._thread.start()
         return self
 
-    def stop(self) -> list[Sample]:
-        """Stop polling; return the samples."""
+    def stop(self) -> list[list[Sample]]:
+        """Stop polling; return the samples, per server."""
         self._stop.set()
-        self._thread.join(self._timeout + 1.0)
+        self._thread.join(self._timeout * len(self._servers) + 1.0)
         return self.samples
 
     def _run(self) -> None:
         while not self._stop.is_set():
             t = time.time()
-            ticks = self._server.cpu_ticks()  # read with t: /healthz may take seconds
-            answer: float | None = None
-            commits = rows = None
-            try:
-                metrics = scrape_metrics(self._server.url, timeout=self._timeout)
-                if not metrics:  # a server without /metrics (the baseline)
-                    get_json(f"{self._server.url}/healthz", timeout=self._timeout)
-                answer = time.time() - t
-                if "keepstream_commits_total" in metrics:
-                    commits = int(metrics["keepstream_commits_total"])
-                    rows = int(metrics["keepstream_messages_written_total"])
-            except (OSError, ValueError):
-                pass
-            wal = None
-            if self._wal is not None:
-                try:
-                    wal = self._wal.stat().st_size
-                except OSError:
-                    pass
-            rss = rss_bytes(self._server.pid)
-            self.samples.append(Sample(t, answer, commits, rows, wal, ticks, rss))
+            for server, samples in zip(self._servers, self.samples, strict=True):
+                samples.append(self._sample(server))
             self._stop.wait(max(0.0, t + self._interval - time.time()))
+
+    def _sample(self, server: Server) -> Sample:
+        """One look at one server."""
+        t = time.time()
+        ticks = server.cpu_ticks()  # read with t: /healthz may take seconds
+        answer: float | None = None
+        commits = rows = None
+        try:
+            metrics = scrape_metrics(server.url, timeout=self._timeout)
+            if not metrics:  # a server without /metrics (the baseline)
+                get_json(f"{server.url}/healthz", timeout=self._timeout)
+            answer = time.time() - t
+            if "keepstream_commits_total" in metrics:
+                commits = int(metrics["keepstream_commits_total"])
+                rows = int(metrics["keepstream_messages_written_total"])
+        except (OSError, ValueError):
+            pass
+        wal = None
+        db = server.extra.get("db")
+        if isinstance(db, Path):
+            try:
+                wal = Path(f"{db}-wal").stat().st_size
+            except OSError:
+                pass
+        return Sample(t, answer, commits, rows, wal, ticks, rss_bytes(server.pid))
 
 
 def longest_commit_gap(samples: list[Sample]) -> float | None:

@@ -6,6 +6,7 @@ Run on demand (not part of the test suite), with the project's virtualenv::
     python bench/bench_spine.py --quick         # C=50 L=100
     python bench/bench_spine.py --only live --repeat 3 --profile
     python bench/bench_spine.py --sweep 100,300,1000,2000   # the scaling table and plot
+    python bench/bench_spine.py --only live --store both --nodes 2 --no-baseline -C 300 --repeat 2
 
 1. **Live fan-out.** A fresh ``keepstream serve`` (new SQLite file) and, separately, the
    baseline (``bench/baseline_app.py``: the same simulated model streamed through plain
@@ -20,14 +21,32 @@ Run on demand (not part of the test suite), with the project's virtualenv::
    run on time), server and client CPU, the store's rows and commits, and whether anything
    fell behind. With ``--repeat N`` the two alternate (ks, base, base, ks, …) and medians are
    quoted.
+
+   **On Redis** (``--store redis``, or ``both`` for SQLite and Redis side by side in one
+   invocation, alternating like the baseline): the bench starts a ``redis-server`` of its own
+   (free loopback port, temporary ``--dir``, ``--appendonly yes --appendfsync everysec --save
+   ""``) and ``--nodes`` ``keepstream serve --store redis://…`` on it, each with the arguments
+   the SQLite server gets. The client processes (``--client-procs``, rounded up to a multiple
+   of the nodes, and then the same for every kind of server) go to the nodes round-robin, so
+   each node gets C/N connections; ``--cross-follow`` (half by default) of each process's
+   streams are POSTed on its node and read, from the 202 on, on the next one (a second warmed
+   connection). Reported besides: latency of the streams read on the node that runs them and
+   on another one, CPU per node and their sum, redis-server's CPU, the store counters summed
+   over the nodes (WAL and compaction figures are SQLite's: ``n/a``), and Redis's memory
+   (``INFO memory``: ``used_memory`` and ``used_memory_dataset``, right before "go" and once
+   every stream ended) per 1,000 tokens and per byte of the answers' text. On Redis the text
+   and the tokens (``usage.output_tokens``) are estimated from ``GET /v1/generations/{id}`` of
+   50 generations spread over the run, times the generations started (SQLite's text is
+   summed in the file). A line compares the two stores (ratios of medians).
 2. **Resume.** A finished 100,000-token generation read from offset 0: time to first byte and
    catch-up tokens/s, for (a) a generation made by the server as fast as possible (deltas
    coalesced) and (b) one written straight into the database with one token per event.
 
 Modules: ``_client`` (the HTTP client), ``_parse`` (parsing recorded responses),
-``_live_client`` (the live runs' client processes), ``_servers`` (server processes, sampling,
-py-spy), ``_live``, ``_resume`` and ``_report`` (the two parts and the printing),
-``baseline_app``.
+``_live_client`` (the live runs' client processes), ``_servers`` (server processes, Redis,
+sampling, py-spy), ``_deployment`` (the servers of one live run: SQLite, Redis nodes or the
+baseline), ``_live``, ``_resume`` and ``_report`` (the two parts and the printing),
+``baseline_app``. The resume part always runs on SQLite.
 
 The client is a raw-asyncio (uvloop) HTTP/1.1 client in separate processes (``--client-procs``)
 that records reads and parses them after the run (see ``bench/_client.py``). Every run has a
@@ -38,6 +57,7 @@ killed at exit.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import shutil
@@ -53,6 +73,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: make ``bench`` (and the core) importable
     sys.path.insert(0, str(ROOT))
 
+from bench._deployment import BASELINE, REDIS, STORE_KINDS, kinds, label  # noqa: E402
 from bench._live import LiveOutcome, run_one_live  # noqa: E402
 from bench._options import add_run_options, revision  # noqa: E402
 from bench._report import fmt, live_report, print_profile, resume_report  # noqa: E402
@@ -74,6 +95,8 @@ DEFAULT_RESUME_TOKENS = 100_000
 DEFAULT_RESUME_RUNS = 7
 DEFAULT_START_RATE = 500.0  # generations started (POSTs) per second
 DEFAULT_SAMPLE_INTERVAL = 0.1  # seconds between looks at the server while streaming
+DEFAULT_NODES = 2  # keepstream nodes on one Redis
+DEFAULT_CROSS_FOLLOW = 0.5  # with several nodes: the share of streams read on another node
 
 
 # -- main -----------------------------------------------------------------------------------------
@@ -167,6 +190,27 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--no-baseline", action="store_true", help="keepstream only")
     parser.add_argument(
+        "--store",
+        choices=tuple(STORE_KINDS),
+        default="sqlite",
+        help="the live part's keepstream: one node on SQLite, --nodes nodes on one Redis (a "
+        "redis-server of the bench's own), or both, alternating like the baseline",
+    )
+    parser.add_argument(
+        "--nodes",
+        type=int,
+        default=DEFAULT_NODES,
+        help="keepstream nodes on the one Redis; the client processes are spread over them "
+        "round-robin (--client-procs is rounded up to a multiple of it)",
+    )
+    parser.add_argument(
+        "--cross-follow",
+        type=float,
+        default=DEFAULT_CROSS_FOLLOW,
+        help="Redis, several nodes, --open-mode warm: the share of streams read on another "
+        "node than the one their POST started them on (0 = every stream on its own node)",
+    )
+    parser.add_argument(
         "--sweep",
         type=lambda text: [int(c) for c in text.split(",")],
         default=None,
@@ -236,6 +280,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--concurrency, --tokens, --rate and --repeat must be positive")
     if opts.sweep is not None and (not opts.sweep or min(opts.sweep) < 1):
         parser.error("--sweep takes positive concurrencies, e.g. 100,300,1000")
+    if opts.nodes < 1 or not 0 <= opts.cross_follow <= 1:
+        parser.error("--nodes must be positive and --cross-follow between 0 and 1")
+    if opts.store != "sqlite":  # the same client processes for every kind of server
+        opts.client_procs = math.ceil(opts.client_procs / opts.nodes) * opts.nodes
+    if opts.store == "sqlite" or opts.nodes == 1 or opts.open_mode != "warm":
+        opts.cross_follow = 0.0
     return opts
 
 
@@ -246,40 +296,51 @@ def live_rounds(
     processes: list[BaseProcess],
     out: Callable[[str], None],
 ) -> tuple[dict[str, list[LiveOutcome]], list[LiveOutcome]]:
-    """The live runs of each server (``--repeat`` each, interleaved), then the profiled
-    ones; each run is announced as it ends."""
-    kinds = ["keepstream"] if opts.no_baseline else ["keepstream", "baseline"]
+    """The live runs of each kind of server (``--repeat`` each, interleaved), then the
+    profiled ones; each run is announced as it ends."""
+    chosen = kinds(opts)
     plan = [
         (rep, kind, False)
         for rep in range(opts.repeat)
-        for kind in (kinds if rep % 2 == 0 else kinds[::-1])
+        for kind in (chosen if rep % 2 == 0 else chosen[::-1])
     ]
     # Profiled runs come last and stay out of the medians: py-spy takes CPU too.
     if opts.profile:
-        plan.append((opts.repeat, "keepstream", True))
+        plan.append((opts.repeat, chosen[0], True))  # keepstream (its first node)
     if opts.profile_baseline and not opts.no_baseline:
-        plan.append((opts.repeat, "baseline", True))
+        plan.append((opts.repeat, BASELINE, True))
     live_runs: dict[str, list[LiveOutcome]] = {}
     profiled: list[LiveOutcome] = []
     for rep, kind, profile in plan:
-        label = f"{kind:<10} " + ("profiled run" if profile else f"run {rep + 1}")
+        name = f"{label(kind, opts):<10} " + ("profiled run" if profile else f"run {rep + 1}")
         try:
             outcome = run_one_live(kind, opts, global_deadline, workdir, profile, processes)
         except RuntimeError as exc:  # the server did not start: say why, carry on
-            out(f"  {label}: FAILED: {str(exc).strip().splitlines()[-1]}")
+            out(f"  {name}: FAILED: {str(exc).strip().splitlines()[-1]}")
             continue
         if outcome is None:
-            out(f"  skipped {label}: not enough time before the hard limit")
+            out(f"  skipped {name}: not enough time before the hard limit")
             continue
         (profiled if profile else live_runs.setdefault(kind, [])).append(outcome)
+        redis = "" if kind != REDIS else f", redis {fmt(outcome.redis_cores, '.2f')} cores"
         out(
-            f"  {label}: {outcome.tokens:,} tokens, "
+            f"  {name}: {outcome.tokens:,} tokens, "
             f"{fmt(outcome.throughput)} tokens/s, p99 "
             f"{fmt(outcome.latency(0.99), '.1f', ' ms')}, server "
-            f"{fmt(outcome.server_cores, '.2f')} cores, client "
+            f"{fmt(outcome.server_cores, '.2f')} cores{redis}, client "
             f"{outcome.client_cores:.2f} cores ({outcome.client_loop})"
         )
     return live_runs, profiled
+
+
+def store_line(opts: argparse.Namespace) -> str:
+    """The header's line about the stores of the live part."""
+    redis = (
+        f"{opts.nodes} node(s) on one redis-server of the bench's own (appendonly, "
+        f"appendfsync everysec, no RDB), client processes round-robin over them, "
+        f"{opts.cross_follow:.0%} of the streams read on another node than their POST's"
+    )
+    return redis if opts.store == "redis" else f"one node on SQLite, and {redis}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -313,6 +374,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"  servers: uvicorn loop={opts.server_loop} http={opts.server_http}; keepstream extra "
         f"args: {' '.join(opts.ks_arg) or 'none'}"
     )
+    if opts.store != "sqlite":
+        out(f"  stores: {store_line(opts)}")
     out(f"  work dir {workdir}; hard limit {opts.time_limit:g} s")
     live_runs: dict[str, list[LiveOutcome]] = {}
     resume: list[ResumeOutcome] = []
