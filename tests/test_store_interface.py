@@ -51,10 +51,11 @@ def parameters(function: object) -> list[tuple[str, object]]:
         (GenerationBackend, RedisStore),
         (StoreBackend, RedisStore),
         (SessionBackend, RedisSessionStore),
+        (NamedStreamBackend, RedisStore),
     ],
     ids=[
         *(f"sqlite-{part}" for part in ("streams", "generations", "store", "sessions", "named")),
-        *(f"redis-{part}" for part in ("streams", "generations", "store", "sessions")),
+        *(f"redis-{part}" for part in ("streams", "generations", "store", "sessions", "named")),
     ],
 )
 def test_each_backend_has_every_member_of_the_interface(

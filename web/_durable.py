@@ -36,7 +36,7 @@ from store import (
 
 from ._auth import access_of, current_user
 from ._durable_streams import Chunk, DurableStreams
-from ._errors import BadRequest, NotAvailable
+from ._errors import BadRequest
 from ._generations import app_state, read_body, sse_response
 from ._json import encode_json, parse_json
 from ._settings import Settings
@@ -254,11 +254,8 @@ def control_event(chunk: Chunk, stream_cursor: str) -> bytes:
 
 
 def streams_of(request: Request) -> DurableStreams:
-    """The running app's Durable Streams (``NotAvailable`` on a store without them)."""
-    streams = app_state(request).streams
-    if streams is None:
-        raise NotAvailable("Durable Streams are not available on the Redis store yet")
-    return streams
+    """The running app's Durable Streams."""
+    return app_state(request).streams
 
 
 async def create_request(request: Request, owner: str | None, settings: Settings) -> CreateRequest:

@@ -104,13 +104,6 @@ class NotStarted(WebError):
     type = "not_started"
 
 
-class NotAvailable(WebError):
-    """This deployment does not offer the endpoint (its store lacks what it needs)."""
-
-    status = 501
-    type = "not_available"
-
-
 class PayloadTooLarge(WebError):
     """The body is larger than allowed."""
 

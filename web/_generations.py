@@ -46,7 +46,7 @@ class AppState:
     store: StoreBackend
     pool: GenerationPool
     sessions: SessionManager
-    streams: DurableStreams | None  # on SQLite only, for now
+    streams: DurableStreams
     metrics: Metrics
     readers: OpenReaders
     stored: StoredBytes

@@ -192,9 +192,9 @@ class Runtime:
 @asynccontextmanager
 async def open_store(
     settings: Settings, metrics: Metrics
-) -> AsyncIterator[tuple[StoreBackend, SessionBackend, DurableStreams | None]]:
+) -> AsyncIterator[tuple[StoreBackend, SessionBackend, DurableStreams]]:
     """The store ``settings.store`` names (SQLite by default), its session store, and the
-    Durable Streams view (SQLite only, for now); closed on exit."""
+    Durable Streams view of it; closed on exit."""
     kind, location = settings.store_location
     if kind == "redis":
         async with RedisStore(
@@ -207,7 +207,7 @@ async def open_store(
             require_persistence=not settings.redis_allow_volatile,
             on_commit=metrics.observe_commit,
         ) as redis_store:
-            yield redis_store, RedisSessionStore(redis_store), None
+            yield redis_store, RedisSessionStore(redis_store), DurableStreams(redis_store)
         return
     async with StreamStore(
         location,
@@ -261,8 +261,7 @@ async def open_state(
             ),
         )
         pool.every(settings.session_sweep_interval, sessions.sweep)
-        if streams is not None:
-            pool.every(EXPIRY_SWEEP_INTERVAL, streams.sweep)
+        pool.every(EXPIRY_SWEEP_INTERVAL, streams.sweep)
         await stack.enter_async_context(pool)
         readers = OpenReaders(settings.max_streams_per_user)
         stored = StoredBytes(store, settings.max_stored_bytes_per_user)

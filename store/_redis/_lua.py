@@ -263,10 +263,11 @@ return 'OK'
 
 # ARGV: p, stream, offset, limit, max_bytes (-1: none). Returns {found, closed, next, msgs…}
 READ = r"""
-local f = redis.call('HMGET', p..'s:'..ARGV[2], 'closed', 'next')
+local f = redis.call('HMGET', p..'s:'..ARGV[2], 'closed', 'next', 'base')
 if f[2] == false then return {0} end
 local offset, limit, max_bytes = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local messages = redis.call('LRANGE', p..'m:'..ARGV[2], offset, offset + limit - 1)
+local index = math.max(0, offset - tonumber(f[3] or '0'))  -- a fork's list starts at its base
+local messages = redis.call('LRANGE', p..'m:'..ARGV[2], index, index + limit - 1)
 local cut = 0
 if max_bytes >= 0 then
   local size = 0

@@ -37,6 +37,7 @@ from . import _lua as lua
 from ._changes import MAX_WAIT, ChangeEvents, listen
 from ._codec import Arg, check, dumps, field_pairs, names, record_from_hash, session_write_args
 from ._flusher import Flusher
+from ._named import NamedScripts, RedisNamedStreams
 
 DEFAULT_PREFIX = "ks:"
 DEFAULT_READ_LIMIT = 4096
@@ -89,6 +90,7 @@ class Scripts:
         self.delete_session = script(lua.DELETE_SESSION)
         self.messages = script(lua.MESSAGES)
         self.stored_bytes = script(lua.STORED_BYTES)
+        self.named = NamedScripts(script)
 
 
 async def check_persistence(client: Redis) -> list[str]:
@@ -105,7 +107,7 @@ async def check_persistence(client: Redis) -> list[str]:
     return problems
 
 
-class RedisStore:
+class RedisStore(RedisNamedStreams):
     """Streams, generations and workers on Redis (``StoreBackend``).
 
     * Every check-and-write is one Lua script. Appends from live sources are group-committed
@@ -224,6 +226,11 @@ class RedisStore:
         if self._scripts is None:
             raise StoreUnavailable("the store is not open")
         return self._scripts
+
+    @property
+    def named_scripts(self) -> NamedScripts:
+        """The registered named-stream scripts."""
+        return self.scripts.named
 
     @property
     def client(self) -> Redis:

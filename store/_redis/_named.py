@@ -1,0 +1,297 @@
+"""Named streams on Redis (``NamedStreamBackend``): the Durable Streams view's primitives,
+each check-and-write one script of ``_named_lua``."""
+
+from __future__ import annotations
+
+import secrets
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+
+from .._exceptions import (
+    ConfigConflict,
+    ContentTypeMismatch,
+    EpochSeq,
+    InvalidFork,
+    SeqConflict,
+    SeqGap,
+    StaleEpoch,
+    StoreError,
+    StreamClosed,
+    StreamGone,
+    StreamNotFound,
+)
+from .._named_types import (
+    DEFAULT_CONTENT_TYPE,
+    AppendOutcome,
+    CreateRequest,
+    Producer,
+    StreamInfo,
+    is_json,
+    sub_offset_prefix,
+)
+from ..types import ReadResult
+from ._codec import Arg, dumps, names
+
+
+class NamedScripts:
+    """The named-stream scripts, registered on a client."""
+
+    def __init__(self, script: Callable[[str], AsyncScript]) -> None:
+        from . import _named_lua as lua
+
+        def named(source: str) -> AsyncScript:
+            return script(lua.NAMED_PRELUDE + source)
+
+        self.info = named(lua.NAMED_INFO)
+        self.create = named(lua.NAMED_CREATE)
+        self.append = named(lua.NAMED_APPEND)
+        self.delete = named(lua.NAMED_DELETE)
+        self.sweep = named(lua.NAMED_SWEEP)
+
+
+def _key(owner: str | None, name: str) -> str:
+    return f"{owner or ''}/{name}"
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _optional(value: Any) -> str | None:
+    text = _text(value)
+    return text or None
+
+
+def _info(name: str, reply: list[Any], *, writable: bool = True) -> StreamInfo:
+    """A ``StreamInfo`` from a script's ``{id, ct, closed, next, ttl, exp_at, expiry,
+    segments}``."""
+    sid, ct, closed, next_offset, ttl, exp_at, expiry, flat = reply
+    ttl_text, exp_text, expiry_text = _optional(ttl), _optional(exp_at), _optional(expiry)
+    segment_ids = names(flat[::2])
+    return StreamInfo(
+        name=name,
+        stream_id=_text(sid),
+        content_type=_text(ct),
+        closed=bool(closed),
+        next_offset=int(next_offset),
+        ttl=None if ttl_text is None else int(ttl_text),
+        expires_at=None if exp_text is None else float(exp_text),
+        expiry_at=None if expiry_text is None else float(expiry_text),
+        writable=writable,
+        segments=tuple(zip(segment_ids, (int(b) for b in flat[1::2]), strict=True)),
+    )
+
+
+def _error(reply: Any, name: str, given_type: str | None = None) -> StoreError | None:
+    """The error a named script's ``E:<why>[:<detail>]`` reply stands for, if it is one."""
+    if not (isinstance(reply, bytes) and reply.startswith(b"E:")):
+        return None
+    _, why, *rest = reply.decode().split(":", 2)
+    detail = rest[0] if rest else ""
+    errors: dict[str, Callable[[], StoreError]] = {
+        "not_found": lambda: StreamNotFound(name),
+        "gone": lambda: StreamGone(name),
+        "closed": lambda: StreamClosed(name, int(detail)),
+        "config": lambda: ConfigConflict(detail),
+        "invalid_fork": lambda: InvalidFork(detail),
+        "ct_mismatch": lambda: ContentTypeMismatch(detail, given_type or ""),
+        "stale_epoch": lambda: StaleEpoch(int(detail)),
+        "seq_gap": lambda: SeqGap(int(detail), -1),
+        "epoch_seq": EpochSeq,
+        "seq_conflict": lambda: SeqConflict(detail, ""),
+    }
+    return errors.get(why, lambda: StoreError(reply.decode()))()
+
+
+def _number(value: float | None) -> str:
+    return "" if value is None else repr(value)
+
+
+class RedisNamedStreams(ABC):
+    """The named-stream half of ``RedisStore`` (its methods, kept apart by job)."""
+
+    prefix: str
+    node_id: str
+
+    @property
+    @abstractmethod
+    def client(self) -> Redis:
+        """The command connection pool."""
+
+    @property
+    @abstractmethod
+    def named_scripts(self) -> NamedScripts:
+        """The registered named-stream scripts."""
+
+    @abstractmethod
+    async def run(self, script: AsyncScript, *args: Arg) -> Any:
+        """Run ``script`` with the prefix and ``args``."""
+
+    @abstractmethod
+    def wake(self, stream_ids: list[str]) -> None:
+        """Wake this node's readers of ``stream_ids``."""
+
+    @abstractmethod
+    async def read(
+        self,
+        stream_id: str,
+        offset: int,
+        *,
+        limit: int = ...,
+        max_bytes: int | None = None,
+        from_disk: bool = False,
+    ) -> ReadResult:
+        """Committed messages from ``offset``."""
+
+    async def _touched_of(self, key: str, touched: Callable[[str], float | None]) -> str:
+        """The caller's last access to the stream ``key`` names now ('' for none)."""
+        sid = await self.client.hget(self.prefix + "names", key)
+        return "" if sid is None else _number(touched(_text(sid)))
+
+    async def named_info(
+        self, owner: str | None, name: str, *, now: float, touched: Callable[[str], float | None]
+    ) -> StreamInfo:
+        """A named stream's metadata (expiring it, if due)."""
+        key = _key(owner, name)
+        reply = await self.run(
+            self.named_scripts.info,
+            self.node_id,
+            key,
+            repr(now),
+            await self._touched_of(key, touched),
+        )
+        error = _error(reply, name)
+        if error is not None:
+            raise error
+        return _info(name, reply)
+
+    async def create_named(
+        self,
+        owner: str | None,
+        name: str,
+        request: CreateRequest,
+        *,
+        now: float,
+        touched: Mapping[str, float],
+    ) -> tuple[bool, StreamInfo]:
+        """Create a named stream, or find it with the same configuration."""
+        key = _key(owner, name)
+        source_key = "" if request.forked_from is None else _key(owner, request.forked_from)
+        prefix = b""
+        if request.forked_from is not None and request.fork_sub_offset:
+            prefix = await self._sub_offset_prefix(owner, request, now, touched)
+        args: list[Arg] = [
+            self.node_id,
+            key,
+            source_key,
+            repr(now),
+            await self._touched_of(key, touched.get),
+            await self._touched_of(source_key, touched.get) if source_key else "",
+            request.content_type or "",
+            "" if request.ttl is None else str(request.ttl),
+            _number(request.expires_at),
+            int(request.closed),
+            "" if request.fork_offset is None else request.fork_offset,
+            request.fork_sub_offset,
+            prefix,
+            "ds_" + secrets.token_urlsafe(12),
+            dumps(owner),
+            DEFAULT_CONTENT_TYPE,
+            len(request.payloads),
+            *request.payloads,
+        ]
+        reply = await self.run(self.named_scripts.create, *args)
+        if reply == b"E:source_not_found":
+            raise StreamNotFound(request.forked_from or "")
+        error = _error(reply, name, request.content_type)
+        if error is not None:
+            raise error
+        info = _info(name, reply[1:])
+        self.wake([info.stream_id])
+        return bool(reply[0]), info
+
+    async def _sub_offset_prefix(
+        self, owner: str | None, request: CreateRequest, now: float, touched: Mapping[str, float]
+    ) -> bytes:
+        """The first values (JSON) or bytes of the source's message at the fork offset: read
+        before the creating script, which checks the offset again (messages never change)."""
+        assert request.forked_from is not None
+        source = await self.named_info(owner, request.forked_from, now=now, touched=touched.get)
+        at = source.next_offset if request.fork_offset is None else request.fork_offset
+        for stream_id, base in reversed(source.segments):
+            if base <= at:
+                found = await self.read(stream_id, at, limit=1)
+                if found.messages and at < source.next_offset:
+                    return sub_offset_prefix(
+                        found.messages[0], request.fork_sub_offset, is_json(source.content_type)
+                    )
+                break
+        raise InvalidFork("Stream-Fork-Sub-Offset needs a message at the fork offset")
+
+    async def append_named(
+        self,
+        owner: str | None,
+        name: str,
+        *,
+        content_type: str | None,
+        payload: bytes | None,
+        close: bool,
+        seq: str | None,
+        producer: Producer | None,
+        now: float,
+        touched: Callable[[str], float | None],
+    ) -> AppendOutcome:
+        """Append one message (or only close) with every protocol check, in one script."""
+        key = _key(owner, name)
+        reply = await self.run(
+            self.named_scripts.append,
+            self.node_id,
+            key,
+            repr(now),
+            await self._touched_of(key, touched),
+            content_type or "",
+            int(payload is not None),
+            payload or b"",
+            int(close),
+            seq or "",
+            int(producer is not None),
+            *((producer.id, producer.epoch, producer.seq) if producer else ("", 0, 0)),
+        )
+        error = _error(reply, name, content_type)
+        if isinstance(error, SeqGap) and producer is not None:
+            error = SeqGap(error.expected, producer.seq)
+        elif isinstance(error, SeqConflict):
+            error = SeqConflict(error.last, seq or "")
+        if error is not None:
+            raise error
+        next_offset, closed, duplicate, epoch, producer_seq, *written = reply
+        self.wake(names(written))  # this node's readers; the others hear the script's message
+        return AppendOutcome(
+            int(next_offset),
+            bool(closed),
+            bool(duplicate),
+            None if epoch in (b"", "") else int(epoch),
+            None if producer_seq in (b"", "") else int(producer_seq),
+        )
+
+    async def delete_named(self, info: StreamInfo) -> None:
+        """Delete a named stream: soft-delete it while forks read it."""
+        reply = await self.run(self.named_scripts.delete, self.node_id, info.stream_id)
+        error = _error(reply, info.name)
+        if error is not None:
+            raise error
+        self.wake([info.stream_id])
+
+    async def sweep_named(self, *, now: float, touched: Mapping[str, float]) -> int:
+        """Slide the TTLs of the streams touched and retire those expired by ``now``."""
+        pairs: list[Arg] = []
+        for stream_id, at in touched.items():
+            pairs += [stream_id, repr(at)]
+        reply = await self.run(
+            self.named_scripts.sweep, self.node_id, repr(now), len(pairs) // 2, *pairs
+        )
+        return int(reply)
