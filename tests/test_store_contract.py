@@ -41,23 +41,10 @@ from store import (
 from store.types import GenerationStatus
 from streaming import GenerationLog, decode_event
 
-from .backends import BACKENDS, Backend, sessions_of
+from .backends import Backend, sessions_of
 
 WAIT = 10.0  # the bound on every wait for a commit or a wake-up
 ACTIVE = ("queued", "running")
-
-
-def xfail_on(kind: str, reason: str) -> pytest.MarkDecorator:
-    """Run a test on every backend, expecting it to fail (strictly) on ``kind`` alone: a
-    disagreement found and reported, to be fixed in the store."""
-    return pytest.mark.parametrize(
-        "backend",
-        [
-            pytest.param(k, marks=pytest.mark.xfail(strict=True, reason=reason)) if k == kind else k
-            for k in BACKENDS
-        ],
-        indirect=True,
-    )
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -1029,13 +1016,6 @@ async def test_messages_carry_their_content_or_their_generation_s_text_and_statu
     assert await sessions.messages("missing") == []
 
 
-@xfail_on(
-    "redis",
-    "Redis's session_write (in _lua) sets updated_at and last_activity_at to the write's now"
-    " whenever replace_answer is set, even when the last message is no answer and nothing is"
-    " added; SQLite's drop_last_answer then touches nothing (so on Redis such a session also"
-    " leaves idle())",
-)
 async def test_a_write_that_neither_replaces_nor_adds_leaves_the_session_untouched(
     backend: Backend,
 ) -> None:
@@ -1197,12 +1177,6 @@ async def test_list_for_is_newest_activity_first_with_each_session_s_latest_gene
     assert await summary_ids(sessions, "alice") == ["c", "a", "d", "b"]
 
 
-@xfail_on(
-    "redis",
-    "RedisSessionStore.list_for reads os:<owner> with ZREVRANGE, which orders sessions of"
-    " equal last_activity_at by id descending (d, c, b, a); SQLite orders them by id"
-    " ascending (ORDER BY last_activity_at DESC, id)",
-)
 async def test_list_for_breaks_ties_of_activity_by_session_id(backend: Backend) -> None:
     sessions = backend.sessions
     for sid in ("b", "a", "d", "c"):
@@ -1212,12 +1186,6 @@ async def test_list_for_breaks_ties_of_activity_by_session_id(backend: Backend) 
     assert await summary_ids(sessions, "alice", limit=3) == ["newer", "a", "b"]
 
 
-@xfail_on(
-    "redis",
-    "Redis orders a session's generations by sg:<session> zset score (created_at), so ties"
-    " go by generation id (lexicographic), not by creation order as on SQLite (created_at,"
-    " rowid): generations(), list_for's latest generation and provider_state disagree",
-)
 async def test_a_session_s_generations_created_at_the_same_time_keep_their_creation_order(
     backend: Backend,
 ) -> None:
@@ -1286,13 +1254,6 @@ async def test_recall_returns_the_response_kept_for_an_owner_s_key(backend: Back
     assert await sessions.recall("alice", "key-3") is None
 
 
-@xfail_on(
-    "redis",
-    "Deleting a stream that an owner owns and that holds no bytes fails on Redis"
-    " (StoreUnavailable: 'value is not an integer or out of range'): delete_stream in the"
-    " _lua PRELUDE calls HINCRBY ob <owner> -tonumber('0'), which Lua formats as '-0', not"
-    " an integer to Redis; delete_stream and RedisSessionStore.delete both hit it",
-)
 async def test_deleting_an_owner_s_empty_generation_stream_or_its_session_works(
     backend: Backend,
 ) -> None:
@@ -1311,13 +1272,6 @@ async def test_deleting_an_owner_s_empty_generation_stream_or_its_session_works(
     assert await store.stored_bytes("alice") == 0
 
 
-@xfail_on(
-    "redis",
-    "Redis keeps a response with HSET keys <owner>\\n<key> (session_write in _lua), which"
-    " overwrites one already kept: the second write lands whole (its generation, messages"
-    " and response); SQLite's PRIMARY KEY (owner, key) refuses that write (StoreError) and"
-    " writes none of it",
-)
 async def test_a_key_already_kept_refuses_the_write_that_would_keep_it_again(
     backend: Backend,
 ) -> None:

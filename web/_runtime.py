@@ -205,6 +205,7 @@ async def open_store(
             max_pending_writes=settings.max_pending_writes,
             write_wait=settings.write_wait,
             require_persistence=not settings.redis_allow_volatile,
+            connections=settings.redis_connections,
             on_commit=metrics.observe_commit,
         ) as redis_store:
             yield redis_store, RedisSessionStore(redis_store), DurableStreams(redis_store)

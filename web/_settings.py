@@ -32,6 +32,9 @@ class Settings:
         " (any number of nodes on one Redis serve the same streams)",
     )
     redis_prefix: str = _setting("ks:", "Redis: prefix of every key keepstream writes")
+    redis_connections: int = _setting(
+        64, "Redis: connections to it at most (commands beyond wait for one)"
+    )
     redis_allow_volatile: bool = _setting(
         False,
         "Redis: start even when it has no append-only file or may evict keys (a restart of"
@@ -235,6 +238,7 @@ class Settings:
             "history_chars",
             "session_sweep_interval",
             "upstream_retry_attempts",
+            "redis_connections",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")

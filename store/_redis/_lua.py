@@ -10,7 +10,7 @@ Layout under the key prefix ``p`` (every value in a record hash is JSON text):
   ``t:<generation>``  string: the snapshot's text;
 * ``gens`` zset (creation time), ``active`` set (queued or running), ``sa:<session>`` and
   ``oa:<owner>`` sets (a session's, an owner's active ones), ``sg:<session>`` zset (a
-  session's, by creation);
+  session's, by creation time; members ``<seq>:<id>``, so ties keep creation order);
 * ``S:<session>`` hash: the record's fields and ``msg_bytes``; ``SM:<session>`` list: its
   messages (JSON); ``os:<owner>`` zset (an owner's sessions by activity), ``oo:<owner>``
   set (their open ones), ``idle`` zset (open, not kept open, by activity), ``closed`` zset
@@ -84,7 +84,10 @@ end
 local function delete_stream(sid)
   local skey = p..'s:'..sid
   local f = redis.call('HMGET', skey, 'owner', 'bytes')
-  if f[2] and f[1] ~= 'null' then redis.call('HINCRBY', p..'ob', f[1], -tonumber(f[2])) end
+  local size = tonumber(f[2] or '0')
+  if size > 0 and f[1] and f[1] ~= 'null' then
+    redis.call('HINCRBY', p..'ob', f[1], 0 - size)
+  end
   return redis.call('DEL', skey, p..'m:'..sid)
 end
 -- the session's index entries from its hash
@@ -138,15 +141,22 @@ local function session_write(i, gid)
     end
     if newest then return 'E:busy:'..newest end
   end
+  local k = i + 6 + n
+  local kept_field = ARGV[k+1]..'\n'..ARGV[k+2]
+  if ARGV[k] == '1' and redis.call('HEXISTS', p..'keys', kept_field) == 1 then
+    return 'E:idempotency_key:'..ARGV[k+2]
+  end
   local f = redis.call('HMGET', skey, 'next_seq', 'message_count', 'trimmed_messages', 'msg_bytes')
   local next_seq, count, trimmed_total = tonumber(f[1]), tonumber(f[2]), tonumber(f[3])
   local msg_bytes = tonumber(f[4] or '0')
+  local dropped = false
   if replace == '1' then
     local last = redis.call('LINDEX', mkey, -1)
     if last and cjson.decode(last).role == 'assistant' then
       redis.call('RPOP', mkey)
       msg_bytes = msg_bytes - content_bytes(last)
       count = count - 1
+      dropped = true
     end
   end
   for j = i + 6, i + 5 + n do
@@ -164,17 +174,15 @@ local function session_write(i, gid)
     end
     count = max_messages
   end
-  if n > 0 or replace == '1' then
+  if n > 0 or dropped then
     redis.call('HSET', skey, 'next_seq', next_seq, 'message_count', count,
       'trimmed_messages', trimmed_total + trimmed, 'msg_bytes', msg_bytes,
       'updated_at', now, 'last_activity_at', now)
     session_index(id)
   end
-  local k = i + 6 + n
   if ARGV[k] == '1' then
-    local field = ARGV[k+1]..'\n'..ARGV[k+2]
-    redis.call('HSET', p..'keys', field, ARGV[k+3])
-    redis.call('SADD', p..'SK:'..id, field)
+    redis.call('HSET', p..'keys', kept_field, ARGV[k+3])
+    redis.call('SADD', p..'SK:'..id, kept_field)
   end
   return nil
 end
@@ -319,7 +327,11 @@ redis.call('HSET', gkey, 'text_chars', 0)
 set_gen_fields(gid, 10, n)
 redis.call('ZADD', p..'gens', ARGV[6], gid)
 local owning = str(redis.call('HGET', gkey, 'session_id'))
-if owning then redis.call('ZADD', p..'sg:'..owning, ARGV[6], gid) end
+if owning then
+  -- ties of creation time keep creation order: members sort as '<16-digit seq>:<id>'
+  local seq = redis.call('INCR', p..'gseq')
+  redis.call('ZADD', p..'sg:'..owning, ARGV[6], string.format('%016d:%s', seq, gid))
+end
 gen_index(gid)
 return 'OK'
 """
@@ -461,7 +473,8 @@ for _, field in ipairs(redis.call('SMEMBERS', p..'SK:'..id)) do
   redis.call('HDEL', p..'keys', field)
 end
 local changed = {}
-for _, gid in ipairs(redis.call('ZRANGE', p..'sg:'..id, 0, -1)) do
+for _, member in ipairs(redis.call('ZRANGE', p..'sg:'..id, 0, -1)) do
+  local gid = string.match(member, ':(.*)$')
   local g = redis.call('HMGET', p..'g:'..gid, 'stream_id', 'owner')
   local sid = str(g[1])
   if sid and delete_stream(sid) > 0 then changed[#changed + 1] = sid end

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from .._exceptions import SessionNotFound
 from ..types import (
@@ -19,6 +20,11 @@ from ._codec import names as names_of
 from ._store import RedisStore, call_token, unavailable_on_error
 
 _SESSION_FIELDS = tuple(SessionRecord.blank("").to_row())
+
+
+def generation_ids(members: Any) -> list[str]:
+    """The generation ids of ``sg:<session>`` members (``<seq>:<id>``)."""
+    return [member.decode().split(":", 1)[1] for member in members]
 
 
 class RedisSessionStore:
@@ -120,7 +126,7 @@ class RedisSessionStore:
         """``(id, [fields…])`` of a session's generations, oldest first."""
         client = self.streams.client
         with unavailable_on_error():
-            ids = names_of(await client.zrange(self._p + "sg:" + session_id, 0, -1))
+            ids = generation_ids(await client.zrange(self._p + "sg:" + session_id, 0, -1))
             async with client.pipeline(transaction=False) as pipe:
                 for gid in ids:
                     pipe.hmget(self._p + "g:" + gid, fields)
@@ -148,21 +154,19 @@ class RedisSessionStore:
     async def list_for(
         self, owner: str | None, *, status: str | None = None, limit: int = 100
     ) -> list[SessionSummary]:
-        """An owner's sessions, newest activity first, with their newest generation."""
+        """An owner's sessions, newest activity first (ties by id), with their newest
+        generation."""
         client = self.streams.client
-        summaries: list[SessionSummary] = []
-        start = 0
-        page = max(limit, 16)
         with unavailable_on_error():
-            while len(summaries) < limit:
-                ids = names_of(
-                    await client.zrevrange(self._p + "os:" + dumps(owner), start, start + page - 1)
-                )
-                if not ids:
-                    break
-                start += page
+            scored: Any = await client.zrange(
+                self._p + "os:" + dumps(owner), 0, -1, withscores=True
+            )
+            ordered = [sid.decode() for sid, _ in sorted(scored, key=lambda e: (-e[1], e[0]))]
+            summaries: list[SessionSummary] = []
+            for start in range(0, len(ordered), max(limit, 16)):
+                page = ordered[start : start + max(limit, 16)]
                 async with client.pipeline(transaction=False) as pipe:
-                    for sid in ids:
+                    for sid in page:
                         pipe.hgetall(self._p + "S:" + sid)
                         pipe.zrange(self._p + "sg:" + sid, -1, -1)
                     replies = await pipe.execute()
@@ -174,13 +178,13 @@ class RedisSessionStore:
                         continue
                     summaries.append(await self._summary(record, latest))
                     if len(summaries) == limit:
-                        break
+                        return summaries
         return summaries
 
     async def _summary(self, record: SessionRecord, latest: list[bytes]) -> SessionSummary:
         if not latest:
             return SessionSummary(record, None, None)
-        gid = latest[0].decode()
+        (gid,) = generation_ids(latest)
         raw = await self.streams.client.hget(self._p + "g:" + gid, "status")
         return SessionSummary(record, gid, json.loads(raw) if raw else None)
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
@@ -45,6 +45,7 @@ DEFAULT_FLUSH_INTERVAL = 0.01
 DEFAULT_COALESCE_WINDOW = 0.05
 DEFAULT_MAX_PENDING_WRITES = 10_000
 DEFAULT_WRITE_WAIT = 10.0
+DEFAULT_CONNECTIONS = 64  # commands in flight to Redis at once (the pool's connections)
 # A command without a reply for this long counts as lost (and is retried where safe).
 SOCKET_TIMEOUT = 10.0
 DRAIN_TIMEOUT = 10.0
@@ -117,6 +118,7 @@ class RedisStore(RedisNamedStreams):
     * ``require_persistence``: refuse to open on a Redis without an append-only file, or
       one that may evict keys (``StoreUnavailable``), since a restart of it would lose
       answers clients have seen.
+    * At most ``connections`` commands are in flight at once; more wait for a connection.
 
     Use as ``async with RedisStore(url) as store:``.
     """
@@ -131,6 +133,7 @@ class RedisStore(RedisNamedStreams):
         max_pending_writes: int = DEFAULT_MAX_PENDING_WRITES,
         write_wait: float = DEFAULT_WRITE_WAIT,
         require_persistence: bool = True,
+        connections: int = DEFAULT_CONNECTIONS,
         on_commit: Callable[[float, int], None] | None = None,
     ) -> None:
         if flush_interval < 0 or coalesce_window < 0:
@@ -141,6 +144,9 @@ class RedisStore(RedisNamedStreams):
         self._flush_interval = flush_interval
         self._coalesce_window = coalesce_window
         self._require_persistence = require_persistence
+        if connections < 1:
+            raise ValueError("connections must be >= 1")
+        self._connections = connections
         self._on_commit = on_commit
         self._room = WriteRoom(max_pending_writes, write_wait)
         self._events = ChangeEvents()
@@ -153,7 +159,15 @@ class RedisStore(RedisNamedStreams):
 
     async def open(self) -> None:
         """Connect, check persistence, and start the flusher and the change subscription."""
-        client = Redis.from_url(self.url, socket_timeout=SOCKET_TIMEOUT)
+        # A blocking pool: a command waits for a free connection (up to the socket timeout)
+        # rather than failing, however many readers are woken at once.
+        pool = BlockingConnectionPool.from_url(
+            self.url,
+            max_connections=self._connections,
+            timeout=SOCKET_TIMEOUT,
+            socket_timeout=SOCKET_TIMEOUT,
+        )
+        client = Redis.from_pool(pool)  # closing the client closes its pool
         try:
             await client.ping()
             problems = await check_persistence(client) if self._require_persistence else []
