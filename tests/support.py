@@ -213,3 +213,26 @@ def simulated_answer(prompt: str, **params: Any) -> str:
 
     request = GenerationRequest.from_json({"prompt": prompt, "params": params})
     return SimulatedProvider().answer(request)
+
+
+async def read_raw(
+    client: httpx.AsyncClient, generation_id: str, count: int, *, within: float = 20.0
+) -> list[tuple[int, str, str]]:
+    """The first ``count`` events as ``(id, event, data)``, exactly as sent, or those that
+    came within ``within`` seconds."""
+    received: list[tuple[int, str, str]] = []
+    with anyio.move_on_after(within):
+        async with client.stream("GET", f"/v1/generations/{generation_id}/events") as response:
+            buffer = ""
+            async for chunk in response.aiter_text():
+                buffer += chunk
+                while "\n\n" in buffer:
+                    block, buffer = buffer.split("\n\n", 1)
+                    fields = dict(
+                        line.split(": ", 1) for line in block.splitlines() if ": " in line
+                    )
+                    if "data" in fields:
+                        received.append((int(fields["id"]), fields["event"], fields["data"]))
+                if len(received) >= count:
+                    return received
+    return received

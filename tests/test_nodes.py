@@ -18,6 +18,7 @@ from .support import (
     Server,
     final_status,
     read_events,
+    read_raw,
     simulated_answer,
     start_generation,
     text_of,
@@ -47,29 +48,6 @@ async def clients(nodes: tuple[Server, Server]) -> AsyncIterator[tuple[httpx.Asy
         httpx.AsyncClient(base_url=b.url, timeout=30) as two,
     ):
         yield one, two
-
-
-async def read_raw(
-    client: httpx.AsyncClient, generation_id: str, count: int, *, within: float = 20.0
-) -> list[tuple[int, str, str]]:
-    """The first ``count`` events as ``(id, event, data)``, exactly as sent, or those that
-    came within ``within`` seconds."""
-    received: list[tuple[int, str, str]] = []
-    with anyio.move_on_after(within):
-        async with client.stream("GET", f"/v1/generations/{generation_id}/events") as response:
-            buffer = ""
-            async for chunk in response.aiter_text():
-                buffer += chunk
-                while "\n\n" in buffer:
-                    block, buffer = buffer.split("\n\n", 1)
-                    fields = dict(
-                        line.split(": ", 1) for line in block.splitlines() if ": " in line
-                    )
-                    if "data" in fields:
-                        received.append((int(fields["id"]), fields["event"], fields["data"]))
-                if len(received) >= count:
-                    return received
-    return received
 
 
 async def test_a_generation_started_on_one_node_is_followed_and_resumed_on_the_other(
