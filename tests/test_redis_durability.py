@@ -11,6 +11,8 @@ import anyio
 import httpx
 import pytest
 
+from store import AppendResult, RedisStore
+
 from .conftest import DEFAULT_ARGS, ServerFactory
 from .redis_support import RedisServer
 from .support import (
@@ -89,3 +91,31 @@ def test_a_redis_without_an_append_only_file_is_refused_unless_allowed(
         server_factory("--store", volatile.url, "--redis-allow-volatile")
     finally:
         volatile.stop()
+
+
+async def test_an_append_refused_for_memory_waits_and_lands_once_when_there_is_room(
+    own_redis: RedisServer,
+) -> None:
+    """Redis out of memory (``maxmemory``, ``noeviction``) refuses writes for now: the
+    append is held and sent again, and lands exactly once when memory is lifted."""
+    async with RedisStore(own_redis.url) as store:
+        await store.create_stream("s")
+        await store.append("s", [b"before"])
+        admin = store.client
+        await admin.config_set("maxmemory", "1")
+        try:
+            landed: list[AppendResult] = []
+            async with anyio.create_task_group() as tg:
+
+                async def append() -> None:
+                    landed.append(await store.append("s", [b"during"]))
+
+                tg.start_soon(append)
+                await anyio.sleep(0.5)
+                assert landed == []  # refused for now, held
+                assert store.stats["write_retries"] > 0
+                await admin.config_set("maxmemory", "0")
+        finally:
+            await admin.config_set("maxmemory", "0")
+        assert landed == [AppendResult(1, 2)]
+        assert (await store.read("s", 0)).messages == [b"before", b"during"]

@@ -22,6 +22,13 @@ from typing import Any
 
 import anyio
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import (
+    MasterDownError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    TryAgainError,
+)
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .._context import AppendSource
@@ -34,6 +41,17 @@ logger = logging.getLogger("keepstream.store.redis")
 RETRY_DELAYS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0)
 # Exceptions after which a call may or may not have run: send the same batches again.
 LOST_REPLY = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+# Refusals that pass: out of memory (noeviction), a replica that is read-only during a
+# failover, a primary that is down or asks to try again (and loading, a ConnectionError).
+REFUSED_FOR_NOW = (OutOfMemoryError, ReadOnlyError, MasterDownError, TryAgainError)
+
+
+def may_pass(exc: BaseException) -> bool:
+    """Whether a failed call is worth sending again: a lost reply, or Redis refusing for
+    now; not an error of the script itself."""
+    return isinstance(exc, LOST_REPLY + REFUSED_FOR_NOW)
 
 
 @dataclass(slots=True)
@@ -93,6 +111,7 @@ class Flusher:
         self._wake = anyio.Event()
         self._tokens = itertools.count()
         self._last_commit = -math.inf
+        self._behind_held = False  # a source was left dirty behind its held batch
         self.commits = 0
         self.rows_written = 0
         self.retries = 0
@@ -103,9 +122,10 @@ class Flusher:
         return len(self._dirty) + len(self._held)
 
     def mark_dirty(self, source: AppendSource) -> None:
-        """Take ``source`` at the next flush."""
-        self._dirty[source] = None
-        self._wake.set()
+        """Take ``source`` at the next flush. Cheap to call per token."""
+        if source not in self._dirty:
+            self._dirty[source] = None
+            self._wake.set()
 
     async def run(self) -> None:
         """Flush forever (cancel to stop; ``drain`` first to write what is pending)."""
@@ -119,7 +139,7 @@ class Flusher:
             try:
                 await self.flush()
                 failures = 0
-            except LOST_REPLY as exc:
+            except RedisError as exc:  # only those ``flush`` kept the batches for
                 self.retries += 1
                 delay = RETRY_DELAYS[min(failures, len(RETRY_DELAYS) - 1)]
                 failures += 1
@@ -128,8 +148,9 @@ class Flusher:
                 await anyio.sleep(delay)
 
     async def flush(self) -> None:
-        """One commit of everything due (held batches first); raises ``LOST_REPLY`` errors
-        after keeping the batches for the next attempt."""
+        """One commit of everything due (held batches first). An error that may pass
+        (``may_pass``) is raised after the batches are kept for the next attempt; any other
+        fails them."""
         now = time.monotonic()
         pending = self._take_due(now)
         if not pending:
@@ -140,11 +161,13 @@ class Flusher:
         started = time.monotonic()
         try:
             results = await self._commit(args)
-        except LOST_REPLY:
-            self._held = pending
-            raise
-        except Exception as exc:  # the script itself failed: a bug, not a lost reply
-            logger.exception("append script failed")
+        except Exception as exc:
+            if may_pass(exc):
+                self._held = pending
+                if isinstance(exc, RedisError):
+                    raise
+                raise RedisConnectionError(str(exc)) from exc  # an OSError: the same to us
+            logger.exception("append script failed")  # the script itself: a bug
             error = StoreError(f"append failed: {exc}")
             for item in pending:
                 item.source.failed(error)
@@ -166,14 +189,18 @@ class Flusher:
             else:
                 item.source.failed(error_for(result.decode(), item.source.stream_id))
         self.rows_written += rows
+        if self._behind_held:  # their sources are dirty again, and may not say so twice
+            self._wake.set()
         self._on_committed(changed, self._last_commit - started, rows)
 
     def _take_due(self, now: float) -> list[Pending]:
         pending, self._held = self._held, []
         held = {item.source for item in pending}
+        self._behind_held = False
         later = math.inf
         for source in list(self._dirty):
             if source in held:
+                self._behind_held = True  # taken once its held batch is settled
                 continue
             due = self._taken_at.get(source, -math.inf) + self._coalesce_window
             if due > now:
@@ -191,11 +218,16 @@ class Flusher:
             self._taken_at[source] = now
             pending.append(Pending(source, batch, f"{self._node_id}:{next(self._tokens)}"))
         if later < math.inf:
-            asyncio.get_running_loop().call_later(later - now, self._wake.set)
+            asyncio.get_running_loop().call_later(later - now, self._set_wake)
         if len(self._taken_at) > 4 * len(self._dirty) + 1024:
             cutoff = now - self._coalesce_window
             self._taken_at = {s: t for s, t in self._taken_at.items() if t > cutoff}
         return pending
+
+    def _set_wake(self) -> None:
+        """Wake the loop (through the event it waits on now, not the one of the moment this
+        was scheduled)."""
+        self._wake.set()
 
     def _schedule_revisit(self, source: AppendSource, after: float | None) -> None:
         previous = self._revisits.pop(source, None)
@@ -216,7 +248,7 @@ class Flusher:
             while self._dirty or self._held:
                 try:
                     await self.flush()
-                except LOST_REPLY:
+                except RedisError:
                     await anyio.sleep(RETRY_DELAYS[0])
                 if self._dirty and not self._held:
                     await anyio.sleep(min(self._coalesce_window, 0.05))
