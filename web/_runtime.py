@@ -206,6 +206,7 @@ async def open_store(
             write_wait=settings.write_wait,
             require_persistence=not settings.redis_allow_volatile,
             connections=settings.redis_connections,
+            tail_cache_bytes=settings.tail_cache_bytes,
             on_commit=metrics.observe_commit,
         ) as redis_store:
             yield redis_store, RedisSessionStore(redis_store), DurableStreams(redis_store)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import weakref
+from collections.abc import Callable
 
 import anyio
 from redis.asyncio import Redis
@@ -49,20 +50,27 @@ class ChangeEvents:
         self.wake(list(self._events.keys()))
 
 
-async def listen(client: Redis, channel: str, node_id: str, events: ChangeEvents) -> None:
-    """Wake ``events`` for the changes other nodes publish on ``channel``, forever;
-    resubscribes after a lost connection (waking everyone: messages may have been lost)."""
+async def listen(
+    client: Redis,
+    channel: str,
+    node_id: str,
+    changed: Callable[[list[str]], None],
+    maybe_missed: Callable[[], None],
+) -> None:
+    """Call ``changed`` with the streams other nodes' writes changed, as they publish them
+    on ``channel``, forever. Resubscribes after a lost connection, calling ``maybe_missed``
+    (messages may have been lost) when it is subscribed again, and when it was lost."""
     own = node_id.encode()
     while True:
         try:
             async with client.pubsub(ignore_subscribe_messages=True) as pubsub:
                 await pubsub.subscribe(channel)
-                events.wake_all()
+                maybe_missed()
                 async for message in pubsub.listen():
                     node, *stream_ids = message["data"].split(b" ")
                     if node != own:
-                        events.wake([sid.decode() for sid in stream_ids])
+                        changed([sid.decode() for sid in stream_ids])
         except (RedisError, OSError) as exc:
             logger.warning("change subscription lost (%s); subscribing again", exc)
-            events.wake_all()
+            maybe_missed()
             await anyio.sleep(RESUBSCRIBE_DELAY)

@@ -87,6 +87,16 @@ class Pending:
 Commit = Callable[[list[Arg]], Awaitable[list[Any]]]
 
 
+@dataclass(frozen=True, slots=True)
+class Committed:
+    """What one batch wrote: ``payloads`` at ``first`` of ``stream_id`` (and closed it)."""
+
+    stream_id: str
+    first: int
+    payloads: list[bytes]
+    closed: bool
+
+
 class Flusher:
     """Takes dirty sources' batches and commits them together (see the module's notes)."""
 
@@ -97,7 +107,7 @@ class Flusher:
         node_id: str,
         flush_interval: float,
         coalesce_window: float,
-        on_committed: Callable[[list[str], float, int], None],
+        on_committed: Callable[[list[Committed], float, int], None],
     ) -> None:
         self._commit = commit
         self._node_id = node_id
@@ -174,13 +184,15 @@ class Flusher:
             return
         self._last_commit = time.monotonic()
         self.commits += 1
-        changed: list[str] = []
+        changed: list[Committed] = []
         rows = 0
         for item, result in zip(pending, results, strict=True):
             if isinstance(result, int):
                 size = len(item.batch.payloads)
                 rows += size
-                changed.append(item.source.stream_id)
+                changed.append(
+                    Committed(item.source.stream_id, result, item.batch.payloads, item.batch.close)
+                )
                 self._schedule_revisit(item.source, item.batch.revisit_after)
                 item.source.committed(AppendResult(result, result + size))
             elif result == b"E:fenced":

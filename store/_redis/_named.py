@@ -4,12 +4,9 @@ each check-and-write one script of ``_named_lua``."""
 from __future__ import annotations
 
 import secrets
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections.abc import Callable, Mapping
 from typing import Any
-
-from redis.asyncio import Redis
-from redis.commands.core import AsyncScript
 
 from .._exceptions import (
     ConfigConflict,
@@ -34,23 +31,8 @@ from .._named_types import (
     sub_offset_prefix,
 )
 from ..types import ReadResult
+from ._base import RedisPart
 from ._codec import Arg, dumps, names
-
-
-class NamedScripts:
-    """The named-stream scripts, registered on a client."""
-
-    def __init__(self, script: Callable[[str], AsyncScript]) -> None:
-        from . import _named_lua as lua
-
-        def named(source: str) -> AsyncScript:
-            return script(lua.NAMED_PRELUDE + source)
-
-        self.info = named(lua.NAMED_INFO)
-        self.create = named(lua.NAMED_CREATE)
-        self.append = named(lua.NAMED_APPEND)
-        self.delete = named(lua.NAMED_DELETE)
-        self.sweep = named(lua.NAMED_SWEEP)
 
 
 def _key(owner: str | None, name: str) -> str:
@@ -111,29 +93,8 @@ def _number(value: float | None) -> str:
     return "" if value is None else repr(value)
 
 
-class RedisNamedStreams(ABC):
+class RedisNamedStreams(RedisPart):
     """The named-stream half of ``RedisStore`` (its methods, kept apart by job)."""
-
-    prefix: str
-    node_id: str
-
-    @property
-    @abstractmethod
-    def client(self) -> Redis:
-        """The command connection pool."""
-
-    @property
-    @abstractmethod
-    def named_scripts(self) -> NamedScripts:
-        """The registered named-stream scripts."""
-
-    @abstractmethod
-    async def run(self, script: AsyncScript, *args: Arg) -> Any:
-        """Run ``script`` with the prefix and ``args``."""
-
-    @abstractmethod
-    def wake(self, stream_ids: list[str]) -> None:
-        """Wake this node's readers of ``stream_ids``."""
 
     @abstractmethod
     async def read(
@@ -158,7 +119,7 @@ class RedisNamedStreams(ABC):
         """A named stream's metadata (expiring it, if due)."""
         key = _key(owner, name)
         reply = await self.run(
-            self.named_scripts.info,
+            self.scripts.named_info,
             self.node_id,
             key,
             repr(now),
@@ -204,7 +165,7 @@ class RedisNamedStreams(ABC):
             len(request.payloads),
             *request.payloads,
         ]
-        reply = await self.run(self.named_scripts.create, *args)
+        reply = await self.run(self.scripts.named_create, *args)
         if reply == b"E:source_not_found":
             raise StreamNotFound(request.forked_from or "")
         error = _error(reply, name, request.content_type)
@@ -248,7 +209,7 @@ class RedisNamedStreams(ABC):
         """Append one message (or only close) with every protocol check, in one script."""
         key = _key(owner, name)
         reply = await self.run(
-            self.named_scripts.append,
+            self.scripts.named_append,
             self.node_id,
             key,
             repr(now),
@@ -280,7 +241,7 @@ class RedisNamedStreams(ABC):
 
     async def delete_named(self, info: StreamInfo) -> None:
         """Delete a named stream: soft-delete it while forks read it."""
-        reply = await self.run(self.named_scripts.delete, self.node_id, info.stream_id)
+        reply = await self.run(self.scripts.named_delete, self.node_id, info.stream_id)
         error = _error(reply, info.name)
         if error is not None:
             raise error
@@ -292,6 +253,6 @@ class RedisNamedStreams(ABC):
         for stream_id, at in touched.items():
             pairs += [stream_id, repr(at)]
         reply = await self.run(
-            self.named_scripts.sweep, self.node_id, repr(now), len(pairs) // 2, *pairs
+            self.scripts.named_sweep, self.node_id, repr(now), len(pairs) // 2, *pairs
         )
         return int(reply)

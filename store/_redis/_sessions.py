@@ -15,9 +15,10 @@ from ..types import (
     SessionSummary,
     SessionWrite,
 )
+from ._base import call_token, unavailable_on_error
 from ._codec import check, dumps, field_pairs, record_from_hash, session_write_args
 from ._codec import names as names_of
-from ._store import RedisStore, call_token, unavailable_on_error
+from ._store import RedisStore
 
 _SESSION_FIELDS = tuple(SessionRecord.blank("").to_row())
 

@@ -1,43 +1,38 @@
-"""RedisStore: durable streams, generation records and workers on one Redis primary, with
-the same guarantees as the SQLite store (see ``_lua`` for the layout, ``_flusher`` for group
-commit and ``_changes`` for wake-ups). Any number of nodes share one Redis."""
+"""RedisStore: durable streams on one Redis primary, with the same guarantees as the SQLite
+store, and its lifecycle (see ``_lua`` for the layout, ``_flusher`` for group commit and
+``_changes`` for wake-ups). Its generations and workers are in ``_generations``, its named
+streams in ``_named``. Any number of nodes share one Redis."""
 
 from __future__ import annotations
 
-import json
 import math
 import time
 import uuid
-from collections.abc import AsyncGenerator, Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncGenerator, Callable
 from types import TracebackType
 from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
 from redis.asyncio import BlockingConnectionPool, Redis
-from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from .._context import AppendSource
-from .._exceptions import GenerationNotFound, StoreUnavailable, StreamNotFound
+from .._exceptions import StoreUnavailable, StreamNotFound
 from .._follow import follow_stream
 from .._handoff import OneShotAppend, WriteRoom
 from ..types import (
-    ActiveGeneration,
     AppendBatch,
     AppendResult,
-    GenerationRecord,
-    JSONDict,
     ReadResult,
-    SessionWrite,
-    WorkerRecord,
 )
-from . import _lua as lua
+from ._base import Scripts, call_token
 from ._changes import MAX_WAIT, ChangeEvents, listen
-from ._codec import Arg, check, dumps, field_pairs, names, record_from_hash, session_write_args
-from ._flusher import Flusher
-from ._named import NamedScripts, RedisNamedStreams
+from ._codec import Arg, check, dumps
+from ._flusher import Committed, Flusher
+from ._generations import RedisGenerations
+from ._named import RedisNamedStreams
+from ._tails import Tails
 
 DEFAULT_PREFIX = "ks:"
 DEFAULT_READ_LIMIT = 4096
@@ -46,52 +41,10 @@ DEFAULT_COALESCE_WINDOW = 0.05
 DEFAULT_MAX_PENDING_WRITES = 10_000
 DEFAULT_WRITE_WAIT = 10.0
 DEFAULT_CONNECTIONS = 64  # commands in flight to Redis at once (the pool's connections)
+DEFAULT_TAIL_CACHE_BYTES = 64 * 1024 * 1024  # recent messages of this node's streams, in all
 # A command without a reply for this long counts as lost (and is retried where safe).
 SOCKET_TIMEOUT = 10.0
 DRAIN_TIMEOUT = 10.0
-_GENERATION_FIELDS = tuple(f for f in GenerationRecord.blank().to_row() if f != "id")
-
-
-@contextmanager
-def unavailable_on_error() -> Iterator[None]:
-    """Redis errors (unreachable, timed out, refused) as ``StoreUnavailable``."""
-    try:
-        yield
-    except (RedisError, OSError) as exc:
-        raise StoreUnavailable(f"Redis: {exc}") from exc
-
-
-def call_token() -> str:
-    """A token naming one call of a creating script (its retry is then recognised)."""
-    return uuid.uuid4().hex
-
-
-class Scripts:
-    """The Lua scripts, registered on a client (sent by SHA, loaded again if Redis lost them)."""
-
-    def __init__(self, client: Redis) -> None:
-        def script(source: str) -> AsyncScript:
-            return client.register_script(lua.PRELUDE + source)
-
-        self.append = script(lua.APPEND)
-        self.create_stream = script(lua.CREATE_STREAM)
-        self.close_stream = script(lua.CLOSE_STREAM)
-        self.delete_stream = script(lua.DELETE_STREAM)
-        self.read = script(lua.READ)
-        self.stream_length = script(lua.STREAM_LENGTH)
-        self.create_generation = script(lua.CREATE_GENERATION)
-        self.update_generation = script(lua.UPDATE_GENERATION)
-        self.finish_generation = script(lua.FINISH_GENERATION)
-        self.claim_generation = script(lua.CLAIM_GENERATION)
-        self.request_cancel = script(lua.REQUEST_CANCEL)
-        self.heartbeat = script(lua.HEARTBEAT)
-        self.create_session = script(lua.CREATE_SESSION)
-        self.update_session = script(lua.UPDATE_SESSION)
-        self.session_write = script(lua.SESSION_WRITE)
-        self.delete_session = script(lua.DELETE_SESSION)
-        self.messages = script(lua.MESSAGES)
-        self.stored_bytes = script(lua.STORED_BYTES)
-        self.named = NamedScripts(script)
 
 
 async def check_persistence(client: Redis) -> list[str]:
@@ -108,13 +61,15 @@ async def check_persistence(client: Redis) -> list[str]:
     return problems
 
 
-class RedisStore(RedisNamedStreams):
+class RedisStore(RedisGenerations, RedisNamedStreams):
     """Streams, generations and workers on Redis (``StoreBackend``).
 
     * Every check-and-write is one Lua script. Appends from live sources are group-committed
       (``Flusher``): one script call per flush carries every dirty source's batch.
     * Readers are woken after the write: this node's at once, other nodes' through the
-      ``changes`` channel each write script publishes to; reads come from Redis.
+      ``changes`` channel each write script publishes to. Reads of what this node's flusher
+      just wrote come from memory (``_tails``, within ``tail_cache_bytes``), others from
+      Redis.
     * ``require_persistence``: refuse to open on a Redis without an append-only file, or
       one that may evict keys (``StoreUnavailable``), since a restart of it would lose
       answers clients have seen.
@@ -134,6 +89,7 @@ class RedisStore(RedisNamedStreams):
         write_wait: float = DEFAULT_WRITE_WAIT,
         require_persistence: bool = True,
         connections: int = DEFAULT_CONNECTIONS,
+        tail_cache_bytes: int = DEFAULT_TAIL_CACHE_BYTES,
         on_commit: Callable[[float, int], None] | None = None,
     ) -> None:
         if flush_interval < 0 or coalesce_window < 0:
@@ -150,6 +106,9 @@ class RedisStore(RedisNamedStreams):
         self._on_commit = on_commit
         self._room = WriteRoom(max_pending_writes, write_wait)
         self._events = ChangeEvents()
+        if tail_cache_bytes < 0:
+            raise ValueError("tail_cache_bytes must be >= 0")
+        self._tails = Tails(tail_cache_bytes)
         self._client: Redis | None = None
         self._scripts: Scripts | None = None
         self._flusher: Flusher | None = None
@@ -200,7 +159,7 @@ class RedisStore(RedisNamedStreams):
 
     async def _listen(self, subscriber: Redis) -> None:
         try:
-            await listen(subscriber, self.prefix + "changes", self.node_id, self._events)
+            await listen(subscriber, self.prefix + "changes", self.node_id, self.wake, self._missed)
         finally:
             with anyio.CancelScope(shield=True):
                 await subscriber.aclose()
@@ -242,22 +201,11 @@ class RedisStore(RedisNamedStreams):
         return self._scripts
 
     @property
-    def named_scripts(self) -> NamedScripts:
-        """The registered named-stream scripts."""
-        return self.scripts.named
-
-    @property
     def client(self) -> Redis:
         """The command connection pool (``StoreUnavailable`` when closed)."""
         if self._client is None:
             raise StoreUnavailable("the store is not open")
         return self._client
-
-    async def run(self, script: AsyncScript, *args: Arg) -> Any:
-        """Run ``script`` with the prefix and ``args``; a Redis that cannot be reached is
-        ``StoreUnavailable``."""
-        with unavailable_on_error():
-            return await script(args=[self.prefix, *args])
 
     @property
     def stats(self) -> dict[str, int]:
@@ -266,9 +214,9 @@ class RedisStore(RedisNamedStreams):
         return {
             "commits": flusher.commits if flusher else 0,
             "rows_written": flusher.rows_written if flusher else 0,
-            "live_streams": 0,
-            "tail_bytes": 0,
-            "tail_cache_bytes": 0,
+            "live_streams": len(self._tails),
+            "tail_bytes": self._tails.bytes,
+            "tail_cache_bytes": self._tails.max_bytes,
             "tracked_streams": 0,
             "write_retries": flusher.retries if flusher else 0,
             "messages_compacted": 0,
@@ -299,8 +247,11 @@ class RedisStore(RedisNamedStreams):
         result: list[Any] = await self.scripts.append(args=[self.prefix, *args])
         return result
 
-    def _committed(self, stream_ids: list[str], seconds: float, rows: int) -> None:
-        self._events.wake(stream_ids)
+    def _committed(self, writes: list[Committed], seconds: float, rows: int) -> None:
+        """This node's flusher committed ``writes``: into the tails, and wake their readers."""
+        for write in writes:
+            self._tails.committed(write.stream_id, write.first, write.payloads, write.closed)
+        self._events.wake([write.stream_id for write in writes])
         if self._on_commit is not None:
             self._on_commit(seconds, rows)
 
@@ -335,16 +286,25 @@ class RedisStore(RedisNamedStreams):
     async def close_stream(self, stream_id: str) -> None:
         """Close a stream (idempotent). Raises ``StreamNotFound``."""
         check(await self.run(self.scripts.close_stream, self.node_id, stream_id), stream_id)
-        self._events.wake([stream_id])
+        self.wake([stream_id])
 
     async def delete_stream(self, stream_id: str) -> None:
         """Delete a stream and its messages. Raises ``StreamNotFound``."""
         check(await self.run(self.scripts.delete_stream, self.node_id, stream_id), stream_id)
-        self._events.wake([stream_id])
+        self.wake([stream_id])
 
     def wake(self, stream_ids: list[str]) -> None:
-        """Wake this node's readers of ``stream_ids`` (after a write that changed them)."""
+        """Wake this node's readers of ``stream_ids`` after a write that changed them other
+        than through this node's flusher (their tails no longer hold all of them)."""
+        for stream_id in stream_ids:
+            self._tails.drop(stream_id)
         self._events.wake(stream_ids)
+
+    def _missed(self) -> None:
+        """Change messages may have been missed: no tail can be trusted, and every reader
+        reads again."""
+        self._tails.clear()
+        self._events.wake_all()
 
     def change_event(self, stream_id: str) -> anyio.Event:
         """The event the next committed change to ``stream_id`` sets (take it before reading)."""
@@ -374,11 +334,16 @@ class RedisStore(RedisNamedStreams):
         from_disk: bool = False,
     ) -> ReadResult:
         """Committed messages from ``offset``: at most ``limit``, within ``max_bytes`` unless
-        the first alone is larger. Raises ``StreamNotFound``."""
+        the first alone is larger. Raises ``StreamNotFound``. What this node just wrote
+        comes from its tails; ``from_disk`` asks Redis regardless."""
         if offset < 0:
             raise ValueError("offset must be >= 0")
         if limit <= 0:
             return ReadResult(offset, [], False)
+        if not from_disk:
+            held = self._tails.read(stream_id, offset, limit, max_bytes)
+            if held is not None:
+                return held
         reply = await self.run(
             self.scripts.read, stream_id, offset, limit, -1 if max_bytes is None else max_bytes
         )
@@ -398,230 +363,3 @@ class RedisStore(RedisNamedStreams):
     async def stored_bytes(self, owner: str) -> int:
         """Bytes ``owner`` stores: streams, session contexts, titles and messages."""
         return int(await self.run(self.scripts.stored_bytes, dumps(owner)))
-
-    # -- generations --------------------------------------------------------------------------
-
-    async def create_generation(
-        self,
-        record: GenerationRecord,
-        *,
-        content_type: str = "application/json",
-        session_write: SessionWrite | None = None,
-        max_active_per_owner: int | None = None,
-    ) -> None:
-        """The record, its empty stream and ``session_write``, in one script (refused while
-        the owner has ``max_active_per_owner`` queued or running, on any node)."""
-        row = {name: getattr(record, name) for name in _GENERATION_FIELDS}
-        pairs = field_pairs({"id": record.id, **row})
-        args: list[Arg] = [
-            record.id,
-            record.stream_id,
-            content_type,
-            dumps(record.owner),
-            dumps(record.created_at),
-            -1 if max_active_per_owner is None else max_active_per_owner,
-            call_token(),
-            len(pairs) // 2,
-            *pairs,
-        ]
-        args += [1, *session_write_args(session_write)] if session_write else [0]
-        check(await self.run(self.scripts.create_generation, *args), record.stream_id)
-
-    async def update_generation(self, generation_id: str, fields: JSONDict) -> None:
-        """Set fields of a generation. Raises ``GenerationNotFound``."""
-        bad = (set(fields) - set(_GENERATION_FIELDS)) | ({"id"} & set(fields))
-        if bad or not fields:
-            raise ValueError(f"cannot set generation fields {sorted(bad)}")
-        pairs = field_pairs(fields)
-        reply = await self.run(
-            self.scripts.update_generation, generation_id, len(pairs) // 2, *pairs
-        )
-        check(reply, generation_id, GenerationNotFound)
-
-    async def finish_generation(
-        self,
-        generation_id: str,
-        payload: bytes,
-        fields: JSONDict,
-        *,
-        only_if: Iterable[str],
-        only_worker: tuple[str | None] | None = None,
-    ) -> bool:
-        """Append the final event, close the stream and set ``fields``, atomically, only
-        while the status is one of ``only_if`` (and the owner ``only_worker``)."""
-        allowed = [dumps(status) for status in only_if]
-        pairs = field_pairs(fields)
-        worker: list[Arg] = [1, dumps(only_worker[0])] if only_worker is not None else [0, ""]
-        reply = await self.run(
-            self.scripts.finish_generation,
-            self.node_id,
-            generation_id,
-            payload,
-            len(allowed),
-            *allowed,
-            *worker,
-            len(pairs) // 2,
-            *pairs,
-        )
-        done = bool(check(reply, generation_id, GenerationNotFound))
-        if done:
-            record = await self.locate_generation(generation_id)
-            self._events.wake([record.stream_id])
-        return done
-
-    async def claim_generation(
-        self,
-        generation_id: str,
-        *,
-        from_worker: str | None,
-        to_worker: str,
-        max_continuations: int,
-        only_if: Iterable[str],
-    ) -> bool:
-        """Take a dead worker's generation over: only while it still belongs to
-        ``from_worker`` (the fence: whoever wins the claim owns every later write)."""
-        allowed = [dumps(status) for status in only_if]
-        reply = await self.run(
-            self.scripts.claim_generation,
-            generation_id,
-            dumps(from_worker),
-            dumps(to_worker),
-            max_continuations,
-            call_token(),
-            len(allowed),
-            *allowed,
-        )
-        return bool(reply)
-
-    async def request_cancel(self, generation_id: str, *, only_if: Iterable[str]) -> bool:
-        """Persist a cancel request while the status is one of ``only_if``."""
-        allowed = [dumps(status) for status in only_if]
-        reply = await self.run(self.scripts.request_cancel, generation_id, len(allowed), *allowed)
-        return bool(check(reply, generation_id, GenerationNotFound))
-
-    async def _generation_hash(
-        self, generation_id: str, with_text: bool
-    ) -> tuple[dict[bytes, bytes], str]:
-        key = self.prefix + "g:" + generation_id
-        with unavailable_on_error():
-            if with_text:
-                async with self.client.pipeline(transaction=True) as pipe:
-                    pipe.hgetall(key)
-                    pipe.get(self.prefix + "t:" + generation_id)
-                    values, text = await pipe.execute()
-            else:
-                values, text = await self.client.hgetall(key), None
-        if not values:
-            raise GenerationNotFound(generation_id)
-        return values, (text or b"").decode()
-
-    async def get_generation(self, generation_id: str) -> GenerationRecord:
-        """The committed snapshot. Raises ``GenerationNotFound``."""
-        values, text = await self._generation_hash(generation_id, True)
-        return record_from_hash(GenerationRecord, values, text=text)
-
-    async def locate_generation(self, generation_id: str) -> GenerationRecord:
-        """The record without its text and request."""
-        values, _ = await self._generation_hash(generation_id, False)
-        return record_from_hash(GenerationRecord, values, text="", request={})
-
-    async def snapshot_length(self, generation_id: str) -> tuple[int, int]:
-        """``(characters, next_offset)`` of the snapshot, without its text."""
-        with unavailable_on_error():
-            chars, next_offset = await self.client.hmget(
-                self.prefix + "g:" + generation_id, ["text_chars", "next_offset"]
-            )
-        if next_offset is None:
-            raise GenerationNotFound(generation_id)
-        return int(chars or 0), int(next_offset)
-
-    async def _records(self, generation_ids: list[str]) -> list[GenerationRecord]:
-        if not generation_ids:
-            return []
-        async with self.client.pipeline(transaction=False) as pipe:
-            for gid in generation_ids:
-                pipe.hgetall(self.prefix + "g:" + gid)
-                pipe.get(self.prefix + "t:" + gid)
-            replies = await pipe.execute()
-        return [
-            record_from_hash(GenerationRecord, values, text=(text or b"").decode())
-            for values, text in zip(replies[::2], replies[1::2], strict=True)
-            if values
-        ]
-
-    async def list_generations(
-        self, *, statuses: Iterable[str] | None = None
-    ) -> list[GenerationRecord]:
-        """Generations, optionally only those in ``statuses``, oldest first."""
-        with unavailable_on_error():
-            ids = names(await self.client.zrange(self.prefix + "gens", 0, -1))
-            records = await self._records(ids)
-        if statuses is not None:
-            wanted = set(statuses)
-            records = [r for r in records if r.status in wanted]
-        return sorted(records, key=lambda r: (r.created_at, r.id))
-
-    async def active_generations(self, statuses: Iterable[str]) -> list[ActiveGeneration]:
-        """Summaries of the generations in ``statuses`` (from the active set)."""
-        wanted = set(statuses)
-        fields = [
-            "status",
-            "worker_id",
-            "cancel_requested",
-            "provider",
-            "created_at",
-            "continuations",
-        ]
-        with unavailable_on_error():
-            ids = names(await self.client.smembers(self.prefix + "active"))
-            async with self.client.pipeline(transaction=False) as pipe:
-                for gid in ids:
-                    pipe.hmget(self.prefix + "g:" + gid, fields)
-                rows = await pipe.execute()
-        active = []
-        for gid, row in zip(ids, rows, strict=True):
-            if row[0] is None:
-                continue
-            status, worker, cancel, provider, created, continuations = map(json.loads, row)
-            if status in wanted:
-                active.append(
-                    ActiveGeneration(gid, worker, cancel, provider, created, continuations)
-                )
-        return active
-
-    # -- workers ------------------------------------------------------------------------------
-
-    def _worker_json(self, worker: WorkerRecord, heartbeat_at: float) -> str:
-        return dumps(
-            {
-                "id": worker.id,
-                "hostname": worker.hostname,
-                "pid": worker.pid,
-                "started_at": worker.started_at,
-                "heartbeat_at": heartbeat_at,
-            }
-        )
-
-    async def register_worker(self, worker: WorkerRecord) -> None:
-        """Record (or refresh) a worker."""
-        await self.run(
-            self.scripts.heartbeat, worker.id, self._worker_json(worker, worker.heartbeat_at)
-        )
-
-    async def heartbeat(self, worker: WorkerRecord, now: float | None = None) -> bool:
-        """Refresh a worker's lease; ``False`` when it had been taken for dead (removed)."""
-        at = time.time() if now is None else now
-        return bool(
-            await self.run(self.scripts.heartbeat, worker.id, self._worker_json(worker, at))
-        )
-
-    async def remove_worker(self, worker_id: str) -> None:
-        """Forget a worker."""
-        with unavailable_on_error():
-            await self.client.hdel(self.prefix + "workers", worker_id)
-
-    async def list_workers(self) -> list[WorkerRecord]:
-        """Every registered worker."""
-        with unavailable_on_error():
-            values = await self.client.hvals(self.prefix + "workers")
-        return [WorkerRecord(**json.loads(v)) for v in values]
