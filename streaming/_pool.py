@@ -1,4 +1,5 @@
-"""GenerationPool: owns every generation, independently of any HTTP connection."""
+"""GenerationPool: owns every generation, independently of any HTTP connection (its
+dealings with other processes are its ``Recovery`` half, in ``_recovery.py``)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, aclosing
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Literal
 
 import anyio
 from anyio.abc import TaskGroup
@@ -21,14 +21,12 @@ from anyio.abc import TaskGroup
 from store import (
     ACTIVE_STATUSES,
     TERMINAL_STATUSES,
-    ActiveGeneration,
     Fenced,
     GenerationNotFound,
     GenerationRecord,
     SessionWrite,
     StoreBackend,
     StoreError,
-    StreamNotFound,
     WorkerRecord,
     WriteRejected,
 )
@@ -36,9 +34,11 @@ from store.types import FinalStatus, JSONDict
 
 from ._exceptions import PoolClosed, PoolFull, ProviderError, UnknownProvider
 from ._fair import FairSlots
-from ._log import GenerationLog, TextSanitizer, decode_event, encode_event, scrub, status_event
+from ._handle import Handle, log_context
+from ._log import GenerationLog, TextSanitizer, scrub, status_event
 from ._provider import GenerationRun, Provider, supports_continuation
-from ._workers import DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_LEASE_TIMEOUT, is_dead, this_host
+from ._recovery import Recovery
+from ._workers import DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_LEASE_TIMEOUT, this_host
 from .types import GenerationRequest
 
 logger = logging.getLogger("keepstream.pool")
@@ -49,8 +49,6 @@ DEFAULT_SHUTDOWN_GRACE = 10.0
 DEFAULT_RETRY_AFTER = 1.0
 FINALIZE_TIMEOUT = 10.0
 REMOTE_POLL_INTERVAL = 0.1
-# Orphaned generations ended at once by a recovery (each is one small writer op).
-RECOVERY_PARALLELISM = 64
 # Times one generation may be taken over and continued after its process died (and,
 # separately, continued after transport faults in the middle of its answer).
 DEFAULT_MAX_CONTINUATIONS = 3
@@ -81,10 +79,6 @@ CONTINUABLE_FAULTS = frozenset({"upstream_dropped", "upstream_stalled", "upstrea
 # A generation whose text is not being committed (a slow or failing disk) stops reading
 # from its provider once this much is buffered, until the writer catches up.
 MAX_UNCOMMITTED_CHARS = 256 * 1024
-INTERRUPTED_ERROR: JSONDict = {
-    "type": "interrupted",
-    "message": "the server process running this generation stopped",
-}
 
 
 @dataclass
@@ -96,47 +90,12 @@ class PoolStats:
     chunks: int = 0  # text chunks received from providers
 
 
-def log_context(record: GenerationRecord) -> JSONDict:
-    """The ids a log line about a generation carries (never its prompt or text)."""
-    return {
-        "generation_id": record.id,
-        "session_id": record.session_id,
-        "user": record.owner,
-        "worker_id": record.worker_id,
-    }
-
-
 def new_generation_id() -> str:
     """A random, unguessable generation id."""
     return "gen_" + secrets.token_urlsafe(16)
 
 
-StopReason = Literal["cancelled", "interrupted"]  # why a generation was stopped
-
-
-@dataclass(eq=False)
-class _Handle:
-    """A generation this process owns: its cancel scope, its log, and why it was stopped."""
-
-    record: GenerationRecord
-    request: GenerationRequest
-    log: GenerationLog
-    after: tuple[str, ...] = ()  # generations to wait for before starting
-    prepare: Callable[[], Awaitable[GenerationRequest]] | None = None  # the request, at start
-    partial: str | None = None  # a continuation: the text its dead process committed
-    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
-    stop_reason: StopReason | None = None
-    started: bool = False
-    done: anyio.Event = field(default_factory=anyio.Event)
-    provider_state: JSONDict | None = None  # the last state its provider gave
-
-    def stop(self, reason: StopReason) -> None:
-        if self.stop_reason is None:
-            self.stop_reason = reason
-        self.scope.cancel()
-
-
-class GenerationPool:
+class GenerationPool(Recovery):
     """Runs generations in a task group of its own, ``max_running`` at a time.
 
     * ``submit`` persists a generation (``queued``) and returns at once; it runs when a slot
@@ -193,7 +152,7 @@ class GenerationPool:
         self._clock = clock
         self._last_created = 0.0  # creation times this pool gives out only ever increase
         self._slots = FairSlots(max_running)
-        self._handles: dict[str, _Handle] = {}
+        self._handles: dict[str, Handle] = {}
         # Generations this process saw end lately: a successor waiting for several need not
         # ask the database about each.
         self._recently_ended: OrderedDict[str, None] = OrderedDict()
@@ -382,7 +341,7 @@ class GenerationPool:
             self._let_go(owner)
             await self._finish_unstarted(record, "interrupted")
             raise PoolClosed()
-        handle = _Handle(
+        handle = Handle(
             record,
             request,
             GenerationLog(self.store, record.id, record.stream_id, worker_id=self.worker.id),
@@ -458,7 +417,7 @@ class GenerationPool:
 
     # -- running ------------------------------------------------------------------------------
 
-    async def _supervise(self, handle: _Handle) -> None:
+    async def _supervise(self, handle: Handle) -> None:
         record = handle.record
         outcome: tuple[FinalStatus, JSONDict | None, JSONDict | None] = ("interrupted", None, None)
         try:
@@ -526,7 +485,7 @@ class GenerationPool:
         finally:
             self._ended(handle)
 
-    def _time_left(self, handle: _Handle) -> float:
+    def _time_left(self, handle: Handle) -> float:
         """Seconds the generation may still run: ``time_limit`` from its start, or, for a
         continued one, what its first run left of it."""
         if not self.time_limit:
@@ -541,7 +500,7 @@ class GenerationPool:
             "message": f"the generation ran longer than its limit of {self.time_limit:g} s",
         }
 
-    def _ended(self, handle: _Handle) -> None:
+    def _ended(self, handle: Handle) -> None:
         """Forget a generation that has ended and wake whoever waits for it (once)."""
         if self._handles.pop(handle.record.id, None) is not None:
             self._let_go(handle.record.owner)
@@ -576,7 +535,7 @@ class GenerationPool:
                 return
             await anyio.sleep(REMOTE_POLL_INTERVAL)
 
-    async def _run(self, handle: _Handle) -> tuple[FinalStatus, JSONDict | None, JSONDict | None]:
+    async def _run(self, handle: Handle) -> tuple[FinalStatus, JSONDict | None, JSONDict | None]:
         """Stream the provider's answer into the log; return (status, error, usage).
 
         A transport fault in the middle of the answer (a dropped connection, a stall) is
@@ -653,7 +612,7 @@ class GenerationPool:
 
     async def _finish(
         self,
-        handle: _Handle,
+        handle: Handle,
         status: FinalStatus,
         *,
         error: JSONDict | None,
@@ -675,190 +634,3 @@ class GenerationPool:
 
     async def _finish_unstarted(self, record: GenerationRecord, status: FinalStatus) -> None:
         await self._end_elsewhere(record.id, status, worker=self.worker.id, orphan=False)
-
-    async def _end_elsewhere(
-        self, generation_id: str, status: FinalStatus, *, worker: str | None, orphan: bool
-    ) -> bool:
-        """End a generation no task of ours runs (never started, or orphaned): final event,
-        close and row in one commit, and only while it is still active and belongs to
-        ``worker`` (ours; for an orphan, its dead worker's: a peer may have taken it over
-        meanwhile). Returns whether it did."""
-        error = INTERRUPTED_ERROR if status == "interrupted" else None
-        fields: JSONDict = {"status": status, "error": error, "finished_at": self._clock()}
-        if orphan:
-            # Its snapshot row may be behind its stream (see ``GenerationLog``): it ends
-            # with all the text its process committed.
-            try:
-                record = await self.store.get_generation(generation_id)
-            except GenerationNotFound:
-                return False
-            fields["text"] = record.text + await self._text_beyond_snapshot(record)
-        return await self.store.finish_generation(
-            generation_id,
-            encode_event(status_event(status, error=error)),
-            fields,
-            only_if=ACTIVE_STATUSES,
-            only_worker=(worker,),
-        )
-
-    async def _text_beyond_snapshot(self, record: GenerationRecord) -> str:
-        """The text of the deltas a generation's stream holds past its snapshot row's
-        ``next_offset`` (what its process committed after its last snapshot update)."""
-        pieces: list[str] = []
-        offset = record.next_offset
-        while True:
-            try:
-                result = await self.store.read(record.stream_id, offset, from_disk=True)
-            except StreamNotFound:
-                break
-            for payload in result.messages:
-                event = decode_event(payload)
-                if event.get("type") == "delta":
-                    pieces.append(event["text"])
-            if not result.messages or result.at_end:
-                break
-            offset = result.next_offset
-        return "".join(pieces)
-
-    # -- other processes ----------------------------------------------------------------------
-
-    async def _recover_at_start(self) -> None:
-        started = anyio.current_time()
-        try:
-            ended = await self.recover()
-        except StoreError:
-            logger.exception("recovery at start failed; the heartbeat sweep tries again")
-            return
-        finally:
-            self.recovered.set()
-        if ended:
-            logger.info(
-                "took over %d orphaned generations in %.2f s",
-                ended,
-                anyio.current_time() - started,
-            )
-
-    async def recover(self) -> int:
-        """Take over the active generations no live worker owns: continue those whose
-        provider can go on from their committed text (within ``max_continuations`` and the
-        ``time_limit``), end the others ``interrupted`` (``cancelled`` when a cancel was
-        requested: a persisted cancel wins). Returns how many were taken over.
-
-        A generation is orphaned when its worker is dead (see ``is_dead``) or no longer
-        registered. Active generations are read *before* the workers: a generation that a
-        peer starts in between was created after its worker registered, so it is never
-        mistaken for an orphan. Up to ``RECOVERY_PARALLELISM`` are ended at once, so the
-        writer commits them in a few group commits rather than one transaction each.
-        """
-        active = await self.store.active_generations(ACTIVE_STATUSES)
-        now = self._clock()
-        workers = {w.id: w for w in await self.store.list_workers()}
-        dead = {
-            w.id
-            for w in workers.values()
-            if is_dead(w, me=self.worker, now=now, lease_timeout=self.lease_timeout)
-        }
-        orphans = [
-            record
-            for record in active
-            if record.worker_id != self.worker.id
-            and (record.worker_id not in workers or record.worker_id in dead)
-        ]
-        ended = 0
-        limiter = anyio.CapacityLimiter(RECOVERY_PARALLELISM)
-
-        async def end(record: ActiveGeneration) -> None:
-            nonlocal ended
-            async with limiter:
-                if not record.cancel_requested and await self._continue_orphan(record):
-                    ended += 1
-                    return
-                status: FinalStatus = "cancelled" if record.cancel_requested else "interrupted"
-                ended += await self._end_elsewhere(
-                    record.id, status, worker=record.worker_id, orphan=True
-                )
-
-        async with anyio.create_task_group() as tg:
-            for record in orphans:
-                tg.start_soon(end, record)
-        for worker_id in dead:
-            await self.store.remove_worker(worker_id)
-            logger.info("recovered the generations of dead worker %s", worker_id)
-        return ended
-
-    async def _continue_orphan(self, orphan: ActiveGeneration) -> bool:
-        """Claim an orphan and run it on from its committed text; whether it did. When it
-        did not, the orphan is still its dead worker's (to end), or a peer's (to leave)."""
-        provider = self.providers.get(orphan.provider)
-        if provider is None or not callable(getattr(provider, "can_continue", None)):
-            return False
-        if self._closing or self._tg is None:
-            return False
-        if self.time_limit and self._clock() - orphan.created_at > self.time_limit:
-            return False  # past its overall deadline
-        try:
-            stored = await self.store.get_generation(orphan.id)
-            request = GenerationRequest.from_stored(stored.request)
-        except (GenerationNotFound, ValueError):
-            return False
-        if not supports_continuation(provider, request):
-            return False
-        claimed = await self.store.claim_generation(
-            orphan.id,
-            from_worker=orphan.worker_id,
-            to_worker=self.worker.id,
-            max_continuations=self.max_continuations,
-            only_if=ACTIVE_STATUSES,
-        )
-        if not claimed:
-            return False
-        record = await self.store.get_generation(orphan.id)  # its text, as claimed
-        tail = await self._text_beyond_snapshot(record)
-        handle = _Handle(
-            record,
-            request,
-            GenerationLog(
-                self.store,
-                record.id,
-                record.stream_id,
-                unsnapshotted=tail,
-                worker_id=self.worker.id,
-            ),
-            partial=record.text + tail if record.status == "running" else None,
-        )
-        self._handles[record.id] = handle
-        self._hold(record.owner)
-        self._tg.start_soon(self._supervise, handle, name=f"generation {record.id} (continued)")
-        logger.info("continuing generation %s", record.id, extra=log_context(record))
-        return True
-
-    async def _sweep_forever(self) -> None:
-        while True:
-            await anyio.sleep(self.heartbeat_interval)
-            try:
-                if not await self.store.heartbeat(self.worker, self._clock()):
-                    self._taken_over()
-                await self._apply_remote_cancels()
-                await self.recover()
-            except StoreError:
-                logger.exception("heartbeat sweep failed")
-
-    def _taken_over(self) -> None:
-        """A peer took us for dead (we stalled past the lease) and may have ended our
-        generations. Theirs is the record now: stop ours, whose writes would conflict."""
-        logger.warning(
-            "worker %s was taken for dead by a peer; stopping its %d generations",
-            self.worker.id,
-            len(self._handles),
-        )
-        for handle in list(self._handles.values()):
-            handle.stop("interrupted")
-
-    async def _apply_remote_cancels(self) -> None:
-        """Cancel requests made through another process reach us through the database."""
-        if not self._handles:
-            return
-        for record in await self.store.active_generations(ACTIVE_STATUSES):
-            handle = self._handles.get(record.id)
-            if record.cancel_requested and handle is not None:
-                handle.stop("cancelled")
