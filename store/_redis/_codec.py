@@ -5,15 +5,23 @@ generation's text, which lives in a string key of its own."""
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
-from dataclasses import fields
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
 from .._exceptions import (
+    ConfigConflict,
+    ContentTypeMismatch,
+    EpochSeq,
+    InvalidFork,
+    SeqConflict,
+    SeqGap,
     SessionNotFound,
+    StaleEpoch,
     StoreError,
     StreamClosed,
     StreamExists,
+    StreamGone,
     StreamNotFound,
     WriteRejected,
 )
@@ -89,25 +97,54 @@ def _message_fields(message: NewMessage, now: float) -> str:
     return body[1:-1]
 
 
-def check(reply: Any, subject: str = "", missing: type[StoreError] = StreamNotFound) -> Any:
-    """A script's reply, or its ``E:<why>[:<detail>]`` as the store's typed error."""
+@dataclass(frozen=True, slots=True)
+class Asked:
+    """What the caller asked, for the errors that quote it: the content type it sent, the
+    producer seq and the ``Stream-Seq`` it gave."""
+
+    content_type: str = ""
+    producer_seq: int = -1
+    stream_seq: str = ""
+
+
+def check(
+    reply: Any,
+    subject: str = "",
+    missing: type[StoreError] = StreamNotFound,
+    asked: Asked = Asked(),
+) -> Any:
+    """A script's reply, or its ``E:<why>[:<detail>]`` raised as the store's typed error
+    (see ``error_for``)."""
     if isinstance(reply, bytes) and reply.startswith(b"E:"):
-        raise error_for(reply.decode(), subject, missing)
+        raise error_for(reply.decode(), subject, missing, asked)
     return reply
 
 
-def error_for(reply: str, subject: str, missing: type[StoreError] = StreamNotFound) -> StoreError:
-    """The typed error a script's ``E:`` reply stands for: ``subject`` is the id it was
-    about, ``missing`` the error for ``not_found`` (``StreamNotFound``,
-    ``GenerationNotFound``)."""
+def error_for(
+    reply: str,
+    subject: str,
+    missing: type[StoreError] = StreamNotFound,
+    asked: Asked = Asked(),
+) -> StoreError:
+    """The typed error a script's ``E:`` reply stands for: ``subject`` is the id or name it
+    was about, ``missing`` the error for ``not_found`` (``StreamNotFound``,
+    ``GenerationNotFound``), ``asked`` what the caller sent. A reason it does not know is a
+    ``WriteRejected`` naming it."""
     _, why, *rest = reply.split(":", 2)
-    detail = rest[0] if rest else None
-    if why == "not_found":
-        return missing(subject)
-    if why == "exists":
-        return StreamExists(subject)
-    if why == "closed":
-        return StreamClosed(subject, int(detail) if detail else None)
-    if why == "session_not_found":
-        return SessionNotFound(detail or subject)
-    return WriteRejected(why, detail)
+    detail = rest[0] if rest else ""
+    errors: dict[str, Callable[[], StoreError]] = {
+        "not_found": lambda: missing(subject),
+        "exists": lambda: StreamExists(subject),
+        "closed": lambda: StreamClosed(subject, int(detail) if detail else None),
+        "session_not_found": lambda: SessionNotFound(detail or subject),
+        "gone": lambda: StreamGone(subject),
+        "config": lambda: ConfigConflict(detail),
+        "invalid_fork": lambda: InvalidFork(detail),
+        "ct_mismatch": lambda: ContentTypeMismatch(detail, asked.content_type),
+        "stale_epoch": lambda: StaleEpoch(int(detail)),
+        "seq_gap": lambda: SeqGap(int(detail), asked.producer_seq),
+        "epoch_seq": EpochSeq,
+        "seq_conflict": lambda: SeqConflict(detail, asked.stream_seq),
+    }
+    make = errors.get(why)
+    return make() if make is not None else WriteRejected(why, detail or None)

@@ -9,16 +9,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from .._exceptions import (
-    ConfigConflict,
-    ContentTypeMismatch,
-    EpochSeq,
     InvalidFork,
-    SeqConflict,
-    SeqGap,
-    StaleEpoch,
-    StoreError,
-    StreamClosed,
-    StreamGone,
     StreamNotFound,
 )
 from .._named_types import (
@@ -32,7 +23,7 @@ from .._named_types import (
 )
 from ..types import ReadResult
 from ._base import RedisPart
-from ._codec import Arg, dumps, names
+from ._codec import Arg, Asked, check, dumps, names
 
 
 def _key(owner: str | None, name: str) -> str:
@@ -66,27 +57,6 @@ def _info(name: str, reply: list[Any], *, writable: bool = True) -> StreamInfo:
         writable=writable,
         segments=tuple(zip(segment_ids, (int(b) for b in flat[1::2]), strict=True)),
     )
-
-
-def _error(reply: Any, name: str, given_type: str | None = None) -> StoreError | None:
-    """The error a named script's ``E:<why>[:<detail>]`` reply stands for, if it is one."""
-    if not (isinstance(reply, bytes) and reply.startswith(b"E:")):
-        return None
-    _, why, *rest = reply.decode().split(":", 2)
-    detail = rest[0] if rest else ""
-    errors: dict[str, Callable[[], StoreError]] = {
-        "not_found": lambda: StreamNotFound(name),
-        "gone": lambda: StreamGone(name),
-        "closed": lambda: StreamClosed(name, int(detail)),
-        "config": lambda: ConfigConflict(detail),
-        "invalid_fork": lambda: InvalidFork(detail),
-        "ct_mismatch": lambda: ContentTypeMismatch(detail, given_type or ""),
-        "stale_epoch": lambda: StaleEpoch(int(detail)),
-        "seq_gap": lambda: SeqGap(int(detail), -1),
-        "epoch_seq": EpochSeq,
-        "seq_conflict": lambda: SeqConflict(detail, ""),
-    }
-    return errors.get(why, lambda: StoreError(reply.decode()))()
 
 
 def _number(value: float | None) -> str:
@@ -125,10 +95,7 @@ class RedisNamedStreams(RedisPart):
             repr(now),
             await self._touched_of(key, touched),
         )
-        error = _error(reply, name)
-        if error is not None:
-            raise error
-        return _info(name, reply)
+        return _info(name, check(reply, name))
 
     async def create_named(
         self,
@@ -168,9 +135,7 @@ class RedisNamedStreams(RedisPart):
         reply = await self.run(self.scripts.named_create, *args)
         if reply == b"E:source_not_found":
             raise StreamNotFound(request.forked_from or "")
-        error = _error(reply, name, request.content_type)
-        if error is not None:
-            raise error
+        check(reply, name, asked=Asked(content_type=request.content_type or ""))
         info = _info(name, reply[1:])
         self.wake([info.stream_id])
         return bool(reply[0]), info
@@ -222,13 +187,8 @@ class RedisNamedStreams(RedisPart):
             int(producer is not None),
             *((producer.id, producer.epoch, producer.seq) if producer else ("", 0, 0)),
         )
-        error = _error(reply, name, content_type)
-        if isinstance(error, SeqGap) and producer is not None:
-            error = SeqGap(error.expected, producer.seq)
-        elif isinstance(error, SeqConflict):
-            error = SeqConflict(error.last, seq or "")
-        if error is not None:
-            raise error
+        asked = Asked(content_type or "", producer.seq if producer else -1, seq or "")
+        check(reply, name, asked=asked)
         next_offset, closed, duplicate, epoch, producer_seq, *written = reply
         self.wake(names(written))  # this node's readers; the others hear the script's message
         return AppendOutcome(
@@ -242,9 +202,7 @@ class RedisNamedStreams(RedisPart):
     async def delete_named(self, info: StreamInfo) -> None:
         """Delete a named stream: soft-delete it while forks read it."""
         reply = await self.run(self.scripts.named_delete, self.node_id, info.stream_id)
-        error = _error(reply, info.name)
-        if error is not None:
-            raise error
+        check(reply, info.name)
         self.wake([info.stream_id])
 
     async def sweep_named(self, *, now: float, touched: Mapping[str, float]) -> int:
