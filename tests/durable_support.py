@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import uuid
 from collections.abc import Awaitable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,6 +203,15 @@ def write_keys(directory: Path) -> Path:
     keys = directory / "keys.txt"
     keys.write_text("".join(f"{user}={key_of(user)}\n" for user in USERS))
     return keys
+
+
+def store_args(request: pytest.FixtureRequest) -> tuple[str, ...]:
+    """Server flags for the store a fixture is parametrised with (``tests.backends``): none
+    for SQLite, the session's ``redis_server`` under a prefix of its own for Redis."""
+    if request.param != "redis":
+        return ()
+    redis_url = request.getfixturevalue("redis_server").url
+    return ("--store", redis_url, "--redis-prefix", f"ds{uuid.uuid4().hex[:12]}:")
 
 
 def module_server(

@@ -20,6 +20,7 @@ import anyio
 import httpx
 import pytest
 
+from .backends import BACKENDS
 from .durable_support import (
     BINARY,
     JSON,
@@ -34,14 +35,17 @@ from .durable_support import (
     read_json,
     read_sse,
     status,
+    store_args,
 )
 from .support import Server
 
 
-@pytest.fixture(scope="module")
-def ds_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """The module's server (simulated model; long-poll timeout 0.5 s)."""
-    yield from module_server(tmp_path_factory, "forks")
+@pytest.fixture(scope="module", params=BACKENDS)
+def ds_server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    """The module's server (simulated model; long-poll timeout 0.5 s), on each store."""
+    yield from module_server(tmp_path_factory, "forks", *store_args(request))
 
 
 # -- forks and soft delete ---------------------------------------------------------------------

@@ -20,6 +20,7 @@ import httpx
 import pytest
 from durable_streams import StreamEvent, astream
 
+from .backends import BACKENDS
 from .durable_support import (
     BINARY,
     Frame,
@@ -35,6 +36,7 @@ from .durable_support import (
     position,
     read_sse,
     status,
+    store_args,
 )
 from .support import Server, read_events, start_generation, wait_for_status
 
@@ -42,10 +44,12 @@ MISSING_GENERATION = "gen_doesnotexist0000000"
 CONTROL_FIELDS = {"streamNextOffset", "streamCursor", "upToDate", "streamClosed"}
 
 
-@pytest.fixture(scope="module")
-def ds_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """The module's server (simulated model; long-poll timeout 0.5 s)."""
-    yield from module_server(tmp_path_factory, "live")
+@pytest.fixture(scope="module", params=BACKENDS)
+def ds_server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    """The module's server (simulated model; long-poll timeout 0.5 s), on each store."""
+    yield from module_server(tmp_path_factory, "live", *store_args(request))
 
 
 def check_controls(controls: list[dict[str, Any]], end: int) -> None:

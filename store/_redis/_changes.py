@@ -58,8 +58,9 @@ async def listen(
     maybe_missed: Callable[[], None],
 ) -> None:
     """Call ``changed`` with the streams other nodes' writes changed, as they publish them
-    on ``channel``, forever. Resubscribes after a lost connection, calling ``maybe_missed``
-    (messages may have been lost) when it is subscribed again, and when it was lost."""
+    on ``channel`` (and those any node announces to every node, as ``*``), forever.
+    Resubscribes after a lost connection, calling ``maybe_missed`` (messages may have been
+    lost) when it is subscribed again, and when it was lost."""
     own = node_id.encode()
     while True:
         try:

@@ -16,6 +16,9 @@ Times and touches arrive as strings; an empty string is "none".
 from __future__ import annotations
 
 NAMED_PRELUDE = r"""
+-- A retirement (expiry, delete) can happen in passing, in any script of any node: it is
+-- announced to every node, the writing one included, whose readers then find it gone.
+local EVERY_NODE = '*'
 local function row(sid)
   local f = redis.call('HMGET', p..'s:'..sid, 'ct', 'closed', 'base', 'from', 'sub', 'ttl',
     'exp_at', 'expiry', 'deleted', 'seq', 'closed_by', 'next', 'name')
@@ -47,7 +50,7 @@ local function hard_delete(node, r)
     end
     redis.call('DEL', p..'pr:'..r.id, p..'fk:'..r.id)
     redis.call('ZREM', p..'expiry', r.id)
-    publish(node, {r.id})
+    publish(EVERY_NODE, {r.id})
     if r.from == '' then return end
     redis.call('SREM', p..'fk:'..r.from, r.id)
     local source = row(r.from)
@@ -66,7 +69,7 @@ local function retire(node, r, kept_as)
   if kept_as == 2 and redis.call('HGET', p..'names', r.name) == r.id then
     redis.call('HDEL', p..'names', r.name)
   end
-  publish(node, {r.id})
+  publish(EVERY_NODE, {r.id})
 end
 local function load_unexpired(node, key, now, touched)
   local r = named(key)
