@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import pytest
 
 from .support import free_port
 
@@ -28,10 +31,14 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, *extra: str) -> RedisServer:
-        """Start it (``extra``: more ``--option value`` arguments) and wait until it answers."""
+        """Start it (``extra``: more ``--option value`` arguments) and wait until it answers.
+        Without ``redis-server`` the test is skipped (it fails when ``CI`` is set)."""
         binary = shutil.which("redis-server")
         if binary is None:
-            raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
+            message = "redis-server is not installed (apt-get install redis-server)"
+            if os.environ.get("CI"):
+                pytest.fail(message)
+            pytest.skip(message)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.port = self.port or free_port()
         log = self.directory / "redis.log"
