@@ -156,3 +156,18 @@ async def test_the_per_user_limit_holds_across_nodes(
         assert (await one.post(f"/v1/generations/{first['id']}/cancel")).status_code == 200
         await wait_for_status(two, first["id"], {"cancelled"})
         assert (await two.post("/v1/generations", json={"prompt": "three"})).status_code == 202
+
+
+async def test_a_cancel_through_the_other_node_stops_the_generation(
+    clients: tuple[httpx.AsyncClient, httpx.AsyncClient],
+) -> None:
+    one, two = clients
+    params = {"tokens_per_second": 20, "max_tokens": 1000}
+    gid = (await start_generation(one, prompt="cancel across", params=params))["id"]
+    await read_events(two, gid, max_events=2)
+    assert (await two.post(f"/v1/generations/{gid}/cancel")).status_code == 200
+    snapshot = await wait_for_status(one, gid, {"cancelled"}, timeout=15)
+    assert snapshot["text"]
+    events = await read_events(two, gid)
+    assert final_status(events) == "cancelled"
+    assert text_of(events) == snapshot["text"]

@@ -21,6 +21,7 @@ import httpx
 import pytest
 from httpx_sse import ServerSentEvent, aconnect_sse
 
+from .backends import BACKENDS
 from .conftest import ServerFactory, openai_args
 from .fake_upstream import FakeUpstream, Received, Reply, answer, paced
 from .support import Server, final_status, read_events, text_of, wait_for_status
@@ -1119,15 +1120,19 @@ async def warm_up(clients: Sequence[httpx.AsyncClient], connections: int) -> Non
                     tg.start_soon(http.get, "/healthz")
 
 
+@pytest.mark.parametrize("kind", BACKENDS)
 async def test_on_busy_reject_holds_across_two_processes(
-    server_factory: ServerFactory, keys_file: Path
+    server_factory: ServerFactory, keys_file: Path, kind: str, request: pytest.FixtureRequest
 ) -> None:
-    """keepstream supports several processes on one database (see ``test_multiprocess``);
-    concurrent posts to one session through both must still start one generation."""
-    args = (
+    """Several processes on one database (see ``test_multiprocess``), or nodes on one Redis:
+    concurrent posts to one session through two of them must still start one generation."""
+    args: tuple[str, ...] = (
         *("--sim-tokens-per-second", "20", "--sim-max-tokens", "400"),
         *("--api-keys-file", str(keys_file), "--shutdown-grace", "1"),
     )
+    if kind == "redis":
+        url = request.getfixturevalue("redis_server").url
+        args += ("--store", url, "--redis-prefix", request.getfixturevalue("redis_prefix"))
     first = server_factory(*args)
     second = server_factory(*args, db=first.db)
     user = new_user()
