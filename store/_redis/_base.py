@@ -61,6 +61,7 @@ class Scripts:
         self.delete_session = script(lua.DELETE_SESSION)
         self.messages = script(lua.MESSAGES)
         self.stored_bytes = script(lua.STORED_BYTES)
+        self.pack = script(lua.PACK)
         self.named_info = named(named_lua.NAMED_INFO)
         self.named_create = named(named_lua.NAMED_CREATE)
         self.named_append = named(named_lua.NAMED_APPEND)
@@ -93,3 +94,7 @@ class RedisPart(ABC):
     @abstractmethod
     def wake(self, stream_ids: list[str]) -> None:
         """Wake this node's readers of ``stream_ids`` (after a write that changed them)."""
+
+    @abstractmethod
+    def stream_closed(self, stream_id: str) -> None:
+        """A write of this node closed ``stream_id`` (it is packed a little later)."""

@@ -91,6 +91,7 @@ class RedisGenerations(RedisPart):
         if done:
             record = await self.locate_generation(generation_id)
             self.wake([record.stream_id])
+            self.stream_closed(record.stream_id)
         return done
 
     async def claim_generation(

@@ -4,8 +4,10 @@
 Layout under the key prefix ``p`` (every value in a record hash is JSON text):
 
 * ``s:<stream>``  hash: ``next`` (next offset), ``closed`` (0/1), ``ct``, ``owner`` (JSON),
-  ``created``, ``bytes``, ``lb``/``lf`` (the last batch's token and first offset);
-* ``m:<stream>``  list: the stream's messages; offset ``n`` is index ``n``;
+  ``created``, ``bytes``, ``lb``/``lf`` (the last batch's token and first offset), ``packed``;
+* ``m:<stream>``  list: the stream's messages; offset ``n`` is index ``n``. Once the stream is
+  closed and packed, ``mb:<stream>`` (hash: first offset -> zlib block of length-prefixed
+  messages) and ``mbi:<stream>`` (zset of first offsets) hold them instead;
 * ``g:<generation>``  hash: the record's fields, and ``text_chars``;
   ``t:<generation>``  string: the snapshot's text;
 * ``gens`` zset (creation time), ``active`` set (queued or running), ``sa:<session>`` and
@@ -31,6 +33,7 @@ from __future__ import annotations
 # Shared by every script: the prefix, JSON helpers and the index upkeep.
 PRELUDE = r"""
 local p = ARGV[1]
+local READ_BLOCKS = 4  -- packed blocks one read returns at most (each <= 64 KiB of messages)
 local function str(v)
   if v == false or v == nil or v == 'null' then return nil end
   return cjson.decode(v)
@@ -88,7 +91,7 @@ local function delete_stream(sid)
   if size > 0 and f[1] and f[1] ~= 'null' then
     redis.call('HINCRBY', p..'ob', f[1], 0 - size)
   end
-  return redis.call('DEL', skey, p..'m:'..sid)
+  return redis.call('DEL', skey, p..'m:'..sid, p..'mb:'..sid, p..'mbi:'..sid)
 end
 -- the session's index entries from its hash
 local function session_index(id)
@@ -269,11 +272,27 @@ publish(ARGV[2], {ARGV[3]})
 return 'OK'
 """
 
-# ARGV: p, stream, offset, limit, max_bytes (-1: none). Returns {found, closed, next, msgs…}
+# ARGV: p, stream, offset, limit, max_bytes (-1: none). Returns {1, closed, next, cut,
+# messages} from the list, or {2, closed, next, 0, blocks} from a packed stream, or {0}.
 READ = r"""
-local f = redis.call('HMGET', p..'s:'..ARGV[2], 'closed', 'next', 'base')
+local f = redis.call('HMGET', p..'s:'..ARGV[2], 'closed', 'next', 'base', 'packed')
 if f[2] == false then return {0} end
 local offset, limit, max_bytes = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+if f[4] == '1' then
+  -- packed: the block holding offset and the next few, as (first offset, blob) pairs
+  local ikey = p..'mbi:'..ARGV[2]
+  local firsts = redis.call('ZREVRANGEBYSCORE', ikey, offset, '-inf', 'LIMIT', 0, 1)
+  for _, first in ipairs(redis.call('ZRANGEBYSCORE', ikey, '('..offset, '+inf', 'LIMIT', 0,
+      READ_BLOCKS - #firsts)) do
+    firsts[#firsts + 1] = first
+  end
+  local out = {}
+  for _, first in ipairs(firsts) do
+    out[#out + 1] = tonumber(first)
+    out[#out + 1] = redis.call('HGET', p..'mb:'..ARGV[2], first)
+  end
+  return {2, tonumber(f[1]), tonumber(f[2]), 0, out}
+end
 local index = math.max(0, offset - tonumber(f[3] or '0'))  -- a fork's list starts at its base
 local messages = redis.call('LRANGE', p..'m:'..ARGV[2], index, index + limit - 1)
 local cut = 0
@@ -289,6 +308,24 @@ if max_bytes >= 0 then
   end
 end
 return {1, tonumber(f[1]), tonumber(f[2]), cut, messages}
+"""
+
+# ARGV: p, stream, next offset, n, (first offset, blob)…  Replaces a closed stream's list
+# with its packed blocks, if it is still as the packer read it. Returns whether it did.
+PACK = r"""
+local sid = ARGV[2]
+local skey = p..'s:'..sid
+local f = redis.call('HMGET', skey, 'closed', 'next', 'base', 'packed')
+if f[1] ~= '1' or f[2] ~= ARGV[3] or f[4] == '1' then return 0 end
+local mkey = p..'m:'..sid
+if redis.call('LLEN', mkey) ~= tonumber(f[2]) - tonumber(f[3] or '0') then return 0 end
+for j = 5, 4 + 2 * tonumber(ARGV[4]), 2 do
+  redis.call('HSET', p..'mb:'..sid, ARGV[j], ARGV[j + 1])
+  redis.call('ZADD', p..'mbi:'..sid, ARGV[j], ARGV[j])
+end
+redis.call('DEL', mkey)
+redis.call('HSET', skey, 'packed', 1)
+return 1
 """
 
 # ARGV: p, stream. Returns {next, closed} or 'E:not_found'

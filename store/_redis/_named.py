@@ -191,6 +191,9 @@ class RedisNamedStreams(RedisPart):
         check(reply, name, asked=asked)
         next_offset, closed, duplicate, epoch, producer_seq, *written = reply
         self.wake(names(written))  # this node's readers; the others hear the script's message
+        if closed and not duplicate:
+            for stream_id in names(written):
+                self.stream_closed(stream_id)
         return AppendOutcome(
             int(next_offset),
             bool(closed),

@@ -21,6 +21,7 @@ from .._context import AppendSource
 from .._exceptions import StoreUnavailable, StreamNotFound
 from .._follow import follow_stream
 from .._handoff import OneShotAppend, WriteRoom
+from .._queries import take_within
 from ..types import (
     AppendBatch,
     AppendResult,
@@ -32,6 +33,7 @@ from ._codec import Arg, check, dumps
 from ._flusher import Committed, Flusher
 from ._generations import RedisGenerations
 from ._named import RedisNamedStreams
+from ._packer import PACK_DELAY, READ_BATCH, Packer, unpack_reply
 from ._tails import Tails
 
 DEFAULT_PREFIX = "ks:"
@@ -74,6 +76,8 @@ class RedisStore(RedisGenerations, RedisNamedStreams):
       one that may evict keys (``StoreUnavailable``), since a restart of it would lose
       answers clients have seen.
     * At most ``connections`` commands are in flight at once; more wait for a connection.
+    * A stream this node saw close is packed into compressed blocks ``pack_delay`` seconds
+      later (``_packer``).
 
     Use as ``async with RedisStore(url) as store:``.
     """
@@ -90,6 +94,7 @@ class RedisStore(RedisGenerations, RedisNamedStreams):
         require_persistence: bool = True,
         connections: int = DEFAULT_CONNECTIONS,
         tail_cache_bytes: int = DEFAULT_TAIL_CACHE_BYTES,
+        pack_delay: float = PACK_DELAY,
         on_commit: Callable[[float, int], None] | None = None,
     ) -> None:
         if flush_interval < 0 or coalesce_window < 0:
@@ -112,6 +117,8 @@ class RedisStore(RedisGenerations, RedisNamedStreams):
         self._client: Redis | None = None
         self._scripts: Scripts | None = None
         self._flusher: Flusher | None = None
+        self._packer: Packer | None = None
+        self._pack_delay = pack_delay
         self._tg: TaskGroup | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -153,6 +160,14 @@ class RedisStore(RedisGenerations, RedisNamedStreams):
         await tg.__aenter__()
         self._tg = tg
         tg.start_soon(self._flusher.run, name="keepstream redis flusher")
+        self._packer = Packer(
+            lambda: self.client,
+            self.prefix,
+            self._read_batch,
+            lambda *args: self.run(self.scripts.pack, *args),
+            delay=self._pack_delay,
+        )
+        tg.start_soon(self._packer.run, name="keepstream redis packer")
         # Its own connection, without a read timeout: it waits for messages indefinitely.
         subscriber = Redis.from_url(self.url)
         tg.start_soon(self._listen, subscriber, name="keepstream redis changes")
@@ -219,7 +234,7 @@ class RedisStore(RedisGenerations, RedisNamedStreams):
             "tail_cache_bytes": self._tails.max_bytes,
             "tracked_streams": 0,
             "write_retries": flusher.retries if flusher else 0,
-            "messages_compacted": 0,
+            "messages_compacted": self._packer.packed if self._packer else 0,
             "pending_writes": self._room.pending + (flusher.pending if flusher else 0),
             "wal_bytes": 0,
         }
@@ -251,6 +266,8 @@ class RedisStore(RedisGenerations, RedisNamedStreams):
         """This node's flusher committed ``writes``: into the tails, and wake their readers."""
         for write in writes:
             self._tails.committed(write.stream_id, write.first, write.payloads, write.closed)
+            if write.closed:
+                self.stream_closed(write.stream_id)
         self._events.wake([write.stream_id for write in writes])
         if self._on_commit is not None:
             self._on_commit(seconds, rows)
@@ -287,6 +304,7 @@ class RedisStore(RedisGenerations, RedisNamedStreams):
         """Close a stream (idempotent). Raises ``StreamNotFound``."""
         check(await self.run(self.scripts.close_stream, self.node_id, stream_id), stream_id)
         self.wake([stream_id])
+        self.stream_closed(stream_id)
 
     async def delete_stream(self, stream_id: str) -> None:
         """Delete a stream and its messages. Raises ``StreamNotFound``."""
@@ -299,6 +317,16 @@ class RedisStore(RedisGenerations, RedisNamedStreams):
         for stream_id in stream_ids:
             self._tails.drop(stream_id)
         self._events.wake(stream_ids)
+
+    def stream_closed(self, stream_id: str) -> None:
+        """Pack ``stream_id`` a little later (its followers read its end from the tail)."""
+        if self._packer is not None:
+            self._packer.closed(stream_id)
+
+    async def _read_batch(self, stream_id: str, offset: int) -> tuple[list[bytes], bool]:
+        """A batch of a stream's messages from Redis (for packing)."""
+        got = await self.read(stream_id, offset, limit=READ_BATCH, from_disk=True)
+        return got.messages, got.at_end
 
     def _missed(self) -> None:
         """Change messages may have been missed: no tail can be trusted, and every reader
@@ -349,9 +377,18 @@ class RedisStore(RedisGenerations, RedisNamedStreams):
         )
         if reply[0] == 0:
             raise StreamNotFound(stream_id)
-        _, closed, next_offset, cut, messages = reply
+        kind, closed, next_offset, cut, found = reply
+        if kind == 2:  # packed: the blocks from the one holding offset
+            messages = []
+            for first, run in unpack_reply(found):
+                messages += run[max(0, offset - first) :] if first <= offset else run
+            messages = messages[:limit]
+            if max_bytes is not None:
+                messages, cut = take_within(messages, max_bytes)
+        else:
+            messages = list(found)
         at_end = bool(closed) and not cut and offset + len(messages) >= next_offset
-        return ReadResult(offset, list(messages), at_end)
+        return ReadResult(offset, messages, at_end)
 
     async def stream_length(self, stream_id: str) -> tuple[int, bool]:
         """``(next_offset, closed)`` as committed. Raises ``StreamNotFound``."""
