@@ -487,6 +487,9 @@ def measure_store(outcome: LiveOutcome, deployment: Deployment) -> None:
             outcome.wal_bytes = Path(f"{db}-wal").stat().st_size
         outcome.checkpointed_bytes, outcome.used_bytes, outcome.text_bytes = checkpointed_sizes(db)
     if deployment.redis is not None:
+        # The nodes pack closed streams into blocks a moment after they end: measure after.
+        if not deployment.redis.wait_packed(COMPACTION_WAIT):
+            outcome.problems.append(f"Redis streams still unpacked after {COMPACTION_WAIT:g} s")
         outcome.redis_after = deployment.redis.memory()
         outcome.aof_bytes = deployment.redis.aof_bytes()
     try:

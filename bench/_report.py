@@ -454,7 +454,7 @@ def redis_rows(columns: Columns) -> list[list[str]]:
                 partial(_redis_mb, dataset=dataset),
                 ",.1f",
                 " MB",
-                "INFO memory: before go -> all streams ended",
+                "INFO memory: before go -> all streams ended and packed",
                 only=(REDIS,),
             ),
             columns.row(

@@ -394,6 +394,17 @@ class RedisServer:
         except (OSError, redis.RedisError, KeyError, ValueError):
             return None
 
+    def wait_packed(self, within: float) -> bool:
+        """Wait until no stream is a list any more (every closed stream packed into blocks
+        by its node), up to ``within`` seconds; whether it came to that."""
+        deadline = time.monotonic() + within
+        with redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=10) as client:
+            while time.monotonic() < deadline:
+                if next(client.scan_iter(match="*m:*", _type="list", count=1000), None) is None:
+                    return True
+                time.sleep(0.2)
+        return False
+
     def aof_bytes(self) -> int | None:
         """The size of the append-only file(s) so far, bytes."""
         try:
