@@ -64,7 +64,8 @@ async def check_persistence(client: Redis) -> list[str]:
 
 
 class RedisStore(RedisGenerations, RedisNamedStreams):
-    """Streams, generations and workers on Redis (``StoreBackend``).
+    """Streams, generations, workers and named streams on Redis (``StoreBackend`` and
+    ``NamedStreamBackend``).
 
     * Every check-and-write is one Lua script. Appends from live sources are group-committed
       (``Flusher``): one script call per flush carries every dirty source's batch.
