@@ -48,7 +48,7 @@ def unpack_reply(pairs: list[Any]) -> list[tuple[int, list[bytes]]]:
     return found
 
 
-Read = Callable[[str, int], Awaitable[tuple[list[bytes], bool]]]
+Read = Callable[[str, int], Awaitable[list[bytes]]]
 Run = Callable[..., Awaitable[Any]]
 
 
@@ -109,7 +109,7 @@ class Packer:
         messages: list[bytes] = []
         offset = base
         while offset < next_offset:
-            got, _ = await self._read(stream_id, offset)
+            got = await self._read(stream_id, offset)
             if not got:
                 return False
             messages += got

@@ -324,10 +324,9 @@ class RedisStore(RedisGenerations, RedisNamedStreams):
         if self._packer is not None:
             self._packer.closed(stream_id)
 
-    async def _read_batch(self, stream_id: str, offset: int) -> tuple[list[bytes], bool]:
+    async def _read_batch(self, stream_id: str, offset: int) -> list[bytes]:
         """A batch of a stream's messages from Redis (for packing)."""
-        got = await self.read(stream_id, offset, limit=READ_BATCH, from_disk=True)
-        return got.messages, got.at_end
+        return (await self.read(stream_id, offset, limit=READ_BATCH, from_disk=True)).messages
 
     def _missed(self) -> None:
         """Change messages may have been missed: no tail can be trusted, and every reader
