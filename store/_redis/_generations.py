@@ -87,12 +87,12 @@ class RedisGenerations(RedisPart):
             len(pairs) // 2,
             *pairs,
         )
-        done = bool(check(reply, generation_id, GenerationNotFound))
-        if done:
-            record = await self.locate_generation(generation_id)
-            self.wake([record.stream_id])
-            self.stream_closed(record.stream_id)
-        return done
+        stream_id = check(reply, generation_id, GenerationNotFound)
+        if stream_id == 0:
+            return False
+        self.wake([stream_id.decode()])
+        self.stream_closed(stream_id.decode())
+        return True
 
     async def claim_generation(
         self,

@@ -381,7 +381,8 @@ return 'OK'
 """
 
 # ARGV: p, node, generation, payload, n_allowed, allowed…, check_worker, worker (JSON),
-# n_fields, fields…  Returns 1 when it ended the generation, 0 when a check said no.
+# n_fields, fields…  Returns the generation's stream when it ended it, 0 when a check said
+# no.
 FINISH_GENERATION = r"""
 local gid = ARGV[3]
 local gkey = p..'g:'..gid
@@ -405,7 +406,7 @@ if meta[2] ~= false and meta[1] ~= '1' then
   publish(ARGV[2], {sid})
 end
 set_gen_fields(gid, k + 3, tonumber(ARGV[k + 2]))
-return 1
+return sid
 """
 
 # ARGV: p, generation, from (JSON), to (JSON), max_continuations, call token, n_allowed,

@@ -171,23 +171,33 @@ class RedisSessionStore:
                         pipe.hgetall(self._p + "S:" + sid)
                         pipe.zrange(self._p + "sg:" + sid, -1, -1)
                     replies = await pipe.execute()
+                wanted: list[tuple[SessionRecord, str | None]] = []
                 for values, latest in zip(replies[::2], replies[1::2], strict=True):
                     if not values:
                         continue
                     record = record_from_hash(SessionRecord, values)
-                    if status is not None and record.status != status:
-                        continue
-                    summaries.append(await self._summary(record, latest))
-                    if len(summaries) == limit:
-                        return summaries
+                    if status is None or record.status == status:
+                        wanted.append((record, generation_ids(latest)[0] if latest else None))
+                wanted = wanted[: limit - len(summaries)]
+                summaries += await self._summaries(wanted)
+                if len(summaries) == limit:
+                    break
         return summaries
 
-    async def _summary(self, record: SessionRecord, latest: list[bytes]) -> SessionSummary:
-        if not latest:
-            return SessionSummary(record, None, None)
-        (gid,) = generation_ids(latest)
-        raw = await self.streams.client.hget(self._p + "g:" + gid, "status")
-        return SessionSummary(record, gid, json.loads(raw) if raw else None)
+    async def _summaries(
+        self, sessions: list[tuple[SessionRecord, str | None]]
+    ) -> list[SessionSummary]:
+        """Each session with its newest generation's status (one round trip for all)."""
+        async with self.streams.client.pipeline(transaction=False) as pipe:
+            for _, gid in sessions:
+                if gid is not None:
+                    pipe.hget(self._p + "g:" + gid, "status")
+            statuses = iter(await pipe.execute())
+        summaries = []
+        for record, gid in sessions:
+            raw = next(statuses) if gid is not None else None
+            summaries.append(SessionSummary(record, gid, json.loads(raw) if raw else None))
+        return summaries
 
     async def idle(self, *, before: float, limit: int = 1000) -> list[str]:
         """Open sessions (not kept open) without activity since ``before``."""
