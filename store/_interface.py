@@ -9,7 +9,7 @@ from an ``AppendSource``; every check-and-write is the backend's to make atomic.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, Iterable, Mapping
 from typing import Protocol
 
 import anyio
@@ -191,7 +191,7 @@ class NamedStreamBackend(Protocol):
     and are not yet written out by ``sweep_named``."""
 
     async def named_info(
-        self, owner: str | None, name: str, *, now: float, touched: Callable[[str], float | None]
+        self, owner: str | None, name: str, *, now: float, touched: Mapping[str, float]
     ) -> StreamInfo:
         """A named stream's metadata; ``StreamNotFound`` (missing or expired: retired now),
         ``StreamGone`` (soft-deleted)."""
@@ -221,7 +221,7 @@ class NamedStreamBackend(Protocol):
         seq: str | None,
         producer: Producer | None,
         now: float,
-        touched: Callable[[str], float | None],
+        touched: Mapping[str, float],
     ) -> AppendOutcome:
         """Append one message (or only close), with every protocol check."""
         ...

@@ -241,7 +241,7 @@ class NamedRows(ABC):
         """Run ``fn(conn, *args)`` on a reader."""
 
     async def named_info(
-        self, owner: str | None, name: str, *, now: float, touched: Callable[[str], float | None]
+        self, owner: str | None, name: str, *, now: float, touched: Mapping[str, float]
     ) -> StreamInfo:
         """A named stream's metadata as committed. Raises ``StreamNotFound`` (missing, or
         expired: then it is retired now) and ``StreamGone`` (soft-deleted)."""
@@ -257,7 +257,7 @@ class NamedRows(ABC):
         row, info = found
         if row.deleted == SOFT_DELETED:
             raise StreamGone(name)
-        at = touched(row.id)
+        at = touched.get(row.id)
         if row.expired(now, at):
             await self.execute(lambda ctx: _expire_if_due(ctx, row.id, now, at))
             raise StreamNotFound(name)
@@ -291,7 +291,7 @@ class NamedRows(ABC):
         seq: str | None,
         producer: Producer | None,
         now: float,
-        touched: Callable[[str], float | None],
+        touched: Mapping[str, float],
     ) -> AppendOutcome:
         """Append one message (``payload``; ``None`` to only close) to a named stream in one
         write, with every check. Raises ``StreamNotFound`` (missing, or expired: retired
@@ -457,12 +457,12 @@ def _append(
     seq: str | None,
     producer: Producer | None,
     now: float,
-    touched: Callable[[str], float | None],
+    touched: Mapping[str, float],
 ) -> AppendOutcome | None:
     """The append; ``None`` when there is no such stream, or it had expired (and is
     retired now, which the write commits)."""
     conn = ctx.conn
-    row = _load_unexpired(ctx, owner, name, now, touched)
+    row = _load_unexpired(ctx, owner, name, now, touched.get)
     if row is None:
         return None
     if row.deleted == SOFT_DELETED:

@@ -90,7 +90,7 @@ async def test_a_fork_of_a_packed_stream_cuts_a_message_and_reads_across(
                 seq=None,
                 producer=None,
                 now=0.0,
-                touched=lambda _: None,
+                touched={},
             )
         await packed(store, 3)
         fork = CreateRequest(forked_from="src", fork_offset=1, fork_sub_offset=4)

@@ -70,7 +70,7 @@ class DurableStreams:
         if name.startswith(GENERATION_PREFIX):
             return await self._generation_info(owner, name)
         now = self._clock()
-        info = await self.store.named_info(owner, name, now=now, touched=self._touched.get)
+        info = await self.store.named_info(owner, name, now=now, touched=self._touched)
         if touch and info.ttl is not None:
             self._touched[info.stream_id] = now
         return info
@@ -192,8 +192,8 @@ class DurableStreams:
         if name.startswith(GENERATION_PREFIX):
             await self.info(owner, name)  # a missing one is not found before it is read-only
             raise StreamReadOnly(name)
-        # The store reads the access times through ``get`` (atomic) instead of a copy of
-        # them all, which would cost every append the number of streams.
+        # The store reads the access times it needs from the live mapping (``get`` is atomic)
+        # instead of a copy of them all, which would cost every append the number of streams.
         return await self.store.append_named(
             owner,
             name,
@@ -203,7 +203,7 @@ class DurableStreams:
             seq=seq,
             producer=producer,
             now=self._clock(),
-            touched=self._touched.get,
+            touched=self._touched,
         )
 
     async def delete(self, info: StreamInfo) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import secrets
 from abc import abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from .._exceptions import (
@@ -78,13 +78,16 @@ class RedisNamedStreams(RedisPart):
     ) -> ReadResult:
         """Committed messages from ``offset``."""
 
-    async def _touched_of(self, key: str, touched: Callable[[str], float | None]) -> str:
-        """The caller's last access to the stream ``key`` names now ('' for none)."""
+    async def _touched_of(self, key: str, touched: Mapping[str, float]) -> str:
+        """The caller's last access to the stream ``key`` names now ('' for none; with no
+        access recorded at all, as usual, without asking Redis which stream that is)."""
+        if not touched:
+            return ""
         sid = await self.client.hget(self.prefix + "names", key)
-        return "" if sid is None else _number(touched(_text(sid)))
+        return "" if sid is None else _number(touched.get(_text(sid)))
 
     async def named_info(
-        self, owner: str | None, name: str, *, now: float, touched: Callable[[str], float | None]
+        self, owner: str | None, name: str, *, now: float, touched: Mapping[str, float]
     ) -> StreamInfo:
         """A named stream's metadata (expiring it, if due)."""
         key = _key(owner, name)
@@ -117,8 +120,8 @@ class RedisNamedStreams(RedisPart):
             key,
             source_key,
             repr(now),
-            await self._touched_of(key, touched.get),
-            await self._touched_of(source_key, touched.get) if source_key else "",
+            await self._touched_of(key, touched),
+            await self._touched_of(source_key, touched) if source_key else "",
             request.content_type or "",
             "" if request.ttl is None else str(request.ttl),
             _number(request.expires_at),
@@ -146,7 +149,7 @@ class RedisNamedStreams(RedisPart):
         """The first values (JSON) or bytes of the source's message at the fork offset: read
         before the creating script, which checks the offset again (messages never change)."""
         assert request.forked_from is not None
-        source = await self.named_info(owner, request.forked_from, now=now, touched=touched.get)
+        source = await self.named_info(owner, request.forked_from, now=now, touched=touched)
         at = source.next_offset if request.fork_offset is None else request.fork_offset
         for stream_id, base in reversed(source.segments):
             if base <= at:
@@ -169,7 +172,7 @@ class RedisNamedStreams(RedisPart):
         seq: str | None,
         producer: Producer | None,
         now: float,
-        touched: Callable[[str], float | None],
+        touched: Mapping[str, float],
     ) -> AppendOutcome:
         """Append one message (or only close) with every protocol check, in one script."""
         key = _key(owner, name)
