@@ -6,6 +6,7 @@ No policy lives here: the store appends, reads, wakes readers after commits, and
 from __future__ import annotations
 
 from ._context import AppendSource as AppendSource
+from ._events import ChangeEvents as ChangeEvents
 from ._exceptions import ConfigConflict as ConfigConflict
 from ._exceptions import ContentTypeMismatch as ContentTypeMismatch
 from ._exceptions import EpochSeq as EpochSeq
@@ -68,6 +69,7 @@ __all__ = [
     "AppendOutcome",
     "AppendResult",
     "AppendSource",
+    "ChangeEvents",
     "ConfigConflict",
     "ContentTypeMismatch",
     "CreateRequest",

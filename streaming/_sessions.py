@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import json
 import time
-import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import anyio
 
 from store import (
+    ChangeEvents,
     GenerationRecord,
     SessionBackend,
     SessionMessage,
@@ -74,9 +74,7 @@ class SessionManager(Conversations):
         self.limits = limits or SessionLimits()
         self._clock = clock
         self._locks: dict[str, tuple[anyio.Lock, int]] = {}
-        # Only as long as a follower holds the event: one that stops waiting on a session
-        # that never changes again must not leave its entry behind.
-        self._changed: weakref.WeakValueDictionary[str, anyio.Event] = weakref.WeakValueDictionary()
+        self._changed = ChangeEvents()  # per session, only while a follower holds one
         self._deleting: set[str] = set()  # sessions a delete is under way for
         pool.on_finished(self._generation_finished)
 
@@ -86,15 +84,10 @@ class SessionManager(Conversations):
 
         Followers of one session share one event, kept only while one of them holds it.
         """
-        event = self._changed.get(session_id)
-        if event is None:
-            event = self._changed[session_id] = anyio.Event()
-        return event
+        return self._changed.event(session_id)
 
     def _signal(self, session_id: str) -> None:
-        event = self._changed.pop(session_id, None)
-        if event is not None:
-            event.set()
+        self._changed.wake([session_id])
 
     # -- sessions -----------------------------------------------------------------------------
 

@@ -10,7 +10,6 @@ wake-up, so nothing waits forever on a message that never came.
 from __future__ import annotations
 
 import logging
-import weakref
 from collections.abc import Callable
 
 import anyio
@@ -22,32 +21,6 @@ logger = logging.getLogger("keepstream.store.redis")
 # The longest a reader waits without reading again, woken or not.
 MAX_WAIT = 1.0
 RESUBSCRIBE_DELAY = 0.2
-
-
-class ChangeEvents:
-    """Per-stream events, each set (and replaced) by the next committed change."""
-
-    def __init__(self) -> None:
-        # Weak: the readers hold their events; a stream nobody waits on costs nothing.
-        self._events: weakref.WeakValueDictionary[str, anyio.Event] = weakref.WeakValueDictionary()
-
-    def event(self, stream_id: str) -> anyio.Event:
-        """The event the next change to ``stream_id`` sets."""
-        event = self._events.get(stream_id)
-        if event is None:
-            event = self._events[stream_id] = anyio.Event()
-        return event
-
-    def wake(self, stream_ids: list[str]) -> None:
-        """Set the events of ``stream_ids``."""
-        for stream_id in stream_ids:
-            event = self._events.pop(stream_id, None)
-            if event is not None:
-                event.set()
-
-    def wake_all(self) -> None:
-        """Set every event (after messages may have been missed)."""
-        self.wake(list(self._events.keys()))
 
 
 async def listen(

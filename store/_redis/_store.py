@@ -18,6 +18,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError
 
 from .._context import AppendSource
+from .._events import ChangeEvents
 from .._exceptions import StoreUnavailable, StreamNotFound
 from .._follow import follow_stream
 from .._handoff import OneShotAppend, WriteRoom
@@ -28,7 +29,7 @@ from ..types import (
     ReadResult,
 )
 from ._base import Scripts, call_token
-from ._changes import MAX_WAIT, ChangeEvents, listen
+from ._changes import MAX_WAIT, listen
 from ._codec import Arg, check, dumps
 from ._flusher import Committed, Flusher
 from ._generations import RedisGenerations
