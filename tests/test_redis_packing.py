@@ -102,3 +102,23 @@ async def test_a_fork_of_a_packed_stream_cuts_a_message_and_reads_across(
             b" and the end",
         ]
         assert (await store.read(forked.stream_id, 1)).messages == [b" and"]
+
+
+async def test_a_node_packs_at_start_what_was_closed_and_left_unpacked(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """Closed streams left as lists (their node stopped before packing) are found by the
+    next node's start-up scan and packed."""
+    async with RedisStore(redis_server.url, prefix=redis_prefix, pack_delay=3600) as first:
+        for i in range(30):
+            await first.create_stream(f"s{i}")
+            await first.append(f"s{i}", [b"a", b"b"], close=True)
+        # Its own start-up scan may have caught a stream or two closing; not the rest.
+        left = 60 - first.stats["messages_compacted"]
+        assert left > 0
+    async with RedisStore(redis_server.url, prefix=redis_prefix) as second:
+        await packed(second, left)
+        lists = [key async for key in second.client.scan_iter(match=redis_prefix + "m:*")]
+        assert lists == []
+        read = await second.read("s7", 0)
+        assert (read.messages, read.at_end) == ([b"a", b"b"], True)

@@ -24,7 +24,7 @@ from redis.exceptions import RedisError
 
 from .. import _blocks as blocks
 from .._exceptions import StoreError
-from ._codec import Arg
+from ._codec import Arg, names
 
 logger = logging.getLogger("keepstream.store.redis")
 
@@ -126,10 +126,19 @@ class Packer:
         """Queue the closed streams no node packed (their node died first)."""
         client = self._client()
         pattern = self._prefix + "s:*"
+        cursor = 0
         try:
-            async for key in client.scan_iter(match=pattern, count=SCAN_COUNT):
-                closed, packed = await client.hmget(key, ["closed", "packed"])
-                if closed == b"1" and packed != b"1":
-                    self._due[key.decode()[len(self._prefix) + 2 :]] = time.monotonic()
+            while True:  # a page of keys, then their states in one round trip
+                cursor, found = await client.scan(cursor, match=pattern, count=SCAN_COUNT)
+                keys = names(found)
+                async with client.pipeline(transaction=False) as pipe:
+                    for key in keys:
+                        pipe.hmget(key, ["closed", "packed"])
+                    states = await pipe.execute()
+                for key, (closed, packed) in zip(keys, states, strict=True):
+                    if closed == b"1" and packed != b"1":
+                        self._due[key[len(self._prefix) + 2 :]] = time.monotonic()
+                if cursor == 0:
+                    return
         except (RedisError, OSError) as exc:  # a scan is best effort
             logger.warning("scanning for streams to pack failed (%s)", exc)
